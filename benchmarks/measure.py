@@ -1,0 +1,120 @@
+"""Run a command and measure its wall time and peak memory (the process tree's summed RSS).
+
+python benchmarks/measure.py -- python benchmarks/wan_shapes.py /tmp/wan
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+
+import psutil
+
+SAMPLE_INTERVAL_S = 0.02
+
+
+def tree_rss(proc: psutil.Process) -> int:
+    """Summed RSS of ``proc`` and all its descendants; processes that vanish count as 0.
+
+    Pages shared between processes (libraries, shared memory) are counted once per process,
+    so for multi-process tools this over-estimates: it is an upper bound, like ``ps`` totals.
+    """
+    try:
+        members = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for member in members:
+        try:
+            total += member.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def run_measured(cmd: list[str], env: Mapping[str, str] | None = None) -> dict:
+    """Run ``cmd``, sampling the tree's RSS every ~20 ms until it exits.
+
+    Returns ``{"wall_s", "peak_rss_bytes", "returncode", "stdout", "stderr"}``. Output goes to
+    temporary files rather than pipes, so a chatty command can never block on a full pipe.
+    ``env`` replaces the environment (``None`` inherits it).
+    """
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        popen = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        peak = 0
+        try:
+            proc = psutil.Process(popen.pid)
+            while popen.poll() is None:
+                peak = max(peak, tree_rss(proc))
+                time.sleep(SAMPLE_INTERVAL_S)
+        except psutil.NoSuchProcess:
+            pass
+        finally:
+            returncode = popen.wait()  # also reaps the child if sampling was interrupted
+        wall = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        return {
+            "wall_s": wall,
+            "peak_rss_bytes": peak,
+            "returncode": returncode,
+            "stdout": out.read().decode(errors="replace"),
+            "stderr": err.read().decode(errors="replace"),
+        }
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -> str:
+    """A plain aligned text table; numeric columns are right-aligned, missing cells blank."""
+    cells = [[_cell(row.get(col)) for col in columns] for row in rows]
+    numeric = [
+        all(isinstance(row.get(col), int | float) for row in rows if row.get(col) is not None)
+        for col in columns
+    ]
+    widths = [max([len(col), *(len(r[i]) for r in cells)]) for i, col in enumerate(columns)]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [
+            v.rjust(w) if num else v.ljust(w)
+            for v, w, num in zip(values, widths, numeric, strict=True)
+        ]
+        return "  ".join(parts).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(columns), rule, *(line(r) for r in cells)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--"]:
+        args = args[1:]
+    if not args:
+        print(__doc__, file=sys.stderr)
+        return 2
+    result = run_measured(args, env=dict(os.environ))
+    sys.stdout.write(result["stdout"])
+    sys.stderr.write(result["stderr"])
+    row = {
+        "command": " ".join(args),
+        "wall_s": result["wall_s"],
+        "peak_rss_mib": result["peak_rss_bytes"] / 2**20,
+        "returncode": result["returncode"],
+    }
+    print(format_table([row], ["command", "wall_s", "peak_rss_mib", "returncode"]))
+    return result["returncode"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

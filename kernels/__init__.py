@@ -1,0 +1,21 @@
+"""Numeric kernels: truncated SVD of a weight delta, randomized (default) or full."""
+
+from .svd import (
+    LowRank,
+    full_svd,
+    product_distance_sq,
+    randomized_svd,
+    relative_error,
+    seed_for,
+    squared_norm,
+)
+
+__all__ = [
+    "LowRank",
+    "full_svd",
+    "product_distance_sq",
+    "randomized_svd",
+    "relative_error",
+    "seed_for",
+    "squared_norm",
+]

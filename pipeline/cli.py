@@ -1,0 +1,304 @@
+"""The ``loraforge`` command line. All typer code lives here; the library reports progress
+through callbacks and this module draws the bars."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+from contextlib import contextmanager
+from enum import Enum
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .errors import Interrupted, LoraforgeError, UsageError
+from .options import ExtractOptions, KernelOptions, parse_dtype, parse_size
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Extract, merge and convert LoRAs for checkpoints larger than RAM.",
+)
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+class CheckpointType(str, Enum):
+    safetensors = "safetensors"
+    pytorch = "pytorch"
+
+
+class SvdMethod(str, Enum):
+    randomized = "randomized"
+    full = "full"
+
+
+# ---- option aliases shared by commands ----
+SourceModel = Annotated[
+    str,
+    typer.Option(
+        "--source-model",
+        help="Base checkpoint: a .safetensors file, a shard directory, or a .pt/.pth file.",
+    ),
+]
+SourceType = Annotated[CheckpointType, typer.Option("--source-type")]
+OutputPath = Annotated[
+    str, typer.Option("--output", help="Output file; shards and the index are named after it.")
+]
+OutputFormat = Annotated[CheckpointType, typer.Option("--output-format")]
+OutputDtype = Annotated[
+    str, typer.Option("--output-dtype", help="float32|fp32|float16|fp16|bfloat16|bf16")
+]
+MaxShardSize = Annotated[
+    str | None,
+    typer.Option(
+        "--max-shard-size", help="e.g. 5GB: Hugging Face shards + index instead of one file."
+    ),
+]
+Device = Annotated[str, typer.Option("--device", help="auto|cpu|cuda|cuda:N")]
+Workers = Annotated[
+    int | None,
+    typer.Option("--workers", min=1, help="Tensors processed at once (default: cores, at most 8)."),
+]
+Scheduler = Annotated[
+    str | None,
+    typer.Option(
+        "--scheduler", help="Address (tcp://host:port) or scheduler file of a running Dask cluster."
+    ),
+]
+ReportPath = Annotated[
+    str | None,
+    typer.Option("--report", help="JSON report path (default: <output stem>.report.json)."),
+]
+WorkDirOpt = Annotated[
+    str | None,
+    typer.Option("--work-dir", help="Intermediates for resume (default: <output>.work)."),
+]
+
+
+@contextmanager
+def _user_errors():
+    """One line and an exit code for user errors and interrupts; a traceback only with
+    LORAFORGE_TRACEBACK=1."""
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except LoraforgeError as e:
+        if os.environ.get("LORAFORGE_TRACEBACK"):
+            traceback.print_exc()
+        err.print(f"error: {e}", markup=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        if os.environ.get("LORAFORGE_TRACEBACK"):
+            traceback.print_exc()
+        e = Interrupted(
+            "interrupted; finished tensors are kept in the work directory",
+            hint="rerun the same command to resume",
+        )
+        err.print(f"error: {e}", markup=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Bar:
+    """Progress callback → a rich bar of tensors and bytes."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.progress: Progress | None = None
+
+    def __call__(self, event: str, info: dict) -> None:
+        if self.quiet:
+            return
+        if event == "start":
+            for change in info.get("changes", []):
+                err.print(f"note: {change}; affected tensors are recomputed", markup=False)
+            if info["done"]:
+                err.print(
+                    f"resuming: {info['done']} of {info['tensors']} tensors already done "
+                    f"in {info['work_dir']}",
+                    markup=False,
+                )
+            self.progress = Progress(
+                TextColumn("tensors"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[gb]}"),
+                TimeRemainingColumn(),
+                console=err,
+                transient=False,
+            )
+            self.progress.start()
+            self.bytes_done, self.bytes_total = info["done_bytes"], info["bytes"]
+            self.task = self.progress.add_task(
+                "tensors", total=info["tensors"], completed=info["done"], gb=self._gb()
+            )
+        elif event == "cluster" and info.get("dashboard"):
+            err.print(f"Dask dashboard: {info['dashboard']}", markup=False)
+        elif event == "tensor" and self.progress:
+            self.bytes_done += info["bytes"]
+            self.progress.update(self.task, advance=1, gb=self._gb())
+        elif event == "write" and self.progress:
+            self.progress.update(self.task, completed=info["tensors"])
+            self.progress.stop()
+            self.progress = None
+
+    def _gb(self) -> str:
+        return f"{self.bytes_done / 1e9:.2f}/{self.bytes_total / 1e9:.2f} GB read"
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.stop()
+
+
+def _summary(report: dict) -> None:
+    summary = report["summary"]
+    table = Table(title="loraforge " + report["command"], show_header=True)
+    table.add_column("kind")
+    table.add_column("tensors", justify="right")
+    table.add_column("mean rel. error", justify="right")
+    table.add_column("max rel. error", justify="right")
+    for kind in sorted(summary["kinds"]):
+        errors = [
+            t["rel_error"]
+            for t in report["tensors"].values()
+            if t["kind"] == kind and t.get("rel_error") is not None
+        ]
+        table.add_row(
+            kind,
+            str(summary["kinds"][kind]),
+            f"{sum(errors) / len(errors):.4g}" if errors else "",
+            f"{max(errors):.4g}" if errors else "",
+        )
+    err.print(table)
+    status = ", ".join(f"{n} {s}" for s, n in summary["status"].items())
+    err.print(f"{status}; {summary['seconds']:.1f} s", markup=False)
+    for side in ("source_only", "target_only"):
+        if summary.get(side):
+            err.print(
+                f"{len(summary[side])} keys only in the {side.split('_')[0]} model "
+                f"(listed in the report), e.g. {summary[side][0]}",
+                markup=False,
+            )
+    for file in summary["files"]:
+        err.print(f"wrote {file}", markup=False)
+
+
+@app.command(
+    epilog="Examples:\n\n  loraforge extract --source-model base/ --target-model ft/ "
+    "--output lora.safetensors --rank 32\n\n  loraforge extract --source-model "
+    "base.safetensors --target-model ft.safetensors --output diff.safetensors "
+    "--diff-only --output-dtype fp32"
+)
+def extract(
+    source_model: SourceModel,
+    target_model: Annotated[str, typer.Option("--target-model", help="Fine-tuned checkpoint.")],
+    output: OutputPath,
+    source_type: SourceType = CheckpointType.safetensors,
+    target_type: Annotated[
+        CheckpointType, typer.Option("--target-type")
+    ] = CheckpointType.safetensors,
+    output_format: OutputFormat = CheckpointType.safetensors,
+    rank: Annotated[int, typer.Option("--rank", help="LoRA rank.")] = 32,
+    output_dtype: OutputDtype = "bf16",
+    diff_only: Annotated[
+        bool,
+        typer.Option("--diff-only", help="Store every tensor as a full diff, no decomposition."),
+    ] = False,
+    lowrank_min_params: Annotated[
+        int, typer.Option("--lowrank-min-params", help="Smaller tensors are stored as diffs.")
+    ] = 1_000_000,
+    svd: Annotated[
+        SvdMethod, typer.Option("--svd", help="randomized (fast) or full (reference).")
+    ] = SvdMethod.randomized,
+    oversample: Annotated[int, typer.Option("--oversample")] = 16,
+    power_iterations: Annotated[int, typer.Option("--power-iterations")] = 2,
+    device: Device = "auto",
+    workers: Workers = None,
+    scheduler: Scheduler = None,
+    max_shard_size: MaxShardSize = None,
+    report: ReportPath = None,
+    work_dir: WorkDirOpt = None,
+    resume: Annotated[
+        bool, typer.Option("--resume/--no-resume", help="Reuse finished intermediates.")
+    ] = True,
+    keep_work: Annotated[
+        bool,
+        typer.Option("--keep-work/--no-keep-work", help="Keep the work directory after success."),
+    ] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar or summary.")] = False,
+) -> None:
+    """Extract a LoRA from the difference between a base and a fine-tuned checkpoint."""
+    from .extract import extract as run_extract
+
+    with _user_errors():
+        parse_dtype(output_dtype)
+        options = ExtractOptions(
+            kernel=KernelOptions(
+                method=svd.value, rank=rank, oversample=oversample, n_iter=power_iterations
+            ),
+            lowrank_min_params=lowrank_min_params,
+            diff_only=diff_only,
+            output_dtype=output_dtype.lower(),
+            output_format=output_format.value,
+            max_shard_size=parse_size(max_shard_size),
+        )
+        bar = _Bar(quiet)
+        try:
+            result = run_extract(
+                source_model=source_model,
+                target_model=target_model,
+                output=output,
+                options=options,
+                source_type=source_type.value,
+                target_type=target_type.value,
+                work_dir=work_dir,
+                resume=resume,
+                keep_work=keep_work,
+                device=device,
+                workers=workers,
+                scheduler=scheduler,
+                report_path=report,
+                progress=bar,
+            )
+        finally:
+            bar.close()
+        if not quiet:
+            _summary(result)
+
+
+@app.command(epilog="Example:\n\n  loraforge clean lora.safetensors.work")
+def clean(work_dir: Annotated[str, typer.Argument(help="Work directory to remove.")]) -> None:
+    """Remove a work directory (intermediates kept for resume)."""
+    from .workdir import RunLock, WorkDir
+
+    with _user_errors():
+        work = WorkDir(work_dir)
+        if not os.path.isdir(work.path) or not os.path.isdir(work.done):
+            raise UsageError("not a loraforge work directory", path=work.path)
+        lock = RunLock(work.path)
+        lock.acquire()  # refuses while a live run holds it
+        size = work.size_bytes()
+        import shutil
+
+        shutil.rmtree(work.path)
+        err.print(f"removed {work.path} ({size / 1e9:.2f} GB)", markup=False)
+
+
+def main() -> None:
+    app(prog_name="loraforge")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

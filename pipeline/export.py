@@ -1,0 +1,119 @@
+"""The write stage of an extraction: fp32 intermediates → cast → output file(s).
+
+Runs where the output is (the client). Only finished results are written, in key order, one
+tensor in memory at a time; the error reported per tensor is that of what is stored, after the
+cast to the output dtype."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from loraforge.kernels import product_distance_sq, squared_norm
+from loraforge.stages import get_stage
+
+from . import safetensors_format as stf
+from .options import ExtractOptions
+from .plan import ExtractionPlan, ExtractTask
+from .workdir import CorruptEntry, WorkDir
+from .writer import OutputEntry, open_output
+
+
+def planned_entries(plan: ExtractionPlan, markers: dict[str, dict]) -> list[OutputEntry]:
+    code = stf.CODE_BY_DTYPE[plan.options.torch_dtype]
+    entries = []
+    for task in plan.tasks:
+        kind = markers[task.key]["kind"]
+        if kind == "lowrank":
+            out, inp = task.shape
+            entries += [
+                OutputEntry(task.outputs["up"], code, (out, task.rank)),
+                OutputEntry(task.outputs["down"], code, (task.rank, inp)),
+                OutputEntry(task.outputs["alpha"], code, ()),
+            ]
+        elif kind == "diff":
+            entries.append(OutputEntry(task.outputs["diff"], code, task.shape))
+    return sorted(entries, key=lambda e: e.name)
+
+
+def _stored_lowrank(task: ExtractTask, arrays: dict, marker: dict, dtype: torch.dtype):
+    cast = get_stage("cast")
+    r = task.rank
+    up = torch.from_numpy(arrays["up"][:, :r])
+    down = torch.from_numpy(arrays["down"][:r])
+    s = torch.from_numpy(arrays["s"][:r]).double()
+    up_out, down_out = cast(up, dtype), cast(down, dtype)
+    sq_norm = float(marker["sq_norm"])
+    residual = max(sq_norm - float((s * s).sum()), 0.0)
+    rounding = product_distance_sq(up_out.float(), down_out.float(), up, down)
+    kernel_error = math.sqrt(residual / sq_norm) if sq_norm else 0.0
+    # Triangle inequality: an upper bound on the error of the stored (cast) product.
+    stored_error = (
+        (math.sqrt(residual) + math.sqrt(rounding)) / math.sqrt(sq_norm) if sq_norm else 0.0
+    )
+    tensors = {
+        task.outputs["up"]: up_out,
+        task.outputs["down"]: down_out,
+        task.outputs["alpha"]: torch.tensor(float(r), dtype=dtype),
+    }
+    return tensors, stored_error, kernel_error
+
+
+def _stored_diff(task: ExtractTask, arrays: dict, dtype: torch.dtype):
+    delta = torch.from_numpy(arrays["diff"])
+    stored = get_stage("cast")(delta, dtype)
+    norm = squared_norm(delta.reshape(1, -1) if delta.dim() == 0 else delta)
+    rounding = squared_norm(
+        (delta - stored.float()).reshape(delta.shape[0] if delta.dim() else 1, -1)
+    )
+    error = math.sqrt(rounding / norm) if norm else 0.0
+    return {task.outputs["diff"]: stored}, error, 0.0
+
+
+def export(
+    plan: ExtractionPlan,
+    markers: dict[str, dict],
+    work: WorkDir,
+    output: str,
+    recompute: Callable[[ExtractTask], dict],
+    on_written: Callable[[ExtractTask], None] | None = None,
+) -> tuple[list[str], dict]:
+    """Write the output; return its files and, per key, (stored error, kernel error, note).
+
+    An intermediate that cannot be read back intact is recomputed through ``recompute``."""
+    options: ExtractOptions = plan.options
+    dtype = options.torch_dtype
+    errors: dict[str, tuple[float, float, str | None]] = {}
+    writer = open_output(
+        output,
+        options.output_format,
+        planned_entries(plan, markers),
+        options.max_shard_size,
+        metadata={"format": "pt", "producer": "loraforge"},
+    )
+    with writer:
+        for task in plan.tasks:
+            marker = markers[task.key]
+            if marker["kind"] == "unchanged":
+                continue
+            note = None
+            try:
+                arrays = work.load(task.key, marker)
+            except CorruptEntry as e:
+                note = f"intermediate was unreadable ({e}); recomputed"
+                work.discard(task.key)
+                marker = markers[task.key] = recompute(task)
+                arrays = work.load(task.key, marker)
+            if marker["kind"] == "lowrank":
+                tensors, error, kernel_error = _stored_lowrank(task, arrays, marker, dtype)
+            else:
+                tensors, error, kernel_error = _stored_diff(task, arrays, dtype)
+            for name, tensor in tensors.items():
+                writer.write(name, tensor)
+            errors[task.key] = (error, kernel_error, note)
+            if on_written:
+                on_written(task)
+        files = writer.commit()
+    return files, errors

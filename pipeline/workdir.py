@@ -1,0 +1,182 @@
+"""The work directory: per-tensor results in a zarr v3 store, completion markers, a run lock.
+
+Layout::
+
+    <work>/tensors/          zarr group; one child group per tensor with fp32 arrays
+                             (up, down, s for low-rank results; diff for diffs), crc32c-checked
+    <work>/done/<key>.json   marker: written (atomically) only after the arrays, with the
+                             fingerprint of what produced them; no marker = not finished
+    <work>/run.json          the last run's options and input fingerprints
+    <work>/lock.json         pid and host of the run using the directory
+
+One task owns one tensor's group, so no two tasks write the same chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from urllib.parse import quote
+
+import numpy as np
+import psutil
+import zarr
+import zarr.storage
+from zarr.codecs import Crc32cCodec
+
+from .atomic import remove_quietly, write_json
+from .errors import WorkDirLocked
+
+# Rows per chunk are chosen so a chunk holds about this many bytes.
+_CHUNK_BYTES = 64 * 2**20
+
+
+class CorruptEntry(Exception):
+    """An intermediate that has a marker but cannot be read back intact."""
+
+
+def _entry(key: str) -> str:
+    return quote(key, safe=".-_")
+
+
+def _chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
+    if not shape:
+        return ()
+    row = 4 * int(np.prod(shape[1:], dtype=np.int64))
+    return (max(1, min(shape[0], _CHUNK_BYTES // max(row, 1))), *shape[1:])
+
+
+class WorkDir:
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        self.tensors = os.path.join(self.path, "tensors")
+        self.done = os.path.join(self.path, "done")
+
+    def create(self) -> None:
+        os.makedirs(self.done, exist_ok=True)
+        zarr.open_group(zarr.storage.LocalStore(self.tensors), mode="a")
+
+    def marker_path(self, key: str) -> str:
+        return os.path.join(self.done, _entry(key) + ".json")
+
+    def read_marker(self, key: str) -> dict | None:
+        try:
+            with open(self.marker_path(key)) as f:
+                return json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+
+    def save(self, key: str, arrays: dict[str, np.ndarray], marker: dict) -> None:
+        """Store ``arrays`` for ``key``, then the marker that makes them count (``marker`` gains
+        the list of array names)."""
+        remove_quietly(self.marker_path(key))
+        store = zarr.storage.LocalStore(self.tensors)
+        shutil.rmtree(os.path.join(self.tensors, _entry(key)), ignore_errors=True)
+        for name, array in arrays.items():
+            array = np.ascontiguousarray(array, dtype=np.float32)
+            zarr.create_array(
+                store=store,
+                name=f"{_entry(key)}/{name}",
+                data=array,
+                chunks=_chunks(array.shape),
+                compressors=[Crc32cCodec()],
+            )
+        marker["arrays"] = sorted(arrays)
+        write_json(self.marker_path(key), marker)
+
+    def load(self, key: str, marker: dict) -> dict[str, np.ndarray]:
+        """The arrays named by ``marker``; any unreadable or mis-shaped one → ``CorruptEntry``."""
+        store = zarr.storage.LocalStore(self.tensors, read_only=True)
+        out = {}
+        for name in marker.get("arrays", []):
+            try:
+                out[name] = zarr.open_array(store=store, path=f"{_entry(key)}/{name}", mode="r")[
+                    ...
+                ]
+            except Exception as e:  # zarr raises many types for missing/truncated chunks
+                raise CorruptEntry(f"{key}/{name}: {type(e).__name__}: {e}") from None
+        expected = marker.get("array_shapes", {})
+        for name, shape in expected.items():
+            if name not in out or list(out[name].shape) != list(shape):
+                raise CorruptEntry(f"{key}/{name}: expected shape {shape}")
+        return out
+
+    def discard(self, key: str) -> None:
+        remove_quietly(self.marker_path(key))
+        shutil.rmtree(os.path.join(self.tensors, _entry(key)), ignore_errors=True)
+
+    def finished_count(self) -> int:
+        try:
+            return sum(1 for n in os.listdir(self.done) if n.endswith(".json"))
+        except FileNotFoundError:
+            return 0
+
+    def size_bytes(self) -> int:
+        total = 0
+        for root, _dirs, files in os.walk(self.path):
+            total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+        return total
+
+    # ---- previous run's manifest ----
+    def read_manifest(self) -> dict | None:
+        try:
+            with open(os.path.join(self.path, "run.json")) as f:
+                return json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def write_manifest(self, manifest: dict) -> None:
+        write_json(os.path.join(self.path, "run.json"), manifest)
+
+
+class RunLock:
+    """``lock.json`` created exclusively; a lock whose process is gone from this host is taken
+    over, one held by a live process (or another host) refuses the run."""
+
+    def __init__(self, work_dir: str):
+        self.path = os.path.join(work_dir, "lock.json")
+        self.held = False
+
+    def acquire(self) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                self._take_over_if_stale()
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise WorkDirLocked("could not take the lock", path=self.path)
+
+    def _take_over_if_stale(self) -> None:
+        try:
+            with open(self.path) as f:
+                owner = json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            owner = {}
+        pid, host = owner.get("pid"), owner.get("host")
+        if host == socket.gethostname() and isinstance(pid, int) and psutil.pid_exists(pid):
+            raise WorkDirLocked(
+                f"another run (pid {pid}) is using this work directory",
+                path=os.path.dirname(self.path),
+                hint="wait for it, or pass another --work-dir",
+            )
+        if host not in (None, socket.gethostname()):
+            raise WorkDirLocked(
+                f"locked by a run on host {host} (pid {pid})",
+                path=os.path.dirname(self.path),
+                hint=f"if that run is dead, delete {self.path}",
+            )
+        remove_quietly(self.path)  # stale: its process is gone
+
+    def release(self) -> None:
+        if self.held:
+            remove_quietly(self.path)
+            self.held = False

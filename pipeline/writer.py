@@ -1,0 +1,253 @@
+"""Streaming writers: the layout is fixed up front from planned names, dtypes and shapes, then
+tensors are written at their offsets in any order, so the whole output is never in memory.
+
+Files are written under hidden temporary names and renamed when every tensor is in; with
+shards, the index is renamed last. ``abort`` removes the temporaries."""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from . import safetensors_format as stf
+from .atomic import remove_quietly, temporary_name, write_json
+from .errors import OutputError
+from .shards import index_file_name, shard_file_names, split_shards
+
+
+@dataclass(frozen=True)
+class OutputEntry:
+    name: str
+    dtype: str  # safetensors code
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return stf.nbytes(self.dtype, self.shape)
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _open_output(path: str) -> int:
+    directory = os.path.dirname(path) or "."
+    try:
+        os.makedirs(directory, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    except OSError as e:
+        raise OutputError(
+            f"cannot write here ({e.strerror})",
+            path=path,
+            hint="choose a writable --output location",
+        ) from None
+
+
+class _Slots:
+    """Where each planned tensor goes: name -> (fd, begin, entry); tracks what has arrived."""
+
+    def __init__(self):
+        self.where: dict[str, tuple[int, int, OutputEntry]] = {}
+        self.missing: set[str] = set()
+
+    def add(self, fd: int, begin: int, entry: OutputEntry) -> None:
+        self.where[entry.name] = (fd, begin, entry)
+        self.missing.add(entry.name)
+
+    def write(self, name: str, tensor: torch.Tensor) -> tuple[int, memoryview]:
+        fd, begin, entry = self.where[name]
+        code = stf.CODE_BY_DTYPE.get(tensor.dtype)
+        if code != entry.dtype or tuple(tensor.shape) != entry.shape:
+            raise ValueError(
+                f"{name}: planned {entry.dtype}{list(entry.shape)}, got {code}{list(tensor.shape)}"
+            )
+        data = _tensor_bytes(tensor)
+        written = 0
+        while written < len(data):
+            written += os.pwrite(fd, data[written:], begin + written)
+        self.missing.discard(name)
+        return begin, data
+
+    def check_complete(self) -> None:
+        if self.missing:
+            raise RuntimeError(
+                f"{len(self.missing)} planned tensors were never written, e.g. "
+                f"{sorted(self.missing)[0]}"
+            )
+
+
+class SafetensorsOutput:
+    """One ``.safetensors`` file at ``output``, or Hugging Face shards + index when the entries
+    exceed ``max_shard_size``."""
+
+    def __init__(
+        self,
+        output: str,
+        entries: list[OutputEntry],
+        max_shard_size: int | None = None,
+        metadata: dict[str, str] | None = None,
+    ):
+        by_name = {e.name: e for e in entries}
+        groups = split_shards([(e.name, e.nbytes) for e in entries], max_shard_size)
+        self.files = shard_file_names(output, len(groups))
+        self.index = index_file_name(output) if len(groups) > 1 else None
+        self.total_size = sum(e.nbytes for e in entries)
+        self.weight_map: dict[str, str] = {}
+        self._fds: list[tuple[int, str, str]] = []
+        self._slots = _Slots()
+        try:
+            for file, names in zip(self.files, groups, strict=True):
+                header, offsets = stf.encode_header(
+                    [(n, by_name[n].dtype, by_name[n].shape) for n in names], metadata
+                )
+                tmp = temporary_name(file)
+                fd = _open_output(tmp)
+                self._fds.append((fd, tmp, file))
+                os.pwrite(fd, header, 0)
+                os.ftruncate(fd, offsets[-1][1] if offsets else len(header))
+                for name, (begin, _end) in zip(names, offsets, strict=True):
+                    self._slots.add(fd, begin, by_name[name])
+                    self.weight_map[name] = os.path.basename(file)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._slots.write(name, tensor)
+
+    def commit(self) -> list[str]:
+        self._slots.check_complete()
+        for fd, _tmp, _file in self._fds:
+            os.fsync(fd)
+            os.close(fd)
+        for _fd, tmp, file in self._fds:
+            os.replace(tmp, file)
+        self._fds = []
+        if self.index:
+            write_json(
+                self.index,
+                {
+                    "metadata": {"total_size": self.total_size},
+                    "weight_map": dict(sorted(self.weight_map.items())),
+                },
+            )
+            return [*self.files, self.index]
+        return list(self.files)
+
+    def abort(self) -> None:
+        for fd, tmp, _file in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            remove_quietly(tmp)
+        self._fds = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+
+
+class PytorchOutput:
+    """A ``torch.save`` zip checkpoint written without holding its tensors: ``torch.save`` lays
+    out the archive under ``torch.serialization.skip_data`` from never-touched ``torch.empty``
+    placeholders (virtual memory only), then each tensor's bytes are written into its storage
+    record and the zip CRCs patched, so ``torch.load`` and ``zipfile`` both accept the file."""
+
+    def __init__(self, output: str, entries: list[OutputEntry]):
+        from torch.serialization import skip_data
+
+        self.files = [output]
+        self._tmp = temporary_name(output)
+        placeholders = {
+            e.name: torch.empty(e.shape, dtype=stf.DTYPE_BY_CODE[e.dtype]) for e in entries
+        }
+        try:
+            with skip_data():
+                torch.save(placeholders, self._tmp)
+        except OSError as e:
+            remove_quietly(self._tmp)
+            raise OutputError(
+                f"cannot write here ({e.strerror})",
+                path=output,
+                hint="choose a writable --output location",
+            ) from None
+        del placeholders
+        self._fd = os.open(self._tmp, os.O_RDWR)
+        self._records = _storage_records(self._tmp, len(entries))
+        self._slots = _Slots()
+        self._crc: dict[int, int] = {}
+        for i, entry in enumerate(entries):
+            self._slots.add(self._fd, self._records[i][0], entry)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        begin, data = self._slots.write(name, tensor)
+        self._crc[begin] = zlib.crc32(data)
+
+    def commit(self) -> list[str]:
+        self._slots.check_complete()
+        for begin, local_header, central in self._records:
+            crc = struct.pack("<I", self._crc.get(begin, 0))
+            os.pwrite(self._fd, crc, local_header + 14)
+            os.pwrite(self._fd, crc, central + 16)
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        os.replace(self._tmp, self.files[0])
+        return list(self.files)
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        remove_quietly(self._tmp)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+
+
+def _storage_records(path: str, count: int) -> list[tuple[int, int, int]]:
+    """(data offset, local header offset, central directory record offset) of storages
+    ``data/0`` … ``data/{count-1}``, which ``torch.save`` numbers in dict order."""
+    import zipfile
+
+    found: dict[int, tuple[int, int, int]] = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
+        central = archive.start_dir
+        for info in archive.infolist():
+            f.seek(central)
+            record = f.read(46)
+            name_len, extra_len, comment_len = struct.unpack("<HHH", record[28:34])
+            parent, _, leaf = info.filename.rpartition("/")
+            if parent.endswith("/data") and leaf.isdigit():
+                f.seek(info.header_offset)
+                local = f.read(30)
+                n, m = struct.unpack("<HH", local[26:30])
+                found[int(leaf)] = (info.header_offset + 30 + n + m, info.header_offset, central)
+            central += 46 + name_len + extra_len + comment_len
+    if sorted(found) != list(range(count)):
+        raise RuntimeError(f"{path}: expected {count} storage records, found {len(found)}")
+    return [found[i] for i in range(count)]
+
+
+def open_output(
+    output: str,
+    output_format: str,
+    entries: list[OutputEntry],
+    max_shard_size: int | None = None,
+    metadata: dict[str, str] | None = None,
+):
+    if output_format == "pytorch":
+        return PytorchOutput(output, entries)
+    return SafetensorsOutput(output, entries, max_shard_size, metadata)

@@ -1,0 +1,40 @@
+"""Pure per-tensor stages: tensors in, tensors out; no I/O, no globals, no device choice.
+
+``STAGES`` lists them; ``get_stage`` names the valid ones when asked for an unknown one."""
+
+from collections.abc import Callable
+
+from .cast import cast
+from .diff import is_unchanged, weight_delta
+from .lowrank import METHODS, lowrank
+
+STAGES: dict[str, Callable] = {}
+
+
+def register(name: str, fn: Callable) -> None:
+    if name in STAGES:
+        raise ValueError(f"stage {name!r} is already registered")
+    STAGES[name] = fn
+
+
+def get_stage(name: str) -> Callable:
+    try:
+        return STAGES[name]
+    except KeyError:
+        raise KeyError(f"unknown stage {name!r}; valid: {', '.join(sorted(STAGES))}") from None
+
+
+register("diff", weight_delta)
+register("lowrank", lowrank)
+register("cast", cast)
+
+__all__ = [
+    "METHODS",
+    "STAGES",
+    "cast",
+    "get_stage",
+    "is_unchanged",
+    "lowrank",
+    "register",
+    "weight_delta",
+]
