@@ -6,8 +6,10 @@ from .svd import (
     product_distance_sq,
     randomized_svd,
     relative_error,
+    residual_sq,
     seed_for,
     squared_norm,
+    truncated_residual_sq,
 )
 
 __all__ = [
@@ -16,6 +18,8 @@ __all__ = [
     "product_distance_sq",
     "randomized_svd",
     "relative_error",
+    "residual_sq",
     "seed_for",
     "squared_norm",
+    "truncated_residual_sq",
 ]

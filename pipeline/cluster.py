@@ -6,13 +6,11 @@ import logging
 import os
 from contextlib import contextmanager
 
-import torch
-
 GPU = "GPU"
 
 
 def default_workers() -> int:
-    return max(1, min(os.cpu_count() or 1, 8))
+    return max(1, min(os.cpu_count() or 1, 16))
 
 
 def task_resources(uses_gpu: bool) -> dict[str, int] | None:
@@ -27,7 +25,10 @@ def dask_client(*, workers: int | None, device: str, scheduler: str | None = Non
     kernels, and the process tree then holds one copy of torch, not one per worker."""
     from distributed import Client, LocalCluster
 
-    logging.getLogger("distributed").setLevel(logging.ERROR)
+    # A failing task already reaches the user as one line; distributed would also log it with
+    # a traceback ("Compute Failed").
+    for name in ("distributed", "distributed.worker", "distributed.scheduler"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     if scheduler:
         if os.path.isfile(scheduler):
             client = Client(scheduler_file=scheduler)
@@ -39,8 +40,6 @@ def dask_client(*, workers: int | None, device: str, scheduler: str | None = Non
             client.close()
         return
     threads = workers or default_workers()
-    # Split the cores between concurrent tasks instead of oversubscribing them.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // threads))
     resources = {GPU: 1} if device.startswith("cuda") else None
     cluster = LocalCluster(
         n_workers=1,

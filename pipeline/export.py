@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from loraforge.kernels import product_distance_sq, squared_norm
+from loraforge.kernels import product_distance_sq, squared_norm, truncated_residual_sq
 from loraforge.stages import get_stage
 
 from . import safetensors_format as stf
@@ -38,15 +38,17 @@ def planned_entries(plan: ExtractionPlan, markers: dict[str, dict]) -> list[Outp
     return sorted(entries, key=lambda e: e.name)
 
 
-def _stored_lowrank(task: ExtractTask, arrays: dict, marker: dict, dtype: torch.dtype):
+def _stored_lowrank(
+    task: ExtractTask, arrays: dict, attributes: dict, marker: dict, dtype: torch.dtype
+):
     cast = get_stage("cast")
     r = task.rank
     up = torch.from_numpy(arrays["up"][:, :r])
     down = torch.from_numpy(arrays["down"][:r])
-    s = torch.from_numpy(arrays["s"][:r]).double()
     up_out, down_out = cast(up, dtype), cast(down, dtype)
     sq_norm = float(marker["sq_norm"])
-    residual = max(sq_norm - float((s * s).sum()), 0.0)
+    singular_values = attributes["up"]["singular_values"]
+    residual = truncated_residual_sq(float(marker["residual_sq"]), singular_values, r)
     rounding = product_distance_sq(up_out.float(), down_out.float(), up, down)
     kernel_error = math.sqrt(residual / sq_norm) if sq_norm else 0.0
     # Triangle inequality: an upper bound on the error of the stored (cast) product.
@@ -64,10 +66,8 @@ def _stored_lowrank(task: ExtractTask, arrays: dict, marker: dict, dtype: torch.
 def _stored_diff(task: ExtractTask, arrays: dict, dtype: torch.dtype):
     delta = torch.from_numpy(arrays["diff"])
     stored = get_stage("cast")(delta, dtype)
-    norm = squared_norm(delta.reshape(1, -1) if delta.dim() == 0 else delta)
-    rounding = squared_norm(
-        (delta - stored.float()).reshape(delta.shape[0] if delta.dim() else 1, -1)
-    )
+    norm = squared_norm(delta)
+    rounding = squared_norm(delta - stored.float())
     error = math.sqrt(rounding / norm) if norm else 0.0
     return {task.outputs["diff"]: stored}, error, 0.0
 
@@ -100,14 +100,16 @@ def export(
                 continue
             note = None
             try:
-                arrays = work.load(task.key, marker)
+                arrays, attributes = work.load(task.key, marker)
             except CorruptEntry as e:
                 note = f"intermediate was unreadable ({e}); recomputed"
                 work.discard(task.key)
                 marker = markers[task.key] = recompute(task)
-                arrays = work.load(task.key, marker)
+                arrays, attributes = work.load(task.key, marker)
             if marker["kind"] == "lowrank":
-                tensors, error, kernel_error = _stored_lowrank(task, arrays, marker, dtype)
+                tensors, error, kernel_error = _stored_lowrank(
+                    task, arrays, attributes, marker, dtype
+                )
             else:
                 tensors, error, kernel_error = _stored_diff(task, arrays, dtype)
             for name, tensor in tensors.items():

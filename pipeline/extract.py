@@ -153,6 +153,7 @@ def _run(
     started: float,
 ) -> dict:
     kernel = plan.options.kernel
+    phases = {"prepare": time.time() - started}
     fingerprints, decisions, markers = {}, {}, {}
     for task in plan.tasks:
         fingerprints[task.key] = extract_fingerprint(task, source, target, kernel)
@@ -177,6 +178,7 @@ def _run(
     def compute_here(task) -> dict:
         return run_extract_task(task, work.path, dev, kernel, fingerprints[task.key])
 
+    phases["resume_check"] = time.time() - started - sum(phases.values())
     if pending:
         with dask_client(workers=workers, device=dev, scheduler=scheduler) as client:
             emit(
@@ -184,8 +186,10 @@ def _run(
                 {"dashboard": getattr(client, "dashboard_link", None) if scheduler else None},
             )
             _compute(client, pending, work, dev, kernel, fingerprints, markers, emit)
+    phases["compute"] = time.time() - started - sum(phases.values())
     emit("write", {"tensors": len(plan.tasks)})
     files, stored = export(plan, markers, work, output, compute_here)
+    phases["write"] = time.time() - started - sum(phases.values())
     tensors = {}
     for task in plan.tasks:
         marker, decision = markers[task.key], decisions[task.key]
@@ -226,6 +230,7 @@ def _run(
         "source_only": plan.source_only,
         "target_only": plan.target_only,
         "input_changes": changes,
+        "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
     }
     return build_report(
         "extract",

@@ -190,12 +190,18 @@ def _index_pytorch(path: str) -> CheckpointIndex:
 
 # ---- per-process caches of open maps; every Dask worker fills its own ----
 _lock = threading.Lock()
-_maps: dict[str, tuple[int, mmap.mmap]] = {}
-_pickles: dict[str, dict[str, torch.Tensor]] = {}
+_maps: dict[str, tuple[tuple[int, int, int], mmap.mmap]] = {}
+_pickles: dict[str, tuple[tuple[int, int, int], dict[str, torch.Tensor]]] = {}
+
+
+def _stamp(file: str) -> tuple[int, int, int]:
+    """Identity of a file's current contents: a rewritten file gets a new map."""
+    st = os.stat(file)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _mapping(file: str) -> mmap.mmap:
-    stamp = os.stat(file).st_mtime_ns
+    stamp = _stamp(file)
     with _lock:
         cached = _maps.get(file)
         if cached is not None and cached[0] == stamp:
@@ -207,9 +213,11 @@ def _mapping(file: str) -> mmap.mmap:
 
 
 def _load_pytorch(path: str) -> dict[str, torch.Tensor]:
+    stamp = _stamp(path)
     with _lock:
-        if path in _pickles:
-            return _pickles[path]
+        cached = _pickles.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
     if not zipfile.is_zipfile(path):
         raise CheckpointFormatError(
             "not a zip-format PyTorch checkpoint, so it cannot be memory-mapped",
@@ -238,7 +246,7 @@ def _load_pytorch(path: str) -> dict[str, torch.Tensor]:
         raise CheckpointFormatError(f"holds a {type(obj).__name__}, not a state dict", path=path)
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     with _lock:
-        _pickles[path] = state
+        _pickles[path] = (stamp, state)
     return state
 
 

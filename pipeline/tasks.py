@@ -3,11 +3,13 @@ paths and keys) and open the checkpoints themselves; only small dicts travel bac
 
 from __future__ import annotations
 
+import math
+import threading
 import time
 
 import torch
 
-from loraforge.stages import get_stage, is_unchanged
+from loraforge.stages import get_stage, is_unchanged, max_abs
 
 from .errors import NonFiniteTensor
 from .options import KernelOptions
@@ -23,21 +25,38 @@ def pick_device(device: str) -> str:
     return device
 
 
-def _delta(task: ExtractTask, device: torch.device) -> torch.Tensor:
-    diff = get_stage("diff")
+_scratch = threading.local()
+
+
+def _buffer(numel: int, device: torch.device) -> torch.Tensor:
+    """A per-thread fp32 buffer reused across tasks: filling fresh pages costs more than the
+    arithmetic (page faults), so each worker thread keeps its largest delta buffer."""
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    buf = buffers.get(device)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[device] = torch.empty(numel, dtype=torch.float32, device=device)
+    return buf[:numel]
+
+
+def _delta(task: ExtractTask, device: torch.device) -> tuple[torch.Tensor, float]:
+    """The fp32 delta (in this thread's buffer) and its max |entry|."""
+    out = _buffer(task.target.numel, device).view(task.shape)
     with mapped(task.source) as base, mapped(task.target) as target:
         if device.type != "cpu":
             base, target = base.to(device), target.to(device)
-        delta = diff(base, target)
-        if not bool(torch.isfinite(delta).all()):
-            bad = task.target if not bool(torch.isfinite(target).all()) else task.source
+        delta = get_stage("diff")(base, target, out=out)
+        largest = max_abs(delta)
+        if not math.isfinite(largest):
+            bad = task.target if not math.isfinite(max_abs(target.float())) else task.source
             raise NonFiniteTensor(
                 "holds NaN or Inf, so the delta is not finite",
                 path=bad.file,
                 key=task.key,
                 hint="fix or re-save the checkpoint",
             )
-    return delta
+    return delta, largest
 
 
 def run_extract_task(
@@ -48,10 +67,14 @@ def run_extract_task(
     Returns the completion marker (also written to disk after the arrays)."""
     start = time.perf_counter()
     dev = torch.device(device)
-    delta = _delta(task, dev)
+    # MKL's QR and GEMM round differently with different thread counts; one thread per task
+    # keeps the bytes independent of --workers and of the machine's core count (parallelism
+    # comes from running tasks side by side).
+    torch.set_num_threads(1)
+    delta, largest = _delta(task, dev)
     marker = {"key": task.key, "fingerprint": fingerprint, "shape": list(task.shape)}
-    arrays = {}
-    if is_unchanged(delta):
+    arrays, attributes = {}, {}
+    if is_unchanged(largest):
         marker["kind"] = "unchanged"
     elif task.kind == "lowrank":
         factors = get_stage("lowrank")(
@@ -62,9 +85,15 @@ def run_extract_task(
             oversample=kernel.oversample,
             n_iter=kernel.n_iter,
         )
-        arrays = {"up": factors.up, "down": factors.down, "s": factors.singular_values}
+        arrays = {"up": factors.up, "down": factors.down}
+        # Singular values ride on the up array's zarr attributes: one file fewer per tensor.
+        attributes["up"] = {"singular_values": factors.singular_values.cpu().tolist()}
         marker.update(
-            kind="lowrank", rank=factors.rank, sq_norm=factors.sq_norm, kernel=kernel.to_dict()
+            kind="lowrank",
+            rank=factors.rank,
+            sq_norm=factors.sq_norm,
+            residual_sq=factors.residual_sq,
+            kernel=kernel.to_dict(),
         )
     else:
         arrays = {"diff": delta}
@@ -73,5 +102,5 @@ def run_extract_task(
     arrays = {name: a.cpu().numpy() for name, a in arrays.items()}
     marker["array_shapes"] = {name: list(a.shape) for name, a in arrays.items()}
     marker["seconds"] = round(time.perf_counter() - start, 4)
-    WorkDir(work_dir).save(task.key, arrays, marker)
+    WorkDir(work_dir).save(task.key, arrays, marker, attributes)
     return marker

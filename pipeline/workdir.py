@@ -69,9 +69,15 @@ class WorkDir:
         except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
             return None
 
-    def save(self, key: str, arrays: dict[str, np.ndarray], marker: dict) -> None:
-        """Store ``arrays`` for ``key``, then the marker that makes them count (``marker`` gains
-        the list of array names)."""
+    def save(
+        self,
+        key: str,
+        arrays: dict[str, np.ndarray],
+        marker: dict,
+        attributes: dict[str, dict] | None = None,
+    ) -> None:
+        """Store ``arrays`` (with optional zarr attributes per array) for ``key``, then the
+        marker that makes them count (``marker`` gains the list of array names)."""
         remove_quietly(self.marker_path(key))
         store = zarr.storage.LocalStore(self.tensors)
         shutil.rmtree(os.path.join(self.tensors, _entry(key)), ignore_errors=True)
@@ -83,26 +89,27 @@ class WorkDir:
                 data=array,
                 chunks=_chunks(array.shape),
                 compressors=[Crc32cCodec()],
+                attributes=(attributes or {}).get(name),
             )
         marker["arrays"] = sorted(arrays)
         write_json(self.marker_path(key), marker)
 
-    def load(self, key: str, marker: dict) -> dict[str, np.ndarray]:
-        """The arrays named by ``marker``; any unreadable or mis-shaped one → ``CorruptEntry``."""
+    def load(self, key: str, marker: dict) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+        """The arrays named by ``marker`` and their attributes; anything unreadable or
+        mis-shaped raises ``CorruptEntry``."""
         store = zarr.storage.LocalStore(self.tensors, read_only=True)
-        out = {}
+        arrays, attributes = {}, {}
         for name in marker.get("arrays", []):
             try:
-                out[name] = zarr.open_array(store=store, path=f"{_entry(key)}/{name}", mode="r")[
-                    ...
-                ]
+                array = zarr.open_array(store=store, path=f"{_entry(key)}/{name}", mode="r")
+                arrays[name] = array[...]
+                attributes[name] = dict(array.attrs)
             except Exception as e:  # zarr raises many types for missing/truncated chunks
                 raise CorruptEntry(f"{key}/{name}: {type(e).__name__}: {e}") from None
-        expected = marker.get("array_shapes", {})
-        for name, shape in expected.items():
-            if name not in out or list(out[name].shape) != list(shape):
+        for name, shape in marker.get("array_shapes", {}).items():
+            if name not in arrays or list(arrays[name].shape) != list(shape):
                 raise CorruptEntry(f"{key}/{name}: expected shape {shape}")
-        return out
+        return arrays, attributes
 
     def discard(self, key: str) -> None:
         remove_quietly(self.marker_path(key))

@@ -5,7 +5,7 @@
 from collections.abc import Callable
 
 from .cast import cast
-from .diff import is_unchanged, weight_delta
+from .diff import is_unchanged, max_abs, weight_delta
 from .lowrank import METHODS, lowrank
 
 STAGES: dict[str, Callable] = {}
@@ -35,6 +35,7 @@ __all__ = [
     "get_stage",
     "is_unchanged",
     "lowrank",
+    "max_abs",
     "register",
     "weight_delta",
 ]

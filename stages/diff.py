@@ -3,18 +3,28 @@
 import torch
 
 
-def weight_delta(base: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def weight_delta(
+    base: torch.Tensor, target: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``target − base`` in fp32 (inputs in any float dtype, on the same device).
 
-    One fp32 allocation: the target is upcast into the result and the base subtracted in place,
-    so no fp32 copy of the base is made."""
+    The target is upcast into the result and the base subtracted in place, so no fp32 copy of
+    the base is made; ``out`` (fp32, same shape) lets the caller reuse a buffer."""
     if base.shape != target.shape:
         raise ValueError(f"shapes differ: {tuple(base.shape)} vs {tuple(target.shape)}")
-    delta = torch.empty(target.shape, dtype=torch.float32, device=target.device)
-    delta.copy_(target)
-    return delta.sub_(base)
+    if out is None:
+        out = torch.empty(target.shape, dtype=torch.float32, device=target.device)
+    return out.copy_(target).sub_(base)
 
 
-def is_unchanged(delta: torch.Tensor, atol: float = 1e-8) -> bool:
+def max_abs(delta: torch.Tensor) -> float:
+    """max |delta| (NaN if any entry is NaN, inf if any is infinite); one cheap pass."""
+    if delta.numel() == 0:
+        return 0.0
+    low, high = torch.aminmax(delta)
+    return max(-float(low), float(high)) if not torch.isnan(low + high) else float("nan")
+
+
+def is_unchanged(max_abs_delta: float, atol: float = 1e-8) -> bool:
     """LightX2V's rule: a delta whose every entry is within ``atol`` of zero is no change."""
-    return delta.numel() == 0 or float(delta.abs().max()) <= atol
+    return max_abs_delta <= atol
