@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = time.perf_counter()
     lora, errors, counts = extract(source, target, args.rank, device)
     extracted = time.perf_counter()
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     save_file({k: t.to(torch.bfloat16).contiguous() for k, t in lora.items()}, args.output)
     with open(args.output + ".errors.json", "w") as f:
         json.dump({"rank": args.rank, "metric": "optimal_relative_frobenius", "errors": errors}, f)

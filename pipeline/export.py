@@ -15,6 +15,7 @@ from loraforge.kernels import product_distance_sq, squared_norm, truncated_resid
 from loraforge.stages import get_stage
 
 from . import safetensors_format as stf
+from .faults import maybe_crash
 from .options import ExtractOptions
 from .plan import ExtractionPlan, ExtractTask
 from .workdir import CorruptEntry, WorkDir
@@ -115,6 +116,7 @@ def export(
             for name, tensor in tensors.items():
                 writer.write(name, tensor)
             errors[task.key] = (error, kernel_error, note)
+            maybe_crash("write", len(errors))
             if on_written:
                 on_written(task)
         files = writer.commit()

@@ -12,6 +12,7 @@ import torch
 from .cluster import dask_client, task_resources
 from .errors import OutputError, UsageError
 from .export import export
+from .faults import maybe_crash
 from .options import ExtractOptions
 from .plan import ExtractionPlan, plan_extraction
 from .reader import index_checkpoint
@@ -281,6 +282,7 @@ def _compute(
         for future in as_completed(futures):
             task = by_key[future.key]
             markers[task.key] = future.result()
+            maybe_crash("compute", len(markers))
             emit("tensor", {"key": task.key, "bytes": task.source.nbytes + task.target.nbytes})
     except BaseException:
         client.cancel(futures)

@@ -37,12 +37,16 @@ def pair_tensors(seed: int = 0, dtype=torch.bfloat16) -> tuple[dict, dict]:
         out, inp = base[key].shape
         target[key] += randn(out, 6, std=0.05) @ randn(6, inp, std=0.05) * 40
         target[key] += randn(out, inp, std=1e-4)
-    for key in ("blocks.0.attn.q.bias", "blocks.0.ffn.0.bias", "blocks.0.modulation",
-                "patch_embedding.weight", "head.weight"):
+    for key in (
+        "blocks.0.attn.q.bias",
+        "blocks.0.ffn.0.bias",
+        "blocks.0.modulation",
+        "patch_embedding.weight",
+        "head.weight",
+    ):
         target[key] += randn(*base[key].shape, std=1e-3)
     target["only_in_target.bias"] = randn(4)
-    return ({k: v.to(dtype) for k, v in base.items()},
-            {k: v.to(dtype) for k, v in target.items()})
+    return ({k: v.to(dtype) for k, v in base.items()}, {k: v.to(dtype) for k, v in target.items()})
 
 
 @pytest.fixture

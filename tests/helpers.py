@@ -25,14 +25,17 @@ def apply_reference(base: dict[str, torch.Tensor], lora: dict[str, torch.Tensor]
     merged = {k: v.float().clone() for k, v in base.items()}
     for key, up in lora.items():
         if key.endswith(".lora_up.weight"):
-            stem = key[len(PREFIX):-len(".lora_up.weight")]
+            stem = key[len(PREFIX) : -len(".lora_up.weight")]
             down = lora[f"{PREFIX}{stem}.lora_down.weight"].float()
             alpha = float(lora.get(f"{PREFIX}{stem}.alpha", torch.tensor(down.shape[0])))
             merged[stem + ".weight"] += alpha / down.shape[0] * (up.float() @ down)
-        for suffix, original in ((".diff", ".weight"), (".diff_b", ".bias"),
-                                 (".diff_m", ".modulation")):
+        for suffix, original in (
+            (".diff", ".weight"),
+            (".diff_b", ".bias"),
+            (".diff_m", ".modulation"),
+        ):
             if key.endswith(suffix):
-                stem = key[len(PREFIX):-len(suffix)]
+                stem = key[len(PREFIX) : -len(suffix)]
                 merged[stem + original] += up.float()
     return merged
 

@@ -51,8 +51,10 @@ def test_same_seed_same_bytes_and_seed_from_name_is_stable():
     a = spectrum_matrix(120, 90, slowly_decaying(90))
     assert seed_for("blocks.0.q.weight") == seed_for("blocks.0.q.weight")
     assert seed_for("blocks.0.q.weight") != seed_for("blocks.1.q.weight")
-    runs = [randomized_svd(a, 8, generator=torch.Generator().manual_seed(seed_for("x")))
-            for _ in range(2)]
+    runs = [
+        randomized_svd(a, 8, generator=torch.Generator().manual_seed(seed_for("x")))
+        for _ in range(2)
+    ]
     assert torch.equal(runs[0].up, runs[1].up) and torch.equal(runs[0].down, runs[1].down)
 
 

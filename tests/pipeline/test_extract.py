@@ -12,8 +12,19 @@ from tests.helpers import apply_reference, load_output, read_report, rel_error, 
 
 
 def extract(source, target, output, *extra):
-    result = run_cli("extract", "--source-model", source, "--target-model", target,
-                     "--output", output, "--lowrank-min-params", MIN_PARAMS, "--quiet", *extra)
+    result = run_cli(
+        "extract",
+        "--source-model",
+        source,
+        "--target-model",
+        target,
+        "--output",
+        output,
+        "--lowrank-min-params",
+        MIN_PARAMS,
+        "--quiet",
+        *extra,
+    )
     assert result.exit_code == 0, result.output
     return read_report(os.path.splitext(str(output))[0] + ".report.json")
 
@@ -85,16 +96,20 @@ def test_diff_only_and_rank_capped(pair, tmp_path):
 
 def test_sharded_and_single_file_hold_the_same_tensors(pair, tmp_path):
     extract(*pair, tmp_path / "one.safetensors", "--output-dtype", "fp32")
-    extract(*pair, tmp_path / "many.safetensors", "--output-dtype", "fp32",
-            "--max-shard-size", "30KB")
+    extract(
+        *pair, tmp_path / "many.safetensors", "--output-dtype", "fp32", "--max-shard-size", "30KB"
+    )
     index = json.loads((tmp_path / "many.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and shards[0] == f"many-00001-of-{len(shards):05d}.safetensors"
     assert not (tmp_path / "many.safetensors").exists()
-    sharded, single = load_output(str(tmp_path / "many.safetensors")), load_file(
-        tmp_path / "one.safetensors")
+    sharded, single = (
+        load_output(str(tmp_path / "many.safetensors")),
+        load_file(tmp_path / "one.safetensors"),
+    )
     assert index["metadata"]["total_size"] == sum(
-        t.numel() * t.element_size() for t in single.values())
+        t.numel() * t.element_size() for t in single.values()
+    )
     assert sharded.keys() == single.keys()
     assert all(torch.equal(sharded[k], single[k]) for k in single)
 
@@ -109,8 +124,17 @@ def test_pytorch_output_and_inputs(pair, tmp_path):
     base, tuned = pair_tensors()
     torch.save({"state_dict": base}, tmp_path / "base.pt")
     torch.save(tuned, tmp_path / "tuned.pth")
-    extract(str(tmp_path / "base.pt"), str(tmp_path / "tuned.pth"), tmp_path / "lora",
-            "--source-type", "pytorch", "--target-type", "pytorch", "--output-format", "pytorch")
+    extract(
+        str(tmp_path / "base.pt"),
+        str(tmp_path / "tuned.pth"),
+        tmp_path / "lora",
+        "--source-type",
+        "pytorch",
+        "--target-type",
+        "pytorch",
+        "--output-format",
+        "pytorch",
+    )
     from_pt = torch.load(tmp_path / "lora.pt", weights_only=True)
     extract(*pair, tmp_path / "lora.safetensors")
     from_st = load_file(tmp_path / "lora.safetensors")
@@ -125,8 +149,11 @@ def test_sharded_inputs(tmp_path):
     save_file(base, tmp_path / "base.safetensors")
     save_file(tuned, tmp_path / "tuned.safetensors")
     extract(str(tmp_path / "base"), str(tmp_path / "tuned"), tmp_path / "a.safetensors")
-    extract(str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"),
-            tmp_path / "b.safetensors")
+    extract(
+        str(tmp_path / "base.safetensors"),
+        str(tmp_path / "tuned.safetensors"),
+        tmp_path / "b.safetensors",
+    )
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
 
 
@@ -134,18 +161,32 @@ def test_full_svd_is_the_accuracy_reference(pair, tmp_path):
     fast = extract(*pair, tmp_path / "fast.safetensors", "--rank", "4")
     exact = extract(*pair, tmp_path / "exact.safetensors", "--rank", "4", "--svd", "full")
     for key in ("blocks.0.attn.q.weight", "blocks.0.ffn.0.weight"):
-        ratio = fast["tensors"][key]["kernel_rel_error"] / exact["tensors"][key][
-            "kernel_rel_error"]
+        ratio = fast["tensors"][key]["kernel_rel_error"] / exact["tensors"][key]["kernel_rel_error"]
         assert 1.0 - 1e-6 <= ratio <= 1.01
 
 
 def test_help_lists_every_flag():
     result = run_cli("extract", "--help")
     assert result.exit_code == 0
-    for flag in ("--source-model", "--target-model", "--output", "--source-type",
-                 "--target-type", "--output-format", "--rank", "--output-dtype", "--diff-only",
-                 "--lowrank-min-params", "--device", "--workers", "--max-shard-size",
-                 "--report", "--work-dir", "--no-resume", "--svd"):
+    for flag in (
+        "--source-model",
+        "--target-model",
+        "--output",
+        "--source-type",
+        "--target-type",
+        "--output-format",
+        "--rank",
+        "--output-dtype",
+        "--diff-only",
+        "--lowrank-min-params",
+        "--device",
+        "--workers",
+        "--max-shard-size",
+        "--report",
+        "--work-dir",
+        "--no-resume",
+        "--svd",
+    ):
         assert flag in result.output, flag
     assert run_cli("--help").exit_code == 0
     assert run_cli("clean", "--help").exit_code == 0

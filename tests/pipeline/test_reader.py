@@ -11,8 +11,11 @@ from loraforge.pipeline.errors import CheckpointFormatError, CheckpointNotFound,
 from loraforge.pipeline.reader import index_checkpoint, load_tensor, mapped, sample_digest
 from tests.conftest import save_sharded
 
-TENSORS = {"a.weight": torch.arange(12.0).reshape(3, 4).bfloat16(),
-           "a.bias": torch.arange(3, dtype=torch.float32), "steps": torch.arange(5)}
+TENSORS = {
+    "a.weight": torch.arange(12.0).reshape(3, 4).bfloat16(),
+    "a.bias": torch.arange(3, dtype=torch.float32),
+    "steps": torch.arange(5),
+}
 
 
 def check_all(index):
@@ -21,8 +24,9 @@ def check_all(index):
         info = index.tensors[key]
         assert info.shape == tuple(expected.shape)
         assert torch.equal(load_tensor(info), expected)
-    assert torch.equal(load_tensor(index.tensors["a.weight"], torch.float32),
-                       TENSORS["a.weight"].float())
+    assert torch.equal(
+        load_tensor(index.tensors["a.weight"], torch.float32), TENSORS["a.weight"].float()
+    )
 
 
 def test_single_file(tmp_path):
@@ -106,9 +110,15 @@ def corrupt(path, how):
     open(path, "wb").write(bytes(data))
 
 
-@pytest.mark.parametrize("how,message", [
-    ("header length", "bad header length"), ("json", "not valid JSON"),
-    ("truncated", "past the end"), ("tiny", "too short")])
+@pytest.mark.parametrize(
+    "how,message",
+    [
+        ("header length", "bad header length"),
+        ("json", "not valid JSON"),
+        ("truncated", "past the end"),
+        ("tiny", "too short"),
+    ],
+)
 def test_corrupt_safetensors(tmp_path, how, message):
     path = tmp_path / "m.safetensors"
     save_file(TENSORS, path)
@@ -133,8 +143,11 @@ def test_index_json_that_lies(tmp_path):
     save_sharded(TENSORS, str(tmp_path / "d"), shards=2)
     index_file = tmp_path / "d" / "model.safetensors.index.json"
     data = json.loads(index_file.read_text())
-    data["weight_map"]["a.bias"] = "model-00002-of-00002.safetensors" if data["weight_map"][
-        "a.bias"].startswith("model-00001") else "model-00001-of-00002.safetensors"
+    data["weight_map"]["a.bias"] = (
+        "model-00002-of-00002.safetensors"
+        if data["weight_map"]["a.bias"].startswith("model-00001")
+        else "model-00001-of-00002.safetensors"
+    )
     index_file.write_text(json.dumps(data))
     with pytest.raises(CheckpointFormatError, match="does not hold it"):
         index_checkpoint(str(tmp_path / "d"))

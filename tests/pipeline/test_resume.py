@@ -1,0 +1,290 @@
+"""Crash safety and resume: SIGKILL at many points, corruption, re-export, signals, locks."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.conftest import MIN_PARAMS, pair_tensors
+from tests.helpers import read_report, run_cli
+
+CLI = [sys.executable, "-m", "loraforge.pipeline.cli"]
+
+
+@pytest.fixture
+def many(tmp_path):
+    """A pair with enough tensors that crash points fall in every phase."""
+    base, tuned = pair_tensors()
+    g = torch.Generator().manual_seed(7)
+    for i in range(8):
+        w = torch.randn(128, 96, generator=g) * 0.02
+        base[f"extra.{i}.weight"] = w.bfloat16()
+        tuned[f"extra.{i}.weight"] = (w + torch.randn(128, 96, generator=g) * 1e-3).bfloat16()
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    return str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors")
+
+
+def extract_args(pair, output, *extra):
+    return [
+        "extract",
+        "--source-model",
+        pair[0],
+        "--target-model",
+        pair[1],
+        "--output",
+        str(output),
+        "--lowrank-min-params",
+        str(MIN_PARAMS),
+        "--rank",
+        "8",
+        "--quiet",
+        *extra,
+    ]
+
+
+def run_process(args, env=None, **kw):
+    return subprocess.run(
+        CLI + args,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+        **kw,
+    )
+
+
+def test_sigkill_at_many_points_then_resume_is_byte_identical(many, tmp_path):
+    reference = tmp_path / "reference.safetensors"
+    assert run_process(extract_args(many, reference)).returncode == 0
+    expected = reference.read_bytes()
+    points = [f"compute:{n}" for n in (1, 3, 5, 7, 9, 11, 13, 15)] + [
+        f"write:{n}" for n in (1, 4, 8, 12)
+    ]
+    for point in points:
+        out = tmp_path / point.replace(":", "-") / "lora.safetensors"
+        crashed = run_process(extract_args(many, out), {"LORAFORGE_CRASH_AT": point})
+        assert crashed.returncode == -signal.SIGKILL, (point, crashed.stderr)
+        leftovers = [n for n in os.listdir(out.parent) if n.endswith(".safetensors")]
+        assert leftovers == [], point
+        resumed = run_process(extract_args(many, out))
+        assert resumed.returncode == 0, resumed.stderr
+        assert out.read_bytes() == expected, point
+        summary = read_report(str(out.with_suffix(".report.json")))["summary"]
+        if point.startswith("write"):
+            assert summary["computed"] == 0, point
+        else:
+            assert (
+                0
+                < summary["reused"]
+                < len(read_report(str(out.with_suffix(".report.json")))["tensors"])
+            ), point
+
+
+def test_reexport_runs_no_kernel_and_matches_a_fresh_run(many, tmp_path):
+    work = tmp_path / "work"
+    assert (
+        run_cli(*extract_args(many, tmp_path / "a.safetensors", "--work-dir", work)).exit_code == 0
+    )
+    again = run_cli(
+        *extract_args(
+            many,
+            tmp_path / "b.safetensors",
+            "--work-dir",
+            work,
+            "--output-dtype",
+            "fp32",
+            "--max-shard-size",
+            "40KB",
+        )
+    )
+    assert again.exit_code == 0, again.output
+    summary = read_report(str(tmp_path / "b.report.json"))["summary"]
+    assert summary["computed"] == 0 and summary["reused"] > 10
+    assert (
+        run_cli(
+            *extract_args(
+                many,
+                tmp_path / "c.safetensors",
+                "--output-dtype",
+                "fp32",
+                "--max-shard-size",
+                "40KB",
+            )
+        ).exit_code
+        == 0
+    )
+    names = sorted(n for n in os.listdir(tmp_path) if n.startswith(("b-", "c-")))
+    assert len(names) >= 4
+    for b_name in (n for n in names if n.startswith("b-")):
+        c_name = "c-" + b_name[2:]
+        assert (tmp_path / b_name).read_bytes() == (tmp_path / c_name).read_bytes()
+
+
+def test_lower_rank_slices_stored_factors(many, tmp_path):
+    work = tmp_path / "work"
+    assert (
+        run_cli(*extract_args(many, tmp_path / "a.safetensors", "--work-dir", work)).exit_code == 0
+    )
+    args = extract_args(many, tmp_path / "b.safetensors", "--work-dir", work)
+    args[args.index("--rank") + 1] = "4"
+    assert run_cli(*args).exit_code == 0
+    report = read_report(str(tmp_path / "b.report.json"))
+    entry = report["tensors"]["blocks.0.ffn.0.weight"]
+    assert entry["status"] == "sliced" and "sliced from stored rank 8" in entry["note"]
+    assert entry["rank"] == 4 and report["summary"]["computed"] == 0
+
+
+def corrupt_chunk(work, key):
+    folder = os.path.join(work, "tensors", key, "up", "c")
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+            return
+    raise AssertionError(f"no chunk under {folder}")
+
+
+def statuses(path):
+    return {
+        k: e["status"] for k, e in read_report(path)["tensors"].items() if e["status"] != "planned"
+    }
+
+
+@pytest.mark.parametrize("damage", ["truncated chunk", "missing marker", "changed source"])
+def test_damaged_entry_is_detected_and_only_it_recomputed(many, tmp_path, damage):
+    work = str(tmp_path / "work")
+    first = tmp_path / "a.safetensors"
+    assert run_cli(*extract_args(many, first, "--work-dir", work)).exit_code == 0
+    key = "extra.3.weight"
+    if damage == "truncated chunk":
+        corrupt_chunk(work, key)
+    elif damage == "missing marker":
+        os.unlink(os.path.join(work, "done", f"{key}.json"))
+    else:  # rewrite the base file with one tensor changed; its header stays identical
+        base, _ = pair_tensors()
+        from safetensors.torch import load_file
+
+        tensors = load_file(many[0])
+        tensors[key] = tensors[key] + 0.5
+        save_file(tensors, many[0])
+    second = tmp_path / "b.safetensors"
+    result = run_cli(*extract_args(many, second, "--work-dir", work))
+    assert result.exit_code == 0, result.output
+    status = statuses(str(tmp_path / "b.report.json"))
+    changed = {k for k, s in status.items() if s != "reused"}
+    assert changed == {key}, status
+    if damage != "changed source":
+        assert first.read_bytes() == second.read_bytes()
+
+
+def test_changed_kernel_parameters_recompute_lowrank_entries_only(many, tmp_path):
+    work = str(tmp_path / "work")
+    assert (
+        run_cli(*extract_args(many, tmp_path / "a.safetensors", "--work-dir", work)).exit_code == 0
+    )
+    result = run_cli(
+        *extract_args(many, tmp_path / "b.safetensors", "--work-dir", work, "--oversample", "8")
+    )
+    assert result.exit_code == 0
+    report = read_report(str(tmp_path / "b.report.json"))
+    for key, entry in report["tensors"].items():
+        if entry["kind"] == "lowrank":
+            assert entry["status"] == "computed"
+            assert "kernel parameters changed" in entry["note"]
+        elif entry["status"] != "planned":
+            assert entry["status"] == "reused", key
+
+
+def test_no_resume_starts_over(many, tmp_path):
+    work = str(tmp_path / "work")
+    assert (
+        run_cli(*extract_args(many, tmp_path / "a.safetensors", "--work-dir", work)).exit_code == 0
+    )
+    assert (
+        run_cli(
+            *extract_args(many, tmp_path / "a.safetensors", "--work-dir", work, "--no-resume")
+        ).exit_code
+        == 0
+    )
+    assert read_report(str(tmp_path / "a.report.json"))["summary"]["reused"] == 0
+
+
+def test_keep_work_and_clean(many, tmp_path):
+    out = tmp_path / "a.safetensors"
+    assert run_cli(*extract_args(many, out, "--no-keep-work")).exit_code == 0
+    assert not (tmp_path / "a.safetensors.work").exists()
+    assert run_cli(*extract_args(many, out)).exit_code == 0
+    assert (tmp_path / "a.safetensors.work" / "done").is_dir()
+    result = run_cli("clean", str(tmp_path / "a.safetensors.work"))
+    assert result.exit_code == 0 and "removed" in result.output
+    assert not (tmp_path / "a.safetensors.work").exists()
+    assert run_cli("clean", str(tmp_path)).exit_code == 2
+
+
+def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(many, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (work / "lock.json").write_text(
+            json.dumps({"pid": sleeper.pid, "host": os.uname().nodename})
+        )
+        result = run_cli(*extract_args(many, tmp_path / "a.safetensors", "--work-dir", work))
+        assert result.exit_code == 1 and f"pid {sleeper.pid}" in result.output
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    result = run_cli(*extract_args(many, tmp_path / "a.safetensors", "--work-dir", work))
+    assert result.exit_code == 0, result.output
+    assert not (work / "lock.json").exists()
+
+
+@pytest.fixture
+def slow(tmp_path):
+    """Twelve 768×768 deltas: with --svd full and one worker, a few seconds of work."""
+    g = torch.Generator().manual_seed(3)
+    base, tuned = {}, {}
+    for i in range(12):
+        w = torch.randn(768, 768, generator=g) * 0.02
+        base[f"layer.{i}.weight"] = w
+        tuned[f"layer.{i}.weight"] = w + torch.randn(768, 768, generator=g) * 1e-3
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    return str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_cleanly_and_the_rerun_resumes(slow, tmp_path, sig):
+    out = tmp_path / "lora.safetensors"
+    proc = subprocess.Popen(
+        CLI + extract_args(slow, out, "--svd", "full", "--workers", "1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    done = tmp_path / "lora.safetensors.work" / "done"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (done.is_dir() and len(os.listdir(done)) >= 2):
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    start = time.time()
+    _, stderr = proc.communicate(timeout=30)
+    assert time.time() - start < 10
+    assert proc.returncode == 130, stderr
+    assert "rerun the same command to resume" in stderr and "Traceback" not in stderr
+    assert not out.exists()
+    finished = len(os.listdir(done))
+    assert finished >= 2
+    resumed = run_process(extract_args(slow, out, "--svd", "full"))
+    assert resumed.returncode == 0
+    assert read_report(str(out.with_suffix(".report.json")))["summary"]["reused"] >= finished
