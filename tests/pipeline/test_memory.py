@@ -1,0 +1,96 @@
+"""Extraction fits in less memory than its two checkpoints (cgroup v1 limit; skipped where the
+kernel refuses)."""
+
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+CGROUP_ROOT = "/sys/fs/cgroup/memory"
+LIMIT = 700 * 2**20
+
+
+@pytest.fixture
+def cgroup():
+    path = os.path.join(CGROUP_ROOT, f"loraforge-test-{uuid.uuid4().hex[:8]}")
+    try:
+        os.mkdir(path)
+        with open(os.path.join(path, "memory.limit_in_bytes"), "w") as f:
+            f.write(str(LIMIT))
+        for name in ("memory.memsw.limit_in_bytes",):  # no swapping our way out of the limit
+            if os.path.exists(os.path.join(path, name)):
+                with open(os.path.join(path, name), "w") as f:
+                    f.write(str(LIMIT))
+    except OSError as e:
+        pytest.skip(f"cannot create a memory cgroup here ({e.strerror})")
+    yield path
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def test_extract_runs_in_less_memory_than_its_checkpoints(tmp_path, cgroup):
+    g = torch.Generator().manual_seed(0)
+    for name, offset in (("base", 0.0), ("tuned", 1.0)):
+        tensors = {}
+        for i in range(12):
+            w = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(i)) * 0.02
+            if offset:
+                w += torch.randn(4096, 8, generator=g) @ torch.randn(8, 4096, generator=g) * 1e-3
+            tensors[f"layer.{i}.weight"] = w.bfloat16()
+        save_file(tensors, tmp_path / f"{name}.safetensors")
+        del tensors
+    checkpoints = sum(os.path.getsize(tmp_path / f"{n}.safetensors") for n in ("base", "tuned"))
+    assert checkpoints > LIMIT
+    procs = os.path.join(cgroup, "cgroup.procs")
+
+    def enter_cgroup():
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loraforge.pipeline.cli",
+            "extract",
+            "--quiet",
+            "--source-model",
+            str(tmp_path / "base.safetensors"),
+            "--target-model",
+            str(tmp_path / "tuned.safetensors"),
+            "--output",
+            str(tmp_path / "lora.safetensors"),
+            "--rank",
+            "8",
+            "--workers",
+            "2",
+        ],
+        preexec_fn=enter_cgroup,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert (tmp_path / "lora.safetensors").exists()
+    # Control: loading both checkpoints in fp32, as peer tools do, is killed under the limit.
+    naive = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from safetensors.torch import load_file; "
+            "a, b = ({k: v.float() for k, v in load_file(p).items()} for p in sys.argv[1:])",
+            str(tmp_path / "base.safetensors"),
+            str(tmp_path / "tuned.safetensors"),
+        ],
+        preexec_fn=enter_cgroup,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert naive.returncode != 0
