@@ -73,13 +73,31 @@ def _stored_diff(task: ExtractTask, arrays: dict, dtype: torch.dtype):
     return {task.outputs["diff"]: stored}, error, 0.0
 
 
+BATCH_ENTRIES = 32
+BATCH_BYTES = 256 * 2**20
+
+
+def _batches(tasks: list[ExtractTask], markers: dict[str, dict]):
+    """Groups of tasks read back together: at most 32 entries or 256 MiB of fp32 data."""
+    batch, size = [], 0
+    for task in tasks:
+        shapes = markers[task.key].get("array_shapes", {}).values()
+        nbytes = sum(4 * math.prod(shape) for shape in shapes)
+        if batch and (len(batch) == BATCH_ENTRIES or size + nbytes > BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(task)
+        size += nbytes
+    if batch:
+        yield batch
+
+
 def export(
     plan: ExtractionPlan,
     markers: dict[str, dict],
     work: WorkDir,
     output: str,
     recompute: Callable[[ExtractTask], dict],
-    on_written: Callable[[ExtractTask], None] | None = None,
 ) -> tuple[list[str], dict]:
     """Write the output; return its files and, per key, (stored error, kernel error, note).
 
@@ -94,30 +112,27 @@ def export(
         options.max_shard_size,
         metadata={"format": "pt", "producer": "loraforge"},
     )
+    stored = [t for t in plan.tasks if markers[t.key]["kind"] != "unchanged"]
     with writer:
-        for task in plan.tasks:
-            marker = markers[task.key]
-            if marker["kind"] == "unchanged":
-                continue
-            note = None
-            try:
-                arrays, attributes = work.load(task.key, marker)
-            except CorruptEntry as e:
-                note = f"intermediate was unreadable ({e}); recomputed"
-                work.discard(task.key)
-                marker = markers[task.key] = recompute(task)
-                arrays, attributes = work.load(task.key, marker)
-            if marker["kind"] == "lowrank":
-                tensors, error, kernel_error = _stored_lowrank(
-                    task, arrays, attributes, marker, dtype
-                )
-            else:
-                tensors, error, kernel_error = _stored_diff(task, arrays, dtype)
-            for name, tensor in tensors.items():
-                writer.write(name, tensor)
-            errors[task.key] = (error, kernel_error, note)
-            maybe_crash("write", len(errors))
-            if on_written:
-                on_written(task)
+        for batch in _batches(stored, markers):
+            loaded = work.load_many([(task.key, markers[task.key]) for task in batch])
+            for task in batch:
+                marker, note = markers[task.key], None
+                if isinstance(loaded[task.key], CorruptEntry):
+                    note = f"intermediate was unreadable ({loaded[task.key]}); recomputed"
+                    work.discard(task.key)
+                    marker = markers[task.key] = recompute(task)
+                    loaded[task.key] = work.load(task.key, marker)
+                arrays, attributes = loaded.pop(task.key)
+                if marker["kind"] == "lowrank":
+                    tensors, error, kernel_error = _stored_lowrank(
+                        task, arrays, attributes, marker, dtype
+                    )
+                else:
+                    tensors, error, kernel_error = _stored_diff(task, arrays, dtype)
+                for name, tensor in tensors.items():
+                    writer.write(name, tensor)
+                errors[task.key] = (error, kernel_error, note)
+                maybe_crash("write", len(errors))
         files = writer.commit()
     return files, errors
