@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .errors import Interrupted, LoraforgeError, UsageError
-from .options import ExtractOptions, KernelOptions, parse_dtype, parse_size
+from .options import ExtractOptions, KernelOptions, MergeOptions, parse_dtype, parse_size
 
 app = typer.Typer(
     add_completion=False,
@@ -64,7 +64,9 @@ MaxShardSize = Annotated[
 Device = Annotated[str, typer.Option("--device", help="auto|cpu|cuda|cuda:N")]
 Workers = Annotated[
     int | None,
-    typer.Option("--workers", min=1, help="Tensors processed at once (default: cores, at most 8)."),
+    typer.Option(
+        "--workers", min=1, help="Tensors processed at once (default: cores, at most 16)."
+    ),
 ]
 Scheduler = Annotated[
     str | None,
@@ -276,6 +278,176 @@ def extract(
             bar.close()
         if not quiet:
             _summary(result)
+
+
+class _MergeBar(_Bar):
+    """The bar, plus one line per LoRA: how much it patches and what it leaves out. Lines about
+    keys left out are printed even with --quiet: they are never dropped silently."""
+
+    def __call__(self, event: str, info: dict) -> None:
+        if event != "loras":
+            return super().__call__(event, info)
+        for lora in info["loras"]:
+            unmatched = lora["unmatched"]
+            n = lora["patches"]
+            line = (
+                f"{lora['path']}: {n} tensor{'s' if n != 1 else ''} patched at strength "
+                f"{lora['strength']:g}"
+            )
+            if unmatched:
+                key, reason = next(iter(unmatched.items()))
+                line = (
+                    f"warning: {line}; {len(unmatched)} of {lora['keys']} keys not merged "
+                    f"(listed in the report), e.g. '{key}': {reason}"
+                )
+            if unmatched or not self.quiet:
+                err.print(line, markup=False, soft_wrap=True)
+
+
+def _merge_summary(report: dict) -> None:
+    summary = report["summary"]
+    table = Table(title="loraforge merge", show_header=True)
+    table.add_column("kind")
+    table.add_column("tensors", justify="right")
+    for kind in sorted(summary["kinds"]):
+        table.add_row(kind, str(summary["kinds"][kind]))
+    err.print(table)
+    status = ", ".join(f"{n} {s}" for s, n in summary["status"].items())
+    err.print(f"{status}; {summary['seconds']:.1f} s", markup=False)
+    for file in summary["files"]:
+        err.print(f"wrote {file}", markup=False)
+
+
+@app.command(
+    epilog="Examples:\n\n  loraforge merge --source-model base/ --lora-model lora.safetensors "
+    "--output merged.safetensors\n\n  loraforge merge --source-model base/ --lora-model "
+    "a.safetensors --strength 0.8 --lora-model peft_adapter/ --strength 0.5 --output "
+    "merged.safetensors --max-shard-size 5GB\n\n  loraforge merge --source-model "
+    "base.safetensors --config loras.json --output merged.safetensors --output-dtype fp32"
+)
+def merge(
+    source_model: SourceModel,
+    output: OutputPath,
+    lora_model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--lora-model",
+            metavar="PATH",
+            help="LoRA: a .safetensors or .pt file, a shard directory, or a PEFT adapter "
+            "directory (adapter_model.* + adapter_config.json). Repeatable.",
+        ),
+    ] = None,
+    strength: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--strength",
+            metavar="FLOAT",
+            help="Strength of each --lora-model, in the same order (default 1.0). Repeatable.",
+        ),
+    ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option(
+            "--config",
+            metavar="FILE.json",
+            help='LoRAs from a LightX2V-style config: {"lora_path": [...], "strength_model": 1.0} '
+            'or {"lora_configs": [{"path": ..., "strength": 0.8}]}; relative paths are read '
+            "from the config's directory.",
+        ),
+    ] = None,
+    alpha: Annotated[
+        str,
+        typer.Option(
+            "--alpha",
+            metavar="FLOAT",
+            help="Global multiplier of every LoRA's delta (LightX2V's merge strength).",
+        ),
+    ] = "1.0",
+    source_type: SourceType = CheckpointType.safetensors,
+    lora_type: Annotated[
+        CheckpointType | None,
+        typer.Option("--lora-type", help="Format of the LoRA files (default: from each name)."),
+    ] = None,
+    output_format: OutputFormat = CheckpointType.safetensors,
+    output_dtype: OutputDtype = "bf16",
+    max_shard_size: MaxShardSize = None,
+    device: Device = "auto",
+    workers: Workers = None,
+    scheduler: Scheduler = None,
+    report: ReportPath = None,
+    work_dir: WorkDirOpt = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume/--no-resume", help="Keep what an interrupted run of the same merge wrote."
+        ),
+    ] = True,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Fail when any LoRA key would not be merged.")
+    ] = False,
+    allow_nonfinite: Annotated[
+        bool,
+        typer.Option("--allow-nonfinite", help="Merge LoRA tensors holding NaN/Inf anyway."),
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar or summary.")] = False,
+) -> None:
+    """Merge one or many LoRAs into a base checkpoint, tensor by tensor with bounded memory.
+
+    Each targeted weight becomes W + strength * alpha * scale * (up @ down), or
+    W + strength * alpha * diff for .diff/.diff_b/.diff_m, computed in fp32 and cast to
+    --output-dtype; other float tensors are cast, non-float ones copied. scale is
+    alpha_key / rank when the LoRA has a <name>.alpha key (as LightX2V's loader, kohya and
+    ComfyUI apply it), lora_alpha / r from a PEFT adapter_config.json, else 1.
+
+    Differences from LightX2V's lora_merger.py: it ignores .alpha keys, so a LoRA whose alpha
+    differs from its rank merges alpha/rank times stronger or weaker there (loraforge's own
+    extractions store alpha = rank: identical results); it reads only lora_up/lora_down and
+    diff keys, while loraforge reads every common naming and lists each key it cannot merge;
+    it holds the whole model in fp32 in RAM, loraforge one tensor per worker.
+
+    An interrupted merge keeps the temporary output beside --output; rerunning the same
+    command writes only the missing tensors and gives the same bytes.
+    """
+    from .merge import merge as run_merge
+    from .merge_config import config_from_options, load_merge_config, parse_number
+
+    with _user_errors():
+        if config and (lora_model or strength):
+            raise UsageError("give the LoRAs with --config or with --lora-model, not both")
+        parse_dtype(output_dtype)
+        options = MergeOptions(
+            alpha=parse_number(alpha, "--alpha"),
+            output_dtype=output_dtype.lower(),
+            output_format=output_format.value,
+            max_shard_size=parse_size(max_shard_size),
+            strict=strict,
+            allow_nonfinite=allow_nonfinite,
+        )
+        if config:
+            loras = load_merge_config(config)
+        else:
+            loras = config_from_options(lora_model or [], strength or [])
+        bar = _MergeBar(quiet)
+        try:
+            result = run_merge(
+                source_model=source_model,
+                loras=loras,
+                output=output,
+                options=options,
+                source_type=source_type.value,
+                lora_type=lora_type.value if lora_type else None,
+                work_dir=work_dir,
+                resume=resume,
+                device=device,
+                workers=workers,
+                scheduler=scheduler,
+                report_path=report,
+                progress=bar,
+            )
+        finally:
+            bar.close()
+        if not quiet:
+            _merge_summary(result)
 
 
 @app.command(epilog="Example:\n\n  loraforge clean lora.safetensors.work")

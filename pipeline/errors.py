@@ -60,6 +60,10 @@ class NonFiniteTensor(LoraforgeError):
     pass
 
 
+class LoraMismatch(LoraforgeError):
+    """LoRA keys that patch nothing in the base (``--strict``), or a LoRA that fits nowhere."""
+
+
 class OutputError(LoraforgeError):
     """The output cannot be written where asked."""
 

@@ -4,6 +4,7 @@ can be hashed for resume and stored beside the intermediates."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 
@@ -108,6 +109,36 @@ class ExtractOptions(_Frozen):
             )
         if self.lowrank_min_params < 0:
             raise UsageError("--lowrank-min-params must be >= 0")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return parse_dtype(self.output_dtype)
+
+
+@dataclass(frozen=True)
+class MergeOptions(_Frozen):
+    """Everything that decides a merge's output bytes, plus how strictly inputs are checked."""
+
+    alpha: float = 1.0  # global multiplier of every LoRA's delta (LightX2V's --alpha)
+    output_dtype: str = "bf16"
+    output_format: str = "safetensors"
+    max_shard_size: int | None = None
+    strict: bool = False
+    allow_nonfinite: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+            raise UsageError(f"--alpha must be a number, got {self.alpha!r}")
+        if not math.isfinite(self.alpha):
+            raise UsageError(f"--alpha must be finite, got {self.alpha}")
+        parse_dtype(self.output_dtype)
+        if self.output_format not in OUTPUT_FORMATS:
+            raise UsageError(
+                f"unknown --output-format {self.output_format!r}; "
+                f"valid: {', '.join(OUTPUT_FORMATS)}"
+            )
+        if self.output_format == "pytorch" and self.max_shard_size:
+            raise UsageError("--max-shard-size needs --output-format safetensors")
 
     @property
     def torch_dtype(self) -> torch.dtype:

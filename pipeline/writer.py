@@ -34,6 +34,52 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
+@dataclass(frozen=True)
+class Slot:
+    """Where one planned tensor's bytes go: a temporary output file and an absolute offset.
+    Plain data, so a task in any process can write its own tensor (``write_at``)."""
+
+    file: str
+    offset: int
+    entry: OutputEntry
+
+
+def write_at(slot: Slot, tensor: torch.Tensor, *, sync: bool = True, crc: bool = False) -> int:
+    """Write ``tensor``'s bytes at ``slot`` (the file is opened here, never truncated). With
+    ``sync`` they are on disk when this returns, so a completion marker may follow. Returns the
+    CRC-32 of the bytes when ``crc`` (zip records need it), else 0."""
+    code = stf.CODE_BY_DTYPE.get(tensor.dtype)
+    if code != slot.entry.dtype or tuple(tensor.shape) != slot.entry.shape:
+        raise ValueError(
+            f"{slot.entry.name}: planned {slot.entry.dtype}{list(slot.entry.shape)}, "
+            f"got {code}{list(tensor.shape)}"
+        )
+    data = _tensor_bytes(tensor)
+    fd = os.open(slot.file, os.O_WRONLY)
+    try:
+        written = 0
+        while written < len(data):
+            written += os.pwrite(fd, data[written:], slot.offset + written)
+        if sync:
+            os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    return zlib.crc32(data) if crc else 0
+
+
+def _reopen_if_matching(tmp: str, header: bytes, size: int) -> int | None:
+    """An fd on ``tmp`` when it exists with exactly ``header`` and ``size`` (a temporary left by
+    an interrupted run of the same plan), else None."""
+    try:
+        fd = os.open(tmp, os.O_RDWR)
+    except OSError:
+        return None
+    if os.fstat(fd).st_size == size and os.pread(fd, len(header), 0) == header:
+        return fd
+    os.close(fd)
+    return None
+
+
 def _open_output(path: str) -> int:
     directory = os.path.dirname(path) or "."
     try:
@@ -82,7 +128,11 @@ class _Slots:
 
 class SafetensorsOutput:
     """One ``.safetensors`` file at ``output``, or Hugging Face shards + index when the entries
-    exceed ``max_shard_size``."""
+    exceed ``max_shard_size``.
+
+    With ``reuse``, a temporary whose header and size already match the plan (left by an
+    interrupted run) is kept instead of truncated; ``reused`` lists the output files it was kept
+    for, so the caller can trust the tensors it knows were written there."""
 
     def __init__(
         self,
@@ -90,6 +140,7 @@ class SafetensorsOutput:
         entries: list[OutputEntry],
         max_shard_size: int | None = None,
         metadata: dict[str, str] | None = None,
+        reuse: bool = False,
     ):
         by_name = {e.name: e for e in entries}
         groups = split_shards([(e.name, e.nbytes) for e in entries], max_shard_size)
@@ -97,7 +148,9 @@ class SafetensorsOutput:
         self.index = index_file_name(output) if len(groups) > 1 else None
         self.total_size = sum(e.nbytes for e in entries)
         self.weight_map: dict[str, str] = {}
+        self.reused: set[str] = set()
         self._fds: list[tuple[int, str, str]] = []
+        self._files_of: dict[str, tuple[str, str]] = {}  # name -> (temporary, final file)
         self._slots = _Slots()
         try:
             for file, names in zip(self.files, groups, strict=True):
@@ -105,12 +158,18 @@ class SafetensorsOutput:
                     [(n, by_name[n].dtype, by_name[n].shape) for n in names], metadata
                 )
                 tmp = temporary_name(file)
-                fd = _open_output(tmp)
+                size = offsets[-1][1] if offsets else len(header)
+                fd = _reopen_if_matching(tmp, header, size) if reuse else None
+                if fd is not None:
+                    self.reused.add(file)
+                else:
+                    fd = _open_output(tmp)
+                    os.pwrite(fd, header, 0)
+                    os.ftruncate(fd, size)
                 self._fds.append((fd, tmp, file))
-                os.pwrite(fd, header, 0)
-                os.ftruncate(fd, offsets[-1][1] if offsets else len(header))
                 for name, (begin, _end) in zip(names, offsets, strict=True):
                     self._slots.add(fd, begin, by_name[name])
+                    self._files_of[name] = (tmp, file)
                     self.weight_map[name] = os.path.basename(file)
         except BaseException:
             self.abort()
@@ -118,6 +177,25 @@ class SafetensorsOutput:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self._slots.write(name, tensor)
+
+    def slot(self, name: str) -> Slot:
+        """Where ``name`` goes, for a writer elsewhere (``write_at``); then ``mark_written``."""
+        _fd, begin, entry = self._slots.where[name]
+        return Slot(self._files_of[name][0], begin, entry)
+
+    def final_file(self, name: str) -> str:
+        """The output file (shard) that will hold ``name``."""
+        return self._files_of[name][1]
+
+    def mark_written(self, name: str, crc: int = 0) -> None:
+        """Record that ``name``'s bytes were written through its ``slot`` (``crc`` unused)."""
+        self._slots.missing.discard(name)
+
+    def close(self) -> None:
+        """Close the temporaries but keep them, so an interrupted run can be resumed."""
+        for fd, _tmp, _file in self._fds:
+            os.close(fd)
+        self._fds = []
 
     def commit(self) -> list[str]:
         self._slots.check_complete()
@@ -161,25 +239,29 @@ class PytorchOutput:
     placeholders (virtual memory only), then each tensor's bytes are written into its storage
     record and the zip CRCs patched, so ``torch.load`` and ``zipfile`` both accept the file."""
 
-    def __init__(self, output: str, entries: list[OutputEntry]):
+    def __init__(self, output: str, entries: list[OutputEntry], reuse: bool = False):
         from torch.serialization import skip_data
 
         self.files = [output]
         self._tmp = temporary_name(output)
-        placeholders = {
-            e.name: torch.empty(e.shape, dtype=stf.DTYPE_BY_CODE[e.dtype]) for e in entries
-        }
-        try:
-            with skip_data():
-                torch.save(placeholders, self._tmp)
-        except OSError as e:
-            remove_quietly(self._tmp)
-            raise OutputError(
-                f"cannot write here ({e.strerror})",
-                path=output,
-                hint="choose a writable --output location",
-            ) from None
-        del placeholders
+        self.reused: set[str] = set()
+        if reuse and _holds_placeholders(self._tmp, entries):
+            self.reused.add(output)
+        else:
+            placeholders = {
+                e.name: torch.empty(e.shape, dtype=stf.DTYPE_BY_CODE[e.dtype]) for e in entries
+            }
+            try:
+                with skip_data():
+                    torch.save(placeholders, self._tmp)
+            except OSError as e:
+                remove_quietly(self._tmp)
+                raise OutputError(
+                    f"cannot write here ({e.strerror})",
+                    path=output,
+                    hint="choose a writable --output location",
+                ) from None
+            del placeholders
         self._fd = os.open(self._tmp, os.O_RDWR)
         self._records = _storage_records(self._tmp, len(entries))
         self._slots = _Slots()
@@ -190,6 +272,25 @@ class PytorchOutput:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         begin, data = self._slots.write(name, tensor)
         self._crc[begin] = zlib.crc32(data)
+
+    def slot(self, name: str) -> Slot:
+        """Where ``name`` goes, for a writer elsewhere (``write_at(..., crc=True)``)."""
+        _fd, begin, entry = self._slots.where[name]
+        return Slot(self._tmp, begin, entry)
+
+    def final_file(self, name: str) -> str:
+        return self.files[0]
+
+    def mark_written(self, name: str, crc: int) -> None:
+        """Record that ``name``'s bytes, of CRC-32 ``crc``, were written through its ``slot``."""
+        self._crc[self._slots.where[name][1]] = crc
+        self._slots.missing.discard(name)
+
+    def close(self) -> None:
+        """Close the temporary but keep it, so an interrupted run can be resumed."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def commit(self) -> list[str]:
         self._slots.check_complete()
@@ -215,6 +316,21 @@ class PytorchOutput:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             self.abort()
+
+
+def _holds_placeholders(path: str, entries: list[OutputEntry]) -> bool:
+    """Whether ``path`` is a ``torch.save`` skeleton of exactly ``entries`` (names in order,
+    dtypes, shapes): what ``PytorchOutput`` would lay out, so it can be kept on resume."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # any unreadable leftover is simply laid out again
+        return False
+    if not isinstance(state, dict):
+        return False
+    found = [(k, stf.CODE_BY_DTYPE.get(v.dtype), tuple(v.shape)) for k, v in state.items()]
+    return found == [(e.name, e.dtype, e.shape) for e in entries]
 
 
 def _storage_records(path: str, count: int) -> list[tuple[int, int, int]]:
@@ -247,7 +363,8 @@ def open_output(
     entries: list[OutputEntry],
     max_shard_size: int | None = None,
     metadata: dict[str, str] | None = None,
+    reuse: bool = False,
 ):
     if output_format == "pytorch":
-        return PytorchOutput(output, entries)
-    return SafetensorsOutput(output, entries, max_shard_size, metadata)
+        return PytorchOutput(output, entries, reuse)
+    return SafetensorsOutput(output, entries, max_shard_size, metadata, reuse)

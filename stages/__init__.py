@@ -7,6 +7,7 @@ from collections.abc import Callable
 from .cast import cast
 from .diff import is_unchanged, max_abs, weight_delta
 from .lowrank import METHODS, lowrank
+from .merge import Delta, merge_weight
 
 STAGES: dict[str, Callable] = {}
 
@@ -27,15 +28,18 @@ def get_stage(name: str) -> Callable:
 register("diff", weight_delta)
 register("lowrank", lowrank)
 register("cast", cast)
+register("merge", merge_weight)
 
 __all__ = [
     "METHODS",
+    "Delta",
     "STAGES",
     "cast",
     "get_stage",
     "is_unchanged",
     "lowrank",
     "max_abs",
+    "merge_weight",
     "register",
     "weight_delta",
 ]

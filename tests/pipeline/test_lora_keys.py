@@ -2,6 +2,7 @@ import json
 import math
 
 import pytest
+
 from loraforge.pipeline.errors import CheckpointFormatError, CheckpointNotFound
 from loraforge.pipeline.lora_keys import (
     LoraPatch,

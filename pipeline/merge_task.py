@@ -1,0 +1,109 @@
+"""What one Dask task of a merge does to one base tensor: read it and the LoRA tensors that patch
+it by memory map, merge in fp32 (stage ``merge``), cast to the output dtype, write the bytes at
+the tensor's planned offset in the temporary output (synced), then write its completion marker.
+Tensors never leave the task; a small dict travels back."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import torch
+
+from loraforge.stages import Delta, get_stage
+
+from . import safetensors_format as stf
+from .errors import NonFiniteTensor
+from .merge_plan import MergeTask, PatchRef
+from .reader import TensorInfo, load_tensor, mapped
+from .workdir import WorkDir
+from .writer import Slot, write_at
+
+_scratch = threading.local()
+
+
+def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-thread buffer reused across tasks: faulting in fresh pages for every tensor costs
+    more than the arithmetic, so each worker thread keeps its largest buffer per dtype."""
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    numel = 1
+    for d in shape:
+        numel *= d
+    buf = buffers.get((device, dtype))
+    if buf is None or buf.numel() < numel:
+        buffers[(device, dtype)] = None  # free the smaller one first
+        buf = buffers[(device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel].view(shape)
+
+
+def _finite(tensor: torch.Tensor, info: TensorInfo, allow: bool) -> None:
+    if not allow and not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteTensor(
+            "holds NaN or Inf",
+            path=info.file,
+            key=info.key,
+            hint="fix the LoRA, or pass --allow-nonfinite to merge it anyway",
+        )
+
+
+def _deltas(patches: tuple[PatchRef, ...], dev: torch.device, allow: bool) -> Iterator[Delta]:
+    """Each patch's tensors, loaded only when the stage asks for them."""
+    for patch in patches:
+        if patch.diff is not None:
+            with mapped(patch.diff) as diff:
+                _finite(diff, patch.diff, allow)
+                yield Delta(patch.factor, diff=diff.to(dev))
+            continue
+        up, down = load_tensor(patch.up), load_tensor(patch.down)
+        _finite(up, patch.up, allow)
+        _finite(down, patch.down, allow)
+        yield Delta(patch.factor, up=up.to(dev), down=down.to(dev))
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The ``cast`` stage, into this thread's buffer instead of fresh memory."""
+    if not tensor.is_floating_point() or tensor.dtype == dtype:
+        return tensor.contiguous()
+    return _buffer(tuple(tensor.shape), dtype, tensor.device).copy_(tensor)
+
+
+def run_merge_task(
+    task: MergeTask,
+    slot: Slot,
+    work_dir: str,
+    device: str,
+    stamp: dict,
+    allow_nonfinite: bool = False,
+    crc: bool = False,
+) -> dict:
+    """Merge or cast one tensor into its slot; return the completion marker (also written to
+    ``work_dir`` once the bytes are on disk). ``stamp`` is the plan's fingerprint."""
+    start = time.perf_counter()
+    dtype = stf.DTYPE_BY_CODE[task.out_dtype]
+    with mapped(task.base) as view:
+        if task.kind != "merged":
+            checksum = write_at(slot, _cast(view, dtype), crc=crc)
+        else:
+            dev = torch.device(device)
+            out = _buffer(task.base.shape, torch.float32, dev)
+            merged = get_stage("merge")(
+                view.to(dev), _deltas(task.patches, dev, allow_nonfinite), out=out
+            )
+    if task.kind == "merged":
+        checksum = write_at(slot, _cast(merged, dtype), crc=crc)
+    marker = {
+        **stamp,
+        "key": task.key,
+        "kind": task.kind,
+        "file": os.path.basename(slot.file),
+        "offset": slot.offset,
+        "nbytes": slot.entry.nbytes,
+        "crc": checksum,
+        "seconds": round(time.perf_counter() - start, 4),
+    }
+    WorkDir(work_dir).save(task.key, {}, marker)
+    return marker

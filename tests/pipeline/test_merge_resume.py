@@ -1,0 +1,193 @@
+"""Interrupted merges resume from their markers and give the bytes of an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from loraforge.pipeline import merge as merge_module
+from loraforge.pipeline.atomic import temporary_name
+from loraforge.pipeline.merge_task import run_merge_task
+from loraforge.pipeline.options import MergeOptions
+from loraforge.pipeline.writer import OutputEntry, SafetensorsOutput, write_at
+from tests.pipeline.test_merge import Q, make_base, pair, rand, run, save_lora
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def failing_on(keys: set[str]):
+    """``run_merge_task`` that dies on ``keys`` (after the others it ran wrote their markers)."""
+
+    def task(merge_task, *args, **kwargs):
+        if merge_task.key in keys:
+            raise Boom(merge_task.key)
+        return run_merge_task(merge_task, *args, **kwargs)
+
+    return task
+
+
+def inputs(tmp_path, dtype=torch.bfloat16):
+    base, _ = make_base(tmp_path, dtype=dtype)
+    lora = {
+        **pair(Q, ".lora_up.weight", ".lora_down.weight"),
+        **pair("blocks.0.ffn.0", ".lora_up.weight", ".lora_down.weight", out=64),
+        "blocks.0.attn.q.diff_b": rand(48, seed=3),
+    }
+    return base, save_lora(tmp_path, "lora.safetensors", lora)
+
+
+def reference(tmp_path, base, lora, name, options, **kwargs) -> bytes:
+    directory = tmp_path / "reference"
+    directory.mkdir(exist_ok=True)
+    run(base, [lora], directory / name, options=options, **kwargs)
+    single = directory / name
+    return single.read_bytes() if single.exists() else b""  # shards are compared one by one
+
+
+@pytest.mark.parametrize(
+    "options, name",
+    [
+        (MergeOptions(), "m.safetensors"),
+        (MergeOptions(max_shard_size=2000), "m.safetensors"),
+        (MergeOptions(output_format="pytorch"), "m.pt"),
+    ],
+    ids=["single", "shards", "pytorch"],
+)
+def test_failed_task_resumes_byte_identically(tmp_path, monkeypatch, options, name):
+    base, lora = inputs(tmp_path)
+    out = tmp_path / "out" / name
+    with monkeypatch.context() as patch:
+        patch.setattr(merge_module, "run_merge_task", failing_on({"patch_embedding.weight"}))
+        with pytest.raises(Boom):
+            run(base, [lora], out, options=options, workers=1)
+    assert not any(p.name == name or p.name.endswith(".json") for p in out.parent.iterdir())
+    done = os.listdir(str(out) + ".work/done")
+    assert 0 < len(done) < 8
+    report = run(base, [lora], out, options=options, workers=1)
+    summary = report["summary"]
+    assert summary["reused"] == len(done) and summary["computed"] == 8 - len(done)
+    assert not os.path.exists(str(out) + ".work")
+    files = [os.path.basename(f) for f in summary["files"]]
+    expected = reference(tmp_path, base, lora, name, options, workers=1)
+    if options.max_shard_size:
+        assert len(files) > 2
+        for file in files:
+            assert (out.parent / file).read_bytes() == (tmp_path / "reference" / file).read_bytes()
+    else:
+        assert out.read_bytes() == expected
+
+
+def test_changed_inputs_start_the_output_afresh(tmp_path, monkeypatch):
+    base, lora = inputs(tmp_path)
+    out = tmp_path / "m.safetensors"
+    with monkeypatch.context() as patch:
+        patch.setattr(merge_module, "run_merge_task", failing_on({"patch_embedding.weight"}))
+        with pytest.raises(Boom):
+            run(base, [lora], out, options=MergeOptions(), workers=1)
+    report = run(base, [lora], out, strengths=[0.5], options=MergeOptions(), workers=1)
+    assert report["summary"]["reused"] == 0 and report["summary"]["computed"] == 8
+    assert report["summary"]["input_changes"] == [
+        f"the LoRAs or their strengths, the merge plan changed since the run that left {out}.work"
+    ]
+    expected = reference(tmp_path, base, lora, out.name, MergeOptions(), strengths=[0.5])
+    assert out.read_bytes() == expected
+
+
+def test_no_resume_recomputes_everything(tmp_path, monkeypatch):
+    base, lora = inputs(tmp_path)
+    out = tmp_path / "m.safetensors"
+    with monkeypatch.context() as patch:
+        patch.setattr(merge_module, "run_merge_task", failing_on({"patch_embedding.weight"}))
+        with pytest.raises(Boom):
+            run(base, [lora], out, options=MergeOptions(), workers=1)
+    report = run(base, [lora], out, options=MergeOptions(), resume=False)
+    assert report["summary"]["reused"] == 0 and report["summary"]["input_changes"] == []
+
+
+def test_a_temporary_with_another_header_is_laid_out_again(tmp_path, monkeypatch):
+    base, lora = inputs(tmp_path)
+    out = tmp_path / "m.safetensors"
+    with monkeypatch.context() as patch:
+        patch.setattr(merge_module, "run_merge_task", failing_on({"patch_embedding.weight"}))
+        with pytest.raises(Boom):
+            run(base, [lora], out, options=MergeOptions(), workers=1)
+    with open(temporary_name(str(out)), "r+b") as f:
+        f.seek(20)
+        f.write(b"X")  # the header no longer matches the plan: no marker can be trusted
+    report = run(base, [lora], out, options=MergeOptions())
+    assert report["summary"]["reused"] == 0
+    assert out.read_bytes() == reference(tmp_path, base, lora, out.name, MergeOptions())
+
+
+def test_writer_reuses_only_a_matching_temporary(tmp_path):
+    entries = [OutputEntry("a", "F32", (2, 3)), OutputEntry("b", "I64", (4,))]
+    out = str(tmp_path / "x.safetensors")
+    first = SafetensorsOutput(out, entries)
+    write_at(first.slot("a"), torch.ones(2, 3))
+    first.close()
+    again = SafetensorsOutput(out, entries, reuse=True)
+    assert again.reused == {out}
+    again.mark_written("a")
+    slot_a = again.slot("a")
+    write_at(again.slot("b"), torch.arange(4))
+    again.mark_written("b")
+    again.commit()
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(out)["a"], torch.ones(2, 3))
+    other = SafetensorsOutput(out, [OutputEntry("a", "F32", (3, 2))], reuse=True)
+    assert other.reused == set()
+    other.abort()
+    with pytest.raises(ValueError, match="planned F32"):
+        write_at(slot_a, torch.ones(3, 2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", [20, 150, 299])
+def test_sigkill_mid_run_then_resume(tmp_path, point):
+    """A real process whose whole group is SIGKILLed once ``point`` tensors are done
+    (LORAFORGE_CRASH_AT, so the point does not race the clock), then resumed."""
+    tensors = {f"blocks.{i}.proj.weight": rand(64, 64, seed=i).bfloat16() for i in range(300)}
+    base = str(tmp_path / "base.safetensors")
+    save_file(tensors, base)
+    lora = {
+        f"blocks.{i}.proj.{role}": rand(*shape, seed=1000 + i)
+        for i in range(300)
+        for role, shape in (("lora_up.weight", (64, 4)), ("lora_down.weight", (4, 64)))
+    }
+    lora_path = save_lora(tmp_path, "lora.safetensors", lora)
+    out = tmp_path / "run" / "merged.safetensors"
+    args = [sys.executable, "-m", "loraforge.pipeline.cli", "merge", "--source-model", base]
+    args += ["--lora-model", lora_path, "--output", str(out), "--workers", "1", "--quiet"]
+    args += ["--device", "cpu", "--strength", "0.7"]
+    crashed = subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        start_new_session=True,
+        env={**os.environ, "LORAFORGE_CRASH_AT": f"compute:{point}"},
+    )
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    done = out.parent / "merged.safetensors.work" / "done"
+    finished = len(os.listdir(done))
+    assert point <= finished < 300 and not out.exists()
+    lock = json.loads((done.parent / "lock.json").read_text())
+    assert isinstance(lock["pid"], int)  # left behind by the dead run, taken over below
+
+    resumed = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    report = json.loads((out.parent / "merged.report.json").read_text())
+    assert report["summary"]["reused"] >= finished
+    assert report["summary"]["computed"] == 300 - report["summary"]["reused"]
+    expected = reference(
+        tmp_path, base, lora_path, out.name, MergeOptions(), strengths=[0.7], workers=1
+    )
+    assert out.read_bytes() == expected
