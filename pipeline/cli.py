@@ -3,6 +3,7 @@ through callbacks and this module draws the bars."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -84,6 +85,10 @@ WorkDirOpt = Annotated[
 ]
 
 
+# The machine's state, not a bug: a full disk or quota, a read-only or forbidden location.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 @contextmanager
 def _user_errors():
     """One line and an exit code for user errors and interrupts; a traceback only with
@@ -100,6 +105,19 @@ def _user_errors():
             traceback.print_exc()
         err.print(f"error: {e}", markup=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        if os.environ.get("LORAFORGE_TRACEBACK"):
+            traceback.print_exc()
+        where = f"{e.filename}: " if e.filename else ""
+        err.print(
+            f"error: {where}{e.strerror} (free space or pick another --output / --work-dir; "
+            "finished tensors are kept, rerun to resume)",
+            markup=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         if os.environ.get("LORAFORGE_TRACEBACK"):
             traceback.print_exc()

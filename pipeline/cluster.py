@@ -45,7 +45,7 @@ def dask_client(*, workers: int | None, device: str, scheduler: str | None = Non
         n_workers=1,
         threads_per_worker=threads,
         processes=False,
-        dashboard_address=None,
+        dashboard_address=":0",  # a free port: never collide with another cluster's 8787
         resources=resources,
     )
     client = Client(cluster)

@@ -21,7 +21,7 @@ from .errors import (
 )
 from .lora_keys import LoraMapping, PeftConfig, load_peft_config, map_lora
 from .merge_config import LoraSpec
-from .reader import CheckpointIndex, _index_pytorch, index_checkpoint, load_tensor
+from .reader import CheckpointIndex, index_checkpoint, load_tensor
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = (("adapter_model.safetensors", "safetensors"), ("adapter_model.bin", "pytorch"))
@@ -56,14 +56,6 @@ def find_weights(path: str, lora_type: str | None) -> tuple[str, str | None, str
     return path, lora_type, beside if os.path.isfile(beside) else None
 
 
-def _index(file: str, fmt: str | None) -> CheckpointIndex:
-    if fmt == "pytorch" and file.endswith(".bin"):
-        # PEFT's adapter_model.bin is a torch.save zip like .pt; the reader's public entry
-        # point only takes .pt/.pth names.
-        return _index_pytorch(file)
-    return index_checkpoint(file, fmt)
-
-
 def _alpha(index: CheckpointIndex, key: str, allow_nonfinite: bool) -> float:
     info = index.tensors[key]
     if info.numel != 1 or not (info.is_float or info.dtype in ("I64", "I32", "I16", "I8")):
@@ -87,7 +79,7 @@ def open_lora(
     allow_nonfinite: bool = False,
 ) -> LoraInput:
     file, fmt, config = find_weights(spec.path, lora_type)
-    index = _index(file, fmt)
+    index = index_checkpoint(file, fmt)
     peft: PeftConfig | None = load_peft_config(config) if config else None
     if spec.alpha is not None:
         if peft is not None:

@@ -32,7 +32,7 @@ from . import safetensors_format as stf
 from .errors import CheckpointFormatError, CheckpointNotFound, UnsafePickle
 
 FORMATS = ("safetensors", "pytorch")
-PYTORCH_SUFFIXES = (".pt", ".pth")
+PYTORCH_SUFFIXES = (".pt", ".pth", ".bin")  # .bin: Hugging Face / PEFT torch.save zips
 _PAGE = mmap.PAGESIZE
 
 
@@ -89,13 +89,13 @@ def index_checkpoint(path: str, fmt: str | None = None) -> CheckpointIndex:
             raise CheckpointFormatError(
                 "a safetensors checkpoint must end with .safetensors or be a directory of shards",
                 path=path,
-                hint="pass the right --*-type (pytorch for .pt/.pth)",
+                hint="pass the right --*-type (pytorch for .pt/.pth/.bin)",
             )
         return _index_safetensors_files(path, [path])
     if fmt == "pytorch":
         if os.path.isdir(path) or not path.endswith(PYTORCH_SUFFIXES):
             raise CheckpointFormatError(
-                "a pytorch checkpoint must be a .pt or .pth file",
+                "a pytorch checkpoint must be a .pt, .pth or .bin file",
                 path=path,
                 hint="pass the right --*-type (safetensors for .safetensors files)",
             )

@@ -47,7 +47,7 @@ def test_missing_source(tmp_path, pair):
 
 def test_wrong_extension_for_type(tmp_path, pair):
     result = run_extract(tmp_path, pair[0], pair[1], "--source-type", "pytorch")
-    one_line(result, 1, "base.safetensors", ".pt or .pth")
+    one_line(result, 1, "base.safetensors", ".pt, .pth or .bin")
 
 
 def test_directory_without_safetensors(tmp_path, pair):
@@ -166,3 +166,16 @@ def test_failing_task_in_a_real_process_prints_one_line(tmp_path):
         "the delta is not finite (fix or re-save the checkpoint)"
     ]
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_full_disk_is_one_line(tmp_path, pair, monkeypatch):
+    import errno
+
+    from loraforge.pipeline import workdir
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "work"))
+
+    monkeypatch.setattr(workdir.WorkDir, "save", no_space)
+    result = run_extract(tmp_path, *pair)
+    one_line(result, 1, "No space left on device", "rerun to resume")

@@ -67,7 +67,7 @@ def test_missing_path_empty_dir_and_wrong_extension(tmp_path):
     with pytest.raises(CheckpointFormatError, match="must end with .safetensors"):
         index_checkpoint(str(tmp_path / "m.pt"), "safetensors")
     save_file(TENSORS, tmp_path / "m.safetensors")
-    with pytest.raises(CheckpointFormatError, match="must be a .pt or .pth"):
+    with pytest.raises(CheckpointFormatError, match="must be a .pt, .pth or .bin"):
         index_checkpoint(str(tmp_path / "m.safetensors"), "pytorch")
 
 
