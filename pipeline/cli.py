@@ -24,6 +24,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # docstrings wrap as paragraphs, not at their line breaks
     help="Extract, merge and convert LoRAs for checkpoints larger than RAM.",
 )
 err = Console(stderr=True, highlight=False)
@@ -414,7 +415,7 @@ def merge(
     Each targeted weight becomes W + strength * alpha * scale * (up @ down), or
     W + strength * alpha * diff for .diff/.diff_b/.diff_m, computed in fp32 and cast to
     --output-dtype; other float tensors are cast, non-float ones copied. scale is
-    alpha_key / rank when the LoRA has a <name>.alpha key (as LightX2V's loader, kohya and
+    alpha_key / rank when the LoRA has a NAME.alpha key (as LightX2V's loader, kohya and
     ComfyUI apply it), lora_alpha / r from a PEFT adapter_config.json, else 1.
 
     Differences from LightX2V's lora_merger.py: it ignores .alpha keys, so a LoRA whose alpha
