@@ -126,7 +126,14 @@ def extract(
             "kernel": options.kernel.to_dict(),
             "inputs": {"source": source.fingerprint(), "target": target.fingerprint()},
         }
-        changes = _input_changes(work.read_manifest(), manifest)
+        previous = work.read_manifest()
+        if previous and previous.get("command", "extract") != "extract":
+            raise UsageError(
+                f"work directory belongs to a {previous['command']} run",
+                path=work.path,
+                hint="pass another --work-dir",
+            )
+        changes = _input_changes(previous, manifest)
         work.write_manifest(manifest)
         report = _run(
             plan, source, target, work, output, dev, workers, scheduler, emit, changes, started
