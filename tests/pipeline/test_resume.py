@@ -81,11 +81,8 @@ def test_sigkill_at_many_points_then_resume_is_byte_identical(many, tmp_path):
         if point.startswith("write"):
             assert summary["computed"] == 0, point
         else:
-            assert (
-                0
-                < summary["reused"]
-                < len(read_report(str(out.with_suffix(".report.json")))["tensors"])
-            ), point
+            # At least the tensors finished before the kill are reused, not recomputed.
+            assert summary["reused"] >= int(point.split(":")[1]), point
 
 
 def test_reexport_runs_no_kernel_and_matches_a_fresh_run(many, tmp_path):
