@@ -4,9 +4,11 @@ through callbacks and this module draws the bars."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import sys
+import time
 import traceback
 from contextlib import contextmanager
 from enum import Enum
@@ -76,6 +78,24 @@ Scheduler = Annotated[
         "--scheduler", help="Address (tcp://host:port) or scheduler file of a running Dask cluster."
     ),
 ]
+Gpus = Annotated[
+    str | None,
+    typer.Option(
+        "--gpus",
+        metavar="all|0,1,...",
+        help="One Dask worker process per GPU, pinned to it (dask-cuda's LocalCUDACluster when "
+        "installed); --workers is then threads per GPU worker (default 2: one tensor is read "
+        "while another is in the kernel).",
+    ),
+]
+JsonOutput = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        help="JSON lines on stdout, one per event (start, cluster, tensor, write, summary, "
+        "error), for batch jobs; no bar or table.",
+    ),
+]
 ReportPath = Annotated[
     str | None,
     typer.Option("--report", help="JSON report path (default: <output stem>.report.json)."),
@@ -91,9 +111,9 @@ ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, err
 
 
 @contextmanager
-def _user_errors():
+def _user_errors(log: _JsonLog | None = None):
     """One line and an exit code for user errors and interrupts; a traceback only with
-    LORAFORGE_TRACEBACK=1."""
+    LORAFORGE_TRACEBACK=1. With ``--json`` the line is also an ``error`` event on stdout."""
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
@@ -104,7 +124,7 @@ def _user_errors():
     except LoraforgeError as e:
         if os.environ.get("LORAFORGE_TRACEBACK"):
             traceback.print_exc()
-        err.print(f"error: {e}", markup=False, soft_wrap=True)
+        _error_line(str(e), e.exit_code, log)
         raise typer.Exit(e.exit_code) from None
     except OSError as e:
         if e.errno not in ENVIRONMENT_ERRNOS:
@@ -112,11 +132,11 @@ def _user_errors():
         if os.environ.get("LORAFORGE_TRACEBACK"):
             traceback.print_exc()
         where = f"{e.filename}: " if e.filename else ""
-        err.print(
-            f"error: {where}{e.strerror} (free space or pick another --output / --work-dir; "
+        _error_line(
+            f"{where}{e.strerror} (free space or pick another --output / --work-dir; "
             "finished tensors are kept, rerun to resume)",
-            markup=False,
-            soft_wrap=True,
+            1,
+            log,
         )
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
@@ -126,10 +146,62 @@ def _user_errors():
             "interrupted; finished tensors are kept in the work directory",
             hint="rerun the same command to resume",
         )
-        err.print(f"error: {e}", markup=False, soft_wrap=True)
+        _error_line(str(e), e.exit_code, log)
         raise typer.Exit(e.exit_code) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _error_line(message: str, exit_code: int, log: _JsonLog | None) -> None:
+    err.print(f"error: {message}", markup=False, soft_wrap=True)
+    if log is not None:
+        log.emit("error", {"message": message, "exit_code": exit_code})
+
+
+class _JsonLog:
+    """``--json``: progress events as JSON lines on stdout, one object per line, for batch
+    jobs. Every line has ``event``, ``command`` and ``time`` (Unix seconds); per event:
+
+    - ``start``: ``tensors``, ``bytes`` (to read), ``done`` and ``done_bytes`` (already
+      finished, resumed), ``changes`` (why entries are recomputed), ``work_dir``
+    - ``loras`` (merge): ``loras``, one object per LoRA (``path``, ``strength``, ``patches``,
+      ``unmatched``: LoRA key → why it is not merged)
+    - ``cluster``: ``dashboard`` (the Dask dashboard URL; null for the embedded cluster)
+    - ``tensor``: one tensor finished: ``key``, ``bytes`` (read), ``done``, ``tensors``
+    - ``write``: every tensor is computed; (extract) the output is being written
+    - ``summary``: the report's summary (``kinds``, ``status``, ``seconds``, ``files``,
+      ``output``, ``computed``, ``reused``, ...) and ``report`` (the JSON report's path)
+    - ``error``: ``message`` (the one line also printed on stderr), ``exit_code``
+
+    Events other than these may be added; readers should skip unknown ones."""
+
+    def __init__(self, command: str, also=None):
+        self.command = command
+        self.also = also  # a quiet bar that still prints warnings on stderr (merge)
+        self.done = self.total = 0
+
+    def __call__(self, event: str, info: dict) -> None:
+        if self.also is not None:
+            self.also(event, info)
+        if event == "start":
+            self.done, self.total = info["done"], info["tensors"]
+        elif event == "tensor":
+            self.done += 1
+            info = {**info, "done": self.done, "tensors": self.total}
+        self.emit(event, info)
+
+    def emit(self, event: str, info: dict) -> None:
+        line = {"event": event, "command": self.command, "time": round(time.time(), 3), **info}
+        sys.stdout.write(json.dumps(line, default=str) + "\n")
+        sys.stdout.flush()
+
+    def summary(self, report: dict, report_path: str | None) -> None:
+        summary = report["summary"]
+        default = os.path.splitext(summary["output"])[0] + ".report.json"
+        self.emit("summary", {**summary, "report": os.path.abspath(report_path or default)})
+
+    def close(self) -> None:
+        pass
 
 
 class _Bar:
@@ -220,7 +292,9 @@ def _summary(report: dict) -> None:
     epilog="Examples:\n\n  loraforge extract --source-model base/ --target-model ft/ "
     "--output lora.safetensors --rank 32\n\n  loraforge extract --source-model "
     "base.safetensors --target-model ft.safetensors --output diff.safetensors "
-    "--diff-only --output-dtype fp32"
+    "--diff-only --output-dtype fp32\n\n  loraforge extract --source-model base/ --target-model "
+    "ft/ --output lora.safetensors --gpus all\n\n  loraforge extract --source-model base/ "
+    "--target-model ft/ --output lora.safetensors --scheduler /shared/scheduler.json --json"
 )
 def extract(
     source_model: SourceModel,
@@ -259,11 +333,14 @@ def extract(
         typer.Option("--keep-work/--no-keep-work", help="Keep the work directory after success."),
     ] = True,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar or summary.")] = False,
+    gpus: Gpus = None,
+    json_output: JsonOutput = False,
 ) -> None:
     """Extract a LoRA from the difference between a base and a fine-tuned checkpoint."""
     from .extract import extract as run_extract
 
-    with _user_errors():
+    log = _JsonLog("extract") if json_output else None
+    with _user_errors(log):
         parse_dtype(output_dtype)
         options = ExtractOptions(
             kernel=KernelOptions(
@@ -275,7 +352,7 @@ def extract(
             output_format=output_format.value,
             max_shard_size=parse_size(max_shard_size),
         )
-        bar = _Bar(quiet)
+        bar = log or _Bar(quiet)
         try:
             result = run_extract(
                 source_model=source_model,
@@ -290,12 +367,15 @@ def extract(
                 device=device,
                 workers=workers,
                 scheduler=scheduler,
+                gpus=gpus,
                 report_path=report,
                 progress=bar,
             )
         finally:
             bar.close()
-        if not quiet:
+        if log:
+            log.summary(result, report)
+        elif not quiet:
             _summary(result)
 
 
@@ -343,6 +423,8 @@ def _merge_summary(report: dict) -> None:
     "a.safetensors --strength 0.8 --lora-model peft_adapter/ --strength 0.5 --output "
     "merged.safetensors --max-shard-size 5GB\n\n  loraforge merge --source-model "
     "base.safetensors --config loras.json --output merged.safetensors --output-dtype fp32"
+    "\n\n  loraforge merge --source-model base/ --lora-model lora.safetensors --output "
+    "/shared/merged.safetensors --scheduler tcp://head:8786 --device cuda"
 )
 def merge(
     source_model: SourceModel,
@@ -409,6 +491,8 @@ def merge(
         typer.Option("--allow-nonfinite", help="Merge LoRA tensors holding NaN/Inf anyway."),
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar or summary.")] = False,
+    gpus: Gpus = None,
+    json_output: JsonOutput = False,
 ) -> None:
     """Merge one or many LoRAs into a base checkpoint, tensor by tensor with bounded memory.
 
@@ -430,7 +514,8 @@ def merge(
     from .merge import merge as run_merge
     from .merge_config import config_from_options, load_merge_config, parse_number
 
-    with _user_errors():
+    log = _JsonLog("merge", _MergeBar(quiet=True)) if json_output else None
+    with _user_errors(log):
         if config and (lora_model or strength):
             raise UsageError("give the LoRAs with --config or with --lora-model, not both")
         parse_dtype(output_dtype)
@@ -446,7 +531,7 @@ def merge(
             loras = load_merge_config(config)
         else:
             loras = config_from_options(lora_model or [], strength or [])
-        bar = _MergeBar(quiet)
+        bar = log or _MergeBar(quiet)
         try:
             result = run_merge(
                 source_model=source_model,
@@ -460,12 +545,15 @@ def merge(
                 device=device,
                 workers=workers,
                 scheduler=scheduler,
+                gpus=gpus,
                 report_path=report,
                 progress=bar,
             )
         finally:
             bar.close()
-        if not quiet:
+        if log:
+            log.summary(result, report)
+        elif not quiet:
             _merge_summary(result)
 
 

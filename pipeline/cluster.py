@@ -4,50 +4,155 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from contextlib import contextmanager
 
+from .errors import ClusterError, UsageError
+
 GPU = "GPU"
+# A GPU task holds half of its worker's GPU: two tensors in flight per GPU, one in the kernel
+# (serialised by ``gpu.device_lock``), one being read or saved (see pipeline/gpu.py).
+GPU_SHARE = 0.5
 
 
 def default_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 16))
 
 
-def task_resources(uses_gpu: bool) -> dict[str, int] | None:
-    """A GPU task holds one unit of its worker's GPU resource: one kernel per device at a time."""
-    return {GPU: 1} if uses_gpu else None
+def task_resources(uses_gpu: bool) -> dict[str, float] | None:
+    """A GPU task needs a worker that declares a GPU and holds ``GPU_SHARE`` of it; workers
+    without the resource (CPU-only workers of a mixed cluster) never get one."""
+    return {GPU: GPU_SHARE} if uses_gpu else None
 
 
-@contextmanager
-def dask_client(*, workers: int | None, device: str, scheduler: str | None = None):
-    """A client for ``scheduler`` (an address or a scheduler file), or an in-process local
-    cluster of ``workers`` threads. Threads, not processes: torch releases the GIL in its
-    kernels, and the process tree then holds one copy of torch, not one per worker."""
-    from distributed import Client, LocalCluster
-
+def _quiet_logs() -> None:
     # A failing task already reaches the user as one line; distributed would also log it with
     # a traceback ("Compute Failed").
     for name in ("distributed", "distributed.worker", "distributed.scheduler"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    if scheduler:
+
+
+def connect(scheduler: str):
+    """A client for a running cluster: ``tcp://HOST:PORT`` (or any Dask address) or the path
+    of a scheduler file (``dask scheduler --scheduler-file``)."""
+    from distributed import Client
+
+    _quiet_logs()
+    try:
         if os.path.isfile(scheduler):
-            client = Client(scheduler_file=scheduler)
-        else:
-            client = Client(scheduler)
+            return Client(scheduler_file=scheduler)
+        if "://" in scheduler or ":" in scheduler:
+            return Client(scheduler)
+    except (OSError, TimeoutError) as e:
+        raise ClusterError(
+            f"cannot reach the Dask scheduler ({e})",
+            path=scheduler,
+            hint="check the address or scheduler file, and that the scheduler is running",
+        ) from None
+    raise UsageError(
+        f"--scheduler {scheduler}: no such scheduler file, and not an address",
+        hint="give tcp://HOST:PORT or the path of a file written by dask scheduler",
+    )
+
+
+def _worker_resources(client) -> list[dict]:
+    try:  # some distributed releases list only 5 workers unless asked for all
+        info = client.scheduler_info(n_workers=-1)
+    except TypeError:
+        info = client.scheduler_info()
+    return [w.get("resources") or {} for w in info["workers"].values()]
+
+
+def cluster_device(scheduler: str, device: str) -> str:
+    """The device of a run on a running cluster, checked before any work starts: ``auto`` is
+    ``cuda`` when its workers declare a GPU; ``cuda`` needs such a worker (``check_cluster``)."""
+    client = connect(scheduler)
+    try:
+        if device == "auto":
+            return "cuda" if any(r.get(GPU) for r in _worker_resources(client)) else "cpu"
+        check_cluster(client, device)
+        return device
+    finally:
+        client.close()
+
+
+def check_cluster(client, device: str) -> None:
+    """GPU tasks wait for a worker with the GPU resource; say so instead of waiting forever
+    when the cluster has workers and none declares one."""
+    resources = _worker_resources(client)
+    if device.startswith("cuda") and resources and not any(r.get(GPU) for r in resources):
+        raise ClusterError(
+            f"none of the {len(resources)} workers declares the {GPU} resource, so no tensor "
+            "could run on cuda",
+            path=client.scheduler.address,
+            hint="start one worker per GPU with --resources GPU=1, or pass --device cpu",
+        )
+
+
+def task_result(future, key: str):
+    """``future.result()``; a tensor whose workers kept dying (Dask reschedules a task after
+    a worker is lost, up to ``distributed.scheduler.allowed-failures`` times) becomes one line.
+    A task's own error (a bad tensor) is raised as is: Dask never retries those."""
+    from distributed import KilledWorker
+
+    try:
+        return future.result()
+    except KilledWorker:
+        import dask
+
+        tries = dask.config.get("distributed.scheduler.allowed-failures") + 1
+        raise ClusterError(
+            f"{tries} workers died while running it (out of memory, or a crash in a kernel?)",
+            key=key,
+            hint="finished tensors are kept; check the worker logs, then rerun to resume",
+        ) from None
+
+
+def dashboard_link(client) -> str | None:
+    """The dashboard of a distributed cluster (remote, or worker processes per GPU); None for
+    the embedded in-process cluster, whose dashboard nobody asked for."""
+    cluster = getattr(client, "cluster", None)
+    if cluster is not None and getattr(cluster, "processes", True) is False:
+        return None
+    return client.dashboard_link
+
+
+@contextmanager
+def dask_client(
+    *,
+    workers: int | None,
+    device: str,
+    scheduler: str | None = None,
+    gpus: Sequence[str] | None = None,
+):
+    """A client for ``scheduler`` (an address or a scheduler file); or, with ``gpus`` (their
+    ``CUDA_VISIBLE_DEVICES`` entries), a local cluster of one worker process per GPU with
+    ``workers`` threads each (default 2, see pipeline/gpu.py); or an in-process local cluster
+    of ``workers`` threads. Threads, not processes, by default: torch releases the GIL in its
+    kernels, and the process tree then holds one copy of torch, not one per worker."""
+    from distributed import Client, LocalCluster
+
+    _quiet_logs()
+    if scheduler:
+        client = connect(scheduler)
         try:
+            check_cluster(client, device)
             yield client
         finally:
             client.close()
         return
-    threads = workers or default_workers()
-    resources = {GPU: 1} if device.startswith("cuda") else None
-    cluster = LocalCluster(
-        n_workers=1,
-        threads_per_worker=threads,
-        processes=False,
-        dashboard_address=":0",  # a free port: never collide with another cluster's 8787
-        resources=resources,
-    )
+    if gpus:
+        from .gpu import GPU_THREADS, gpu_cluster
+
+        cluster = gpu_cluster(gpus, workers or GPU_THREADS)
+    else:
+        cluster = LocalCluster(
+            n_workers=1,
+            threads_per_worker=workers or default_workers(),
+            processes=False,
+            dashboard_address=":0",  # a free port: never collide with another cluster's 8787
+            resources={GPU: 1} if device.startswith("cuda") else None,
+        )
     client = Client(cluster)
     try:
         yield client

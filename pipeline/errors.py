@@ -76,6 +76,11 @@ class WorkDirLocked(LoraforgeError):
     pass
 
 
+class ClusterError(LoraforgeError):
+    """A Dask cluster that cannot be reached or cannot run the tasks (no GPU workers, workers
+    that keep dying on one tensor)."""
+
+
 class Interrupted(LoraforgeError):
     """SIGINT/SIGTERM: finished work is kept."""
 

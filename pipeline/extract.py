@@ -9,10 +9,11 @@ from collections.abc import Callable
 
 import torch
 
-from .cluster import dask_client, task_resources
+from .cluster import cluster_device, dashboard_link, dask_client, task_resources, task_result
 from .errors import OutputError, UsageError
 from .export import export
 from .faults import maybe_crash
+from .gpu import select_gpus, visible_gpus
 from .options import ExtractOptions
 from .plan import ExtractionPlan, plan_extraction
 from .reader import index_checkpoint
@@ -54,7 +55,25 @@ def check_output_location(output: str) -> None:
         )
 
 
-def resolve_device(device: str) -> str:
+def resolve_device(device: str, *, scheduler: str | None = None, gpus: str | None = None) -> str:
+    """The device tasks run on. With ``gpus``, ``cuda`` (each GPU worker sees its own GPU as
+    ``cuda``); with a running cluster, the workers' device, not this machine's (``auto``:
+    ``cuda`` when its workers declare a GPU)."""
+    if gpus is not None:
+        if scheduler:
+            raise UsageError(
+                "--gpus starts local GPU workers and cannot be combined with --scheduler",
+                hint="start the cluster's workers one per GPU with --resources GPU=1",
+            )
+        if device not in ("auto", "cuda"):
+            raise UsageError(
+                f"--gpus picks the GPUs; --device {device} contradicts it",
+                hint="drop --device, or pass --device cuda",
+            )
+        select_gpus(gpus, visible_gpus())
+        return "cuda"
+    if scheduler and (device in ("auto", "cpu") or device.startswith("cuda")):
+        return cluster_device(scheduler, device)
     resolved = pick_device(device)
     if resolved.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(
@@ -100,6 +119,7 @@ def extract(
     device: str = "auto",
     workers: int | None = None,
     scheduler: str | None = None,
+    gpus: str | None = None,
     report_path: str | None = None,
     progress: Progress | None = None,
 ) -> dict:
@@ -109,7 +129,8 @@ def extract(
     check_output_location(output)
     if options.output_format == "pytorch" and options.max_shard_size:
         raise UsageError("--max-shard-size needs --output-format safetensors")
-    dev = resolve_device(device)
+    dev = resolve_device(device, scheduler=scheduler, gpus=gpus)
+    devices = select_gpus(gpus, visible_gpus()) if gpus else None
     source = index_checkpoint(source_model, source_type)
     target = index_checkpoint(target_model, target_type)
     plan = plan_extraction(source, target, options)
@@ -136,7 +157,18 @@ def extract(
         changes = _input_changes(previous, manifest)
         work.write_manifest(manifest)
         report = _run(
-            plan, source, target, work, output, dev, workers, scheduler, emit, changes, started
+            plan,
+            source,
+            target,
+            work,
+            output,
+            dev,
+            workers,
+            scheduler,
+            emit,
+            changes,
+            started,
+            devices,
         )
     finally:
         lock.release()
@@ -159,6 +191,7 @@ def _run(
     emit: Progress,
     changes: list[str],
     started: float,
+    gpus: list[str] | None = None,
 ) -> dict:
     kernel = plan.options.kernel
     phases = {"prepare": time.time() - started}
@@ -188,11 +221,8 @@ def _run(
 
     phases["resume_check"] = time.time() - started - sum(phases.values())
     if pending:
-        with dask_client(workers=workers, device=dev, scheduler=scheduler) as client:
-            emit(
-                "cluster",
-                {"dashboard": getattr(client, "dashboard_link", None) if scheduler else None},
-            )
+        with dask_client(workers=workers, device=dev, scheduler=scheduler, gpus=gpus) as client:
+            emit("cluster", {"dashboard": dashboard_link(client)})
             _compute(client, pending, work, dev, kernel, fingerprints, markers, emit)
     phases["compute"] = time.time() - started - sum(phases.values())
     emit("write", {"tensors": len(plan.tasks)})
@@ -280,7 +310,7 @@ def _compute(
             fingerprints[task.key],
             key=task.name,
             pure=False,
-            resources=task_resources(dev.startswith("cuda") and task.kind == "lowrank"),
+            resources=task_resources(dev.startswith("cuda")),  # every task uses the device
         )
         for task in pending
     ]
@@ -288,7 +318,7 @@ def _compute(
     try:
         for future in as_completed(futures):
             task = by_key[future.key]
-            markers[task.key] = future.result()
+            markers[task.key] = task_result(future, task.key)
             maybe_crash("compute", len(markers))
             emit("tensor", {"key": task.key, "bytes": task.source.nbytes + task.target.nbytes})
     except BaseException:

@@ -18,10 +18,11 @@ from collections.abc import Callable
 import torch
 
 from . import __version__
-from .cluster import dask_client, task_resources
+from .cluster import dashboard_link, dask_client, task_resources, task_result
 from .errors import LoraMismatch, UsageError
 from .extract import check_output_location, output_path, resolve_device
 from .faults import maybe_crash
+from .gpu import select_gpus, visible_gpus
 from .merge_config import MergeConfig
 from .merge_inputs import LoraInput, open_lora
 from .merge_plan import MergePlan, MergeTask, plan_merge
@@ -50,6 +51,7 @@ def merge(
     device: str = "auto",
     workers: int | None = None,
     scheduler: str | None = None,
+    gpus: str | None = None,
     report_path: str | None = None,
     progress: Progress | None = None,
 ) -> dict:
@@ -58,7 +60,8 @@ def merge(
     emit = progress or (lambda event, info: None)
     output = output_path(output, options.output_format)
     check_output_location(output)
-    dev = resolve_device(device)
+    dev = resolve_device(device, scheduler=scheduler, gpus=gpus)
+    devices = select_gpus(gpus, visible_gpus()) if gpus else None
     base = index_checkpoint(source_model, source_type)
     shapes = {key: info.shape for key, info in base.tensors.items()}
     opened = [open_lora(s, shapes, lora_type, options.allow_nonfinite) for s in loras.loras]
@@ -97,7 +100,9 @@ def merge(
         )
         work.write_manifest({"command": "merge", "fingerprint": digest, "components": components})
         try:
-            markers = _run(plan, writer, work, digest, dev, workers, scheduler, emit, changes)
+            markers = _run(
+                plan, writer, work, digest, dev, workers, scheduler, emit, changes, devices
+            )
             emit("write", {"tensors": len(plan.tasks)})
             files = writer.commit()
         except BaseException:
@@ -222,7 +227,9 @@ def _valid(marker: dict | None, digest: str, slot) -> bool:
 
 
 # ---- execution ----
-def _run(plan, writer, work, digest, dev, workers, scheduler, emit, changes) -> dict[str, dict]:
+def _run(
+    plan, writer, work, digest, dev, workers, scheduler, emit, changes, gpus=None
+) -> dict[str, dict]:
     markers: dict[str, dict] = {}
     for task in plan.tasks:
         marker = work.read_marker(task.key)
@@ -244,11 +251,8 @@ def _run(plan, writer, work, digest, dev, workers, scheduler, emit, changes) -> 
         },
     )
     if pending:
-        with dask_client(workers=workers, device=dev, scheduler=scheduler) as client:
-            emit(
-                "cluster",
-                {"dashboard": getattr(client, "dashboard_link", None) if scheduler else None},
-            )
+        with dask_client(workers=workers, device=dev, scheduler=scheduler, gpus=gpus) as client:
+            emit("cluster", {"dashboard": dashboard_link(client)})
             _compute(client, pending, plan.options, writer, work, digest, dev, markers, emit)
     return markers
 
@@ -276,7 +280,7 @@ def _compute(client, pending: list[MergeTask], options, writer, work, digest, de
     try:
         for future in as_completed(futures):
             task = by_key[future.key]
-            marker = markers[task.key] = {**future.result(), "status": "computed"}
+            marker = markers[task.key] = {**task_result(future, task.key), "status": "computed"}
             writer.mark_written(task.key, marker["crc"])
             emit("tensor", {"key": task.key, "bytes": task.read_bytes})
             maybe_crash("compute", len(markers))

@@ -16,6 +16,7 @@ from loraforge.stages import Delta, get_stage
 
 from . import safetensors_format as stf
 from .errors import NonFiniteTensor
+from .gpu import device_lock, stage
 from .merge_plan import MergeTask, PatchRef
 from .reader import TensorInfo, load_tensor, mapped
 from .workdir import WorkDir
@@ -89,10 +90,18 @@ def run_merge_task(
             checksum = write_at(slot, _cast(view, dtype), crc=crc)
         else:
             dev = torch.device(device)
-            out = _buffer(task.base.shape, torch.float32, dev)
-            merged = get_stage("merge")(
-                view.to(dev), _deltas(task.patches, dev, allow_nonfinite), out=out
-            )
+            # GPU: read the base into pinned memory, then hold the device for the merge, the
+            # cast and the copy back (pipeline/gpu.py); LoRA factors are small, read inside.
+            base = stage(view, "base", dev)
+            with device_lock(dev):
+                out = _buffer(task.base.shape, torch.float32, dev)
+                merged = get_stage("merge")(
+                    base.to(dev), _deltas(task.patches, dev, allow_nonfinite), out=out
+                )
+                if dev.type != "cpu":
+                    cast = _cast(merged, dtype)
+                    merged = _buffer(task.base.shape, cast.dtype, torch.device("cpu"))
+                    merged.copy_(cast)
     if task.kind == "merged":
         checksum = write_at(slot, _cast(merged, dtype), crc=crc)
     marker = {

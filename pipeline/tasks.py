@@ -6,12 +6,14 @@ from __future__ import annotations
 import math
 import threading
 import time
+from contextlib import contextmanager
 
 import torch
 
 from loraforge.stages import get_stage, is_unchanged, max_abs
 
 from .errors import NonFiniteTensor
+from .gpu import device_lock, stage
 from .options import KernelOptions
 from .plan import ExtractTask
 from .reader import mapped
@@ -40,23 +42,36 @@ def _buffer(numel: int, device: torch.device) -> torch.Tensor:
     return buf[:numel]
 
 
-def _delta(task: ExtractTask, device: torch.device) -> tuple[torch.Tensor, float]:
-    """The fp32 delta (in this thread's buffer) and its max |entry|."""
+def _delta(
+    task: ExtractTask, device: torch.device, base: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, float]:
+    """The fp32 delta of the read tensors (in this thread's buffer) and its max |entry|."""
     out = _buffer(task.target.numel, device).view(task.shape)
-    with mapped(task.source) as base, mapped(task.target) as target:
-        if device.type != "cpu":
-            base, target = base.to(device), target.to(device)
-        delta = get_stage("diff")(base, target, out=out)
-        largest = max_abs(delta)
-        if not math.isfinite(largest):
-            bad = task.target if not math.isfinite(max_abs(target.float())) else task.source
-            raise NonFiniteTensor(
-                "holds NaN or Inf, so the delta is not finite",
-                path=bad.file,
-                key=task.key,
-                hint="fix or re-save the checkpoint",
-            )
+    if device.type != "cpu":
+        base, target = base.to(device), target.to(device)
+    delta = get_stage("diff")(base, target, out=out)
+    largest = max_abs(delta)
+    if not math.isfinite(largest):
+        bad = task.target if not math.isfinite(max_abs(target.float())) else task.source
+        raise NonFiniteTensor(
+            "holds NaN or Inf, so the delta is not finite",
+            path=bad.file,
+            key=task.key,
+            hint="fix or re-save the checkpoint",
+        )
     return delta, largest
+
+
+@contextmanager
+def _read(task: ExtractTask, device: torch.device):
+    """Both tensors, read: the mapped views on the CPU (the diff reads them), copies in pinned
+    host memory for a GPU task, made here so the read overlaps another thread's kernel."""
+    with mapped(task.source) as base, mapped(task.target) as target:
+        if device.type == "cpu":
+            yield base, target
+            return
+        base, target = stage(base, "source", device), stage(target, "target", device)
+    yield base, target
 
 
 def run_extract_task(
@@ -71,8 +86,28 @@ def run_extract_task(
     # keeps the bytes independent of --workers and of the machine's core count (parallelism
     # comes from running tasks side by side).
     torch.set_num_threads(1)
-    delta, largest = _delta(task, dev)
     marker = {"key": task.key, "fingerprint": fingerprint, "shape": list(task.shape)}
+    # Read first, then hold the device for diff, kernel and the copy back: one kernel per GPU
+    # at a time while another thread reads (see pipeline/gpu.py); the save comes after.
+    with _read(task, dev) as (base, target), device_lock(dev):
+        arrays, attributes = _factor(task, dev, kernel, base, target, marker)
+    marker["array_shapes"] = {name: list(a.shape) for name, a in arrays.items()}
+    marker["seconds"] = round(time.perf_counter() - start, 4)
+    WorkDir(work_dir).save(task.key, arrays, marker, attributes)
+    return marker
+
+
+def _factor(
+    task: ExtractTask,
+    dev: torch.device,
+    kernel: KernelOptions,
+    base: torch.Tensor,
+    target: torch.Tensor,
+    marker: dict,
+) -> tuple[dict, dict]:
+    """Diff and factor (or keep) one tensor; ``marker`` gains what was done. Returns the
+    arrays to store, on the host, and their zarr attributes."""
+    delta, largest = _delta(task, dev, base, target)
     arrays, attributes = {}, {}
     if is_unchanged(largest):
         marker["kind"] = "unchanged"
@@ -99,8 +134,4 @@ def run_extract_task(
         arrays = {"diff": delta}
         marker.update(kind="diff")
     del delta
-    arrays = {name: a.cpu().numpy() for name, a in arrays.items()}
-    marker["array_shapes"] = {name: list(a.shape) for name, a in arrays.items()}
-    marker["seconds"] = round(time.perf_counter() - start, 4)
-    WorkDir(work_dir).save(task.key, arrays, marker, attributes)
-    return marker
+    return {name: a.cpu().numpy() for name, a in arrays.items()}, attributes

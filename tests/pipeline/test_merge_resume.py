@@ -178,7 +178,8 @@ def test_sigkill_mid_run_then_resume(tmp_path, point):
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
     done = out.parent / "merged.safetensors.work" / "done"
     finished = len(os.listdir(done))
-    assert point <= finished < 300 and not out.exists()
+    # Workers may finish more than the client counted before the kill, even all of them.
+    assert point <= finished <= 300 and not out.exists()
     lock = json.loads((done.parent / "lock.json").read_text())
     assert isinstance(lock["pid"], int)  # left behind by the dead run, taken over below
 
