@@ -30,15 +30,16 @@ def pick_device(device: str) -> str:
 _scratch = threading.local()
 
 
-def _buffer(numel: int, device: torch.device) -> torch.Tensor:
+def _buffer(numel: int, device: torch.device, role: str = "delta") -> torch.Tensor:
     """A per-thread fp32 buffer reused across tasks: filling fresh pages costs more than the
-    arithmetic (page faults), so each worker thread keeps its largest delta buffer."""
+    arithmetic (page faults), so each worker thread keeps its largest buffer per role."""
     buffers = getattr(_scratch, "buffers", None)
     if buffers is None:
         buffers = _scratch.buffers = {}
-    buf = buffers.get(device)
+    buf = buffers.get((device, role))
     if buf is None or buf.numel() < numel:
-        buf = buffers[device] = torch.empty(numel, dtype=torch.float32, device=device)
+        buffers[(device, role)] = None  # free the smaller one first
+        buf = buffers[(device, role)] = torch.empty(numel, dtype=torch.float32, device=device)
     return buf[:numel]
 
 
@@ -49,7 +50,8 @@ def _delta(
     out = _buffer(task.target.numel, device).view(task.shape)
     if device.type != "cpu":
         base, target = base.to(device), target.to(device)
-    delta = get_stage("diff")(base, target, out=out)
+    scratch = _buffer(task.source.numel, device, "base").view(task.shape)
+    delta = get_stage("diff")(base, target, out=out, scratch=scratch)
     largest = max_abs(delta)
     if not math.isfinite(largest):
         bad = task.target if not math.isfinite(max_abs(target.float())) else task.source

@@ -27,9 +27,9 @@ import psutil
 import zarr
 import zarr.api.asynchronous as zarr_async
 import zarr.storage
-from zarr.codecs import Crc32cCodec
 from zarr.core.sync import sync
 
+from . import zarr_direct
 from .atomic import remove_quietly, write_json
 from .errors import WorkDirLocked
 
@@ -82,17 +82,16 @@ class WorkDir:
         """Store ``arrays`` (with optional zarr attributes per array) for ``key``, then the
         marker that makes them count (``marker`` gains the list of array names)."""
         remove_quietly(self.marker_path(key))
-        store = zarr.storage.LocalStore(self.tensors)
-        shutil.rmtree(os.path.join(self.tensors, _entry(key)), ignore_errors=True)
+        entry = os.path.join(self.tensors, _entry(key))
+        shutil.rmtree(entry, ignore_errors=True)
+        os.makedirs(entry)
+        zarr_direct.write_json(os.path.join(entry, "zarr.json"), zarr_direct.group_metadata())
         for name, array in arrays.items():
-            array = np.ascontiguousarray(array, dtype=np.float32)
-            zarr.create_array(
-                store=store,
-                name=f"{_entry(key)}/{name}",
-                data=array,
-                chunks=_chunks(array.shape),
-                compressors=[Crc32cCodec()],
-                attributes=(attributes or {}).get(name),
+            zarr_direct.write_array(
+                os.path.join(entry, name),
+                array,
+                _chunks(tuple(array.shape)),
+                (attributes or {}).get(name),
             )
         marker["arrays"] = sorted(arrays)
         write_json(self.marker_path(key), marker)
