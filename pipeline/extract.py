@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from .cluster import cluster_device, dashboard_link, dask_client, task_resources, task_result
+from .cluster import TaskCall, cluster_device, run_tasks
 from .errors import OutputError, UsageError
 from .export import export
 from .faults import maybe_crash
@@ -220,10 +220,19 @@ def _run(
         return run_extract_task(task, work.path, dev, kernel, fingerprints[task.key])
 
     phases["resume_check"] = time.time() - started - sum(phases.values())
-    if pending:
-        with dask_client(workers=workers, device=dev, scheduler=scheduler, gpus=gpus) as client:
-            emit("cluster", {"dashboard": dashboard_link(client)})
-            _compute(client, pending, work, dev, kernel, fingerprints, markers, emit)
+    _compute(
+        pending,
+        work,
+        dev,
+        kernel,
+        fingerprints,
+        markers,
+        emit,
+        workers=workers,
+        device=dev,
+        scheduler=scheduler,
+        gpus=gpus,
+    )
     phases["compute"] = time.time() - started - sum(phases.values())
     emit("write", {"tensors": len(plan.tasks)})
     files, stored = export(plan, markers, work, output, compute_here)
@@ -289,7 +298,6 @@ def _status(decision: Decision, note: str | None) -> str:
 
 
 def _compute(
-    client,
     pending,
     work: WorkDir,
     dev: str,
@@ -297,30 +305,25 @@ def _compute(
     fingerprints: dict,
     markers: dict,
     emit: Progress,
+    **cluster,
 ) -> None:
-    from distributed import as_completed
-
-    futures = [
-        client.submit(
+    calls = [
+        TaskCall(
+            task.name,
             run_extract_task,
-            task,
-            work.path,
-            dev,
-            kernel,
-            fingerprints[task.key],
-            key=task.name,
-            pure=False,
-            resources=task_resources(dev.startswith("cuda")),  # every task uses the device
+            (task, work.path, dev, kernel, fingerprints[task.key]),
+            uses_gpu=dev.startswith("cuda"),  # every task uses the device
         )
         for task in pending
     ]
-    by_key = {f.key: task for f, task in zip(futures, pending, strict=True)}
-    try:
-        for future in as_completed(futures):
-            task = by_key[future.key]
-            markers[task.key] = task_result(future, task.key)
-            maybe_crash("compute", len(markers))
-            emit("tensor", {"key": task.key, "bytes": task.source.nbytes + task.target.nbytes})
-    except BaseException:
-        client.cancel(futures)
-        raise
+    by_key = {task.name: task for task in pending}
+
+    def finished(key: str, marker: dict) -> None:
+        task = by_key[key]
+        markers[task.key] = marker
+        maybe_crash("compute", len(markers))
+        emit("tensor", {"key": task.key, "bytes": task.source.nbytes + task.target.nbytes})
+
+    run_tasks(
+        calls, finished, on_cluster=lambda link: emit("cluster", {"dashboard": link}), **cluster
+    )

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from . import __version__
-from .cluster import dashboard_link, dask_client, task_resources, task_result
+from .cluster import TaskCall, run_tasks
 from .errors import LoraMismatch, UsageError
 from .extract import check_output_location, output_path, resolve_device
 from .faults import maybe_crash
@@ -250,43 +250,55 @@ def _run(
             "work_dir": work.path,
         },
     )
-    if pending:
-        with dask_client(workers=workers, device=dev, scheduler=scheduler, gpus=gpus) as client:
-            emit("cluster", {"dashboard": dashboard_link(client)})
-            _compute(client, pending, plan.options, writer, work, digest, dev, markers, emit)
+    _compute(
+        pending,
+        plan.options,
+        writer,
+        work,
+        digest,
+        dev,
+        markers,
+        emit,
+        workers=workers,
+        device=dev,
+        scheduler=scheduler,
+        gpus=gpus,
+    )
     return markers
 
 
-def _compute(client, pending: list[MergeTask], options, writer, work, digest, dev, markers, emit):
-    from distributed import as_completed
-
-    futures = [
-        client.submit(
+def _compute(
+    pending: list[MergeTask], options, writer, work, digest, dev, markers, emit, **cluster
+):
+    calls = [
+        TaskCall(
+            task.name,
             run_merge_task,
-            task,
-            writer.slot(task.key),
-            work.path,
-            dev,
-            {"fingerprint": digest},
-            options.allow_nonfinite,
-            options.output_format == "pytorch",
-            key=task.name,
-            pure=False,
-            resources=task_resources(dev.startswith("cuda") and task.kind == "merged"),
+            (
+                task,
+                writer.slot(task.key),
+                work.path,
+                dev,
+                {"fingerprint": digest},
+                options.allow_nonfinite,
+                options.output_format == "pytorch",
+            ),
+            uses_gpu=dev.startswith("cuda") and task.kind == "merged",
         )
         for task in pending
     ]
-    by_key = {f.key: task for f, task in zip(futures, pending, strict=True)}
-    try:
-        for future in as_completed(futures):
-            task = by_key[future.key]
-            marker = markers[task.key] = {**task_result(future, task.key), "status": "computed"}
-            writer.mark_written(task.key, marker["crc"])
-            emit("tensor", {"key": task.key, "bytes": task.read_bytes})
-            maybe_crash("compute", len(markers))
-    except BaseException:
-        client.cancel(futures)
-        raise
+    by_key = {task.name: task for task in pending}
+
+    def finished(key: str, result: dict) -> None:
+        task = by_key[key]
+        marker = markers[task.key] = {**result, "status": "computed"}
+        writer.mark_written(task.key, marker["crc"])
+        emit("tensor", {"key": task.key, "bytes": task.read_bytes})
+        maybe_crash("compute", len(markers))
+
+    run_tasks(
+        calls, finished, on_cluster=lambda link: emit("cluster", {"dashboard": link}), **cluster
+    )
 
 
 # ---- report ----
