@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         rows[0]["speedup"] = round(baseline["wall_s"] / ours["wall_s"], 1)
-        rows[0]["err_ratio_mean"] = round(sum(ratios) / len(ratios), 4)
-        rows[0]["err_ratio_max"] = round(max(ratios), 4)
+        rows[0]["err_ratio_mean"] = f"{sum(ratios) / len(ratios):.4f}"
+        rows[0]["err_ratio_max"] = f"{max(ratios):.4f}"
         rows[0]["lowrank_tensors"] = len(ratios)
     print(
         format_table(

@@ -32,7 +32,7 @@ from .reader import CheckpointIndex, index_checkpoint
 from .report import build_report, save_report
 from .shards import index_file_name, shard_file_names, split_shards
 from .workdir import RunLock, WorkDir
-from .writer import open_output
+from .writer import open_output, slot_crc32
 
 Progress = Callable[[str, dict], None]
 METADATA = {"format": "pt", "producer": "loraforge"}
@@ -223,6 +223,7 @@ def _valid(marker: dict | None, digest: str, slot) -> bool:
         and marker.get("file") == os.path.basename(slot.file)
         and marker.get("offset") == slot.offset
         and marker.get("nbytes") == slot.entry.nbytes
+        and marker.get("crc") == slot_crc32(slot)  # the bytes really are there
     )
 
 
@@ -281,7 +282,6 @@ def _compute(
                 dev,
                 {"fingerprint": digest},
                 options.allow_nonfinite,
-                options.output_format == "pytorch",
             ),
             uses_gpu=dev.startswith("cuda") and task.kind == "merged",
         )

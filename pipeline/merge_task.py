@@ -79,15 +79,14 @@ def run_merge_task(
     device: str,
     stamp: dict,
     allow_nonfinite: bool = False,
-    crc: bool = False,
 ) -> dict:
     """Merge or cast one tensor into its slot; return the completion marker (also written to
-    ``work_dir`` once the bytes are on disk). ``stamp`` is the plan's fingerprint."""
+    ``work_dir`` once the bytes are written). ``stamp`` is the plan's fingerprint."""
     start = time.perf_counter()
     dtype = stf.DTYPE_BY_CODE[task.out_dtype]
     with mapped(task.base) as view:
         if task.kind != "merged":
-            checksum = write_at(slot, _cast(view, dtype), crc=crc)
+            checksum = write_at(slot, _cast(view, dtype))
         else:
             dev = torch.device(device)
             # GPU: read the base into pinned memory, then hold the device for the merge, the
@@ -103,7 +102,7 @@ def run_merge_task(
                     merged = _buffer(task.base.shape, cast.dtype, torch.device("cpu"))
                     merged.copy_(cast)
     if task.kind == "merged":
-        checksum = write_at(slot, _cast(merged, dtype), crc=crc)
+        checksum = write_at(slot, _cast(merged, dtype))
     marker = {
         **stamp,
         "key": task.key,

@@ -192,3 +192,40 @@ def test_sigkill_mid_run_then_resume(tmp_path, point):
         tmp_path, base, lora_path, out.name, MergeOptions(), strengths=[0.7], workers=1
     )
     assert out.read_bytes() == expected
+
+
+def test_resume_rewrites_a_finished_tensor_whose_bytes_are_gone(tmp_path):
+    """A marker counts only if the bytes at its offset still have its CRC (a machine that went
+    down before the page cache reached the disk loses bytes, not markers)."""
+    tensors = {f"blocks.{i}.proj.weight": rand(32, 32, seed=i).bfloat16() for i in range(40)}
+    base = str(tmp_path / "base.safetensors")
+    save_file(tensors, base)
+    lora = {
+        f"blocks.{i}.proj.{role}": rand(*shape, seed=500 + i)
+        for i in range(40)
+        for role, shape in (("lora_up.weight", (32, 2)), ("lora_down.weight", (2, 32)))
+    }
+    lora_path = save_lora(tmp_path, "lora.safetensors", lora)
+    out = tmp_path / "run" / "merged.safetensors"
+    args = [sys.executable, "-m", "loraforge.pipeline.cli", "merge", "--source-model", base]
+    args += ["--lora-model", lora_path, "--output", str(out), "--workers", "1", "--quiet"]
+    crashed = subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        start_new_session=True,
+        env={**os.environ, "LORAFORGE_CRASH_AT": "compute:20"},
+    )
+    assert crashed.returncode == -signal.SIGKILL
+    done = out.parent / "merged.safetensors.work" / "done"
+    marker = json.loads((done / "blocks.3.proj.weight.json").read_text())
+    with open(out.parent / marker["file"], "r+b") as f:  # the temporary output
+        f.seek(marker["offset"])
+        f.write(b"\0" * marker["nbytes"])
+    resumed = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    report = json.loads((out.parent / "merged.report.json").read_text())
+    assert report["tensors"]["blocks.3.proj.weight"]["status"] == "computed"
+    expected = reference(tmp_path, base, lora_path, out.name, MergeOptions(), workers=1)
+    assert out.read_bytes() == expected
