@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from .errors import UsageError
+from .scratch import thread_buffer
 
 GPU_THREADS = 2  # per GPU worker: one tensor in the kernel, one being read or saved
 
@@ -132,9 +133,6 @@ def device_lock(device: torch.device) -> contextlib.AbstractContextManager:
         return _locks.setdefault(name, threading.Lock())
 
 
-_staging = threading.local()
-
-
 def stage(view: torch.Tensor, slot: str, device: torch.device) -> torch.Tensor:
     """For a GPU task, copy a mapped tensor into this thread's pinned host buffer ``slot``:
     this is the read (page faults from disk), done before ``device_lock`` so it overlaps
@@ -142,12 +140,5 @@ def stage(view: torch.Tensor, slot: str, device: torch.device) -> torch.Tensor:
     mapped view itself is returned: nothing to overlap."""
     if device.type == "cpu" or view.numel() == 0:
         return view
-    buffers = getattr(_staging, "buffers", None)
-    if buffers is None:
-        buffers = _staging.buffers = {}
-    buf = buffers.get((slot, view.dtype))
-    if buf is None or buf.numel() < view.numel():
-        buffers[(slot, view.dtype)] = None  # free the smaller one first
-        buf = torch.empty(view.numel(), dtype=view.dtype, pin_memory=True)
-        buffers[(slot, view.dtype)] = buf
-    return buf[: view.numel()].view(view.shape).copy_(view)
+    staged = thread_buffer(tuple(view.shape), view.dtype, "cpu", f"stage-{slot}", pinned=True)
+    return staged.copy_(view)

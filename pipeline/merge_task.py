@@ -6,7 +6,6 @@ Tensors never leave the task; a small dict travels back."""
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Iterator
 
@@ -19,26 +18,9 @@ from .errors import NonFiniteTensor
 from .gpu import device_lock, stage
 from .merge_plan import MergeTask, PatchRef
 from .reader import TensorInfo, load_tensor, mapped
+from .scratch import thread_buffer
 from .workdir import WorkDir
 from .writer import Slot, write_at
-
-_scratch = threading.local()
-
-
-def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A per-thread buffer reused across tasks: faulting in fresh pages for every tensor costs
-    more than the arithmetic, so each worker thread keeps its largest buffer per dtype."""
-    buffers = getattr(_scratch, "buffers", None)
-    if buffers is None:
-        buffers = _scratch.buffers = {}
-    numel = 1
-    for d in shape:
-        numel *= d
-    buf = buffers.get((device, dtype))
-    if buf is None or buf.numel() < numel:
-        buffers[(device, dtype)] = None  # free the smaller one first
-        buf = buffers[(device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
-    return buf[:numel].view(shape)
 
 
 def _finite(tensor: torch.Tensor, info: TensorInfo, allow: bool) -> None:
@@ -69,7 +51,7 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The ``cast`` stage, into this thread's buffer instead of fresh memory."""
     if not tensor.is_floating_point() or tensor.dtype == dtype:
         return tensor.contiguous()
-    return _buffer(tuple(tensor.shape), dtype, tensor.device).copy_(tensor)
+    return thread_buffer(tuple(tensor.shape), dtype, tensor.device, "cast").copy_(tensor)
 
 
 def run_merge_task(
@@ -93,13 +75,13 @@ def run_merge_task(
             # cast and the copy back (pipeline/gpu.py); LoRA factors are small, read inside.
             base = stage(view, "base", dev)
             with device_lock(dev):
-                out = _buffer(task.base.shape, torch.float32, dev)
+                out = thread_buffer(task.base.shape, torch.float32, dev, "merged")
                 merged = get_stage("merge")(
                     base.to(dev), _deltas(task.patches, dev, allow_nonfinite), out=out
                 )
                 if dev.type != "cpu":
                     cast = _cast(merged, dtype)
-                    merged = _buffer(task.base.shape, cast.dtype, torch.device("cpu"))
+                    merged = thread_buffer(task.base.shape, cast.dtype, "cpu", "result")
                     merged.copy_(cast)
     if task.kind == "merged":
         checksum = write_at(slot, _cast(merged, dtype))

@@ -4,7 +4,6 @@ paths and keys) and open the checkpoints themselves; only small dicts travel bac
 from __future__ import annotations
 
 import math
-import threading
 import time
 from contextlib import contextmanager
 
@@ -17,6 +16,7 @@ from .gpu import device_lock, stage
 from .options import KernelOptions
 from .plan import ExtractTask
 from .reader import mapped
+from .scratch import thread_buffer
 from .workdir import WorkDir
 
 
@@ -27,30 +27,14 @@ def pick_device(device: str) -> str:
     return device
 
 
-_scratch = threading.local()
-
-
-def _buffer(numel: int, device: torch.device, role: str = "delta") -> torch.Tensor:
-    """A per-thread fp32 buffer reused across tasks: filling fresh pages costs more than the
-    arithmetic (page faults), so each worker thread keeps its largest buffer per role."""
-    buffers = getattr(_scratch, "buffers", None)
-    if buffers is None:
-        buffers = _scratch.buffers = {}
-    buf = buffers.get((device, role))
-    if buf is None or buf.numel() < numel:
-        buffers[(device, role)] = None  # free the smaller one first
-        buf = buffers[(device, role)] = torch.empty(numel, dtype=torch.float32, device=device)
-    return buf[:numel]
-
-
 def _delta(
     task: ExtractTask, device: torch.device, base: torch.Tensor, target: torch.Tensor
 ) -> tuple[torch.Tensor, float]:
     """The fp32 delta of the read tensors (in this thread's buffer) and its max |entry|."""
-    out = _buffer(task.target.numel, device).view(task.shape)
+    out = thread_buffer(task.shape, torch.float32, device, "delta")
     if device.type != "cpu":
         base, target = base.to(device), target.to(device)
-    scratch = _buffer(task.source.numel, device, "base").view(task.shape)
+    scratch = thread_buffer(task.shape, torch.float32, device, "base")
     delta = get_stage("diff")(base, target, out=out, scratch=scratch)
     largest = max_abs(delta)
     if not math.isfinite(largest):
