@@ -1,14 +1,10 @@
 """Merge planning from headers (plain data in, plain data out) and the pure ``merge`` stage."""
 
-import pytest
-import torch
-
 from loraforge.pipeline.lora_keys import Unmatched, map_lora
 from loraforge.pipeline.merge_inputs import LoraInput
 from loraforge.pipeline.merge_plan import plan_merge
 from loraforge.pipeline.options import MergeOptions
 from loraforge.pipeline.reader import CheckpointIndex, TensorInfo
-from loraforge.stages import Delta, get_stage
 
 
 def index(path, tensors: dict[str, tuple[str, tuple[int, ...]]]) -> CheckpointIndex:
@@ -98,33 +94,3 @@ def test_patches_to_non_float_tensors_or_from_non_float_factors_are_unmatched():
     assert plan.unmatched[0] == sorted(plan.unmatched[0], key=lambda u: u.lora_key)
     assert isinstance(plan.unmatched[0][0], Unmatched)
     assert {t.key: t.kind for t in plan.tasks}["c.weight"] == "cast"
-
-
-def test_merge_stage_is_registered_and_exact():
-    merge = get_stage("merge")
-    g = torch.Generator().manual_seed(0)
-    base = torch.randn(6, 3, 2, 2, generator=g).bfloat16()
-    up, down = torch.randn(6, 2, 1, 1, generator=g), torch.randn(2, 3, 2, 2, generator=g)
-    diff = torch.randn(6, 3, 2, 2, generator=g).half()
-    consumed = []
-
-    def deltas():
-        consumed.append("lowrank")
-        yield Delta(0.5, up=up, down=down)
-        consumed.append("diff")
-        yield Delta(-2.0, diff=diff)
-
-    generator = deltas()
-    out = torch.empty(6, 3, 2, 2)
-    merged = merge(base, generator, out=out)
-    assert merged.data_ptr() == out.data_ptr() and merged.dtype == torch.float32
-    expected = (
-        base.double()
-        + 0.5 * (up.double().reshape(6, 2) @ down.double().reshape(2, 12)).reshape(6, 3, 2, 2)
-        - 2.0 * diff.double()
-    )
-    assert float((merged.double() - expected).abs().max()) < 1e-5
-    assert consumed == ["lowrank", "diff"]
-    assert torch.equal(merge(base, []), base.float())
-    with pytest.raises(ValueError, match="2\\+ dims"):
-        merge(torch.zeros(4), [Delta(1.0, up=torch.zeros(4, 1), down=torch.zeros(1, 1))])

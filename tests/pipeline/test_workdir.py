@@ -13,14 +13,20 @@ from loraforge.pipeline.workdir import CorruptEntry, WorkDir
 from loraforge.pipeline.zarr_direct import write_array
 
 
-@pytest.mark.parametrize("shape,chunks", [((7, 5), (3, 5)), ((10,), (4,)), ((), ()),
-                                          ((0, 3), (1, 3)), ((4, 6), (4, 6))])
+@pytest.mark.parametrize(
+    "shape,chunks", [((7, 5), (3, 5)), ((10,), (4,)), ((), ()), ((0, 3), (1, 3)), ((4, 6), (4, 6))]
+)
 def test_direct_arrays_equal_zarrs_own(tmp_path, shape, chunks):
     data = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape) / 7
     write_array(str(tmp_path / "direct"), data, chunks, {"note": [1.5]})
-    zarr.create_array(store=zarr.storage.LocalStore(str(tmp_path)), name="reference",
-                      data=data, chunks=chunks, compressors=[Crc32cCodec()],
-                      attributes={"note": [1.5]})
+    zarr.create_array(
+        store=zarr.storage.LocalStore(str(tmp_path)),
+        name="reference",
+        data=data,
+        chunks=chunks,
+        compressors=[Crc32cCodec()],
+        attributes={"note": [1.5]},
+    )
     direct = zarr.open_array(str(tmp_path / "direct"), mode="r")
     assert direct.shape == shape and direct.attrs["note"] == [1.5]
     np.testing.assert_array_equal(direct[...], data)

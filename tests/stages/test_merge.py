@@ -1,0 +1,36 @@
+"""The merge stage: W + Σ factor·(up @ down) + factor·diff in one fp32 buffer."""
+
+import pytest
+import torch
+
+from loraforge.stages import Delta, get_stage
+
+
+def test_merge_stage_is_registered_and_exact():
+    merge = get_stage("merge")
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 3, 2, 2, generator=g).bfloat16()
+    up, down = torch.randn(6, 2, 1, 1, generator=g), torch.randn(2, 3, 2, 2, generator=g)
+    diff = torch.randn(6, 3, 2, 2, generator=g).half()
+    consumed = []
+
+    def deltas():
+        consumed.append("lowrank")
+        yield Delta(0.5, up=up, down=down)
+        consumed.append("diff")
+        yield Delta(-2.0, diff=diff)
+
+    generator = deltas()
+    out = torch.empty(6, 3, 2, 2)
+    merged = merge(base, generator, out=out)
+    assert merged.data_ptr() == out.data_ptr() and merged.dtype == torch.float32
+    expected = (
+        base.double()
+        + 0.5 * (up.double().reshape(6, 2) @ down.double().reshape(2, 12)).reshape(6, 3, 2, 2)
+        - 2.0 * diff.double()
+    )
+    assert float((merged.double() - expected).abs().max()) < 1e-5
+    assert consumed == ["lowrank", "diff"]
+    assert torch.equal(merge(base, []), base.float())
+    with pytest.raises(ValueError, match="2\\+ dims"):
+        merge(torch.zeros(4), [Delta(1.0, up=torch.zeros(4, 1), down=torch.zeros(1, 1))])
