@@ -5,7 +5,6 @@ never discovers work on its own, so resume, progress totals and ``--dry-run`` sh
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from . import naming
@@ -29,11 +28,6 @@ class ExtractTask:
         """Readable, stable Dask key."""
         return f"{self.kind}-{self.key}"
 
-    @property
-    def work_bytes(self) -> int:
-        """Rough peak working set: the fp32 delta plus both inputs as stored."""
-        return self.target.numel * 4 + self.source.nbytes + self.target.nbytes
-
 
 @dataclass(frozen=True)
 class Skipped:
@@ -52,9 +46,6 @@ class ExtractionPlan:
     @property
     def total_bytes(self) -> int:
         return sum(t.source.nbytes + t.target.nbytes for t in self.tasks)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def plan_extraction(

@@ -294,15 +294,9 @@ def _release(view: torch.Tensor) -> None:
         _drop_pages(view.data_ptr(), view.numel() * view.element_size())
 
 
-def load_tensor(
-    info: TensorInfo, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Copy one tensor out of its checkpoint, converted to ``dtype`` (default: as stored).
-
-    With ``out`` the copy goes into that buffer (shape and dtype taken from it)."""
+def load_tensor(info: TensorInfo, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Copy one tensor out of its checkpoint, converted to ``dtype`` (default: as stored)."""
     with mapped(info) as view:
-        if out is not None:
-            return out.copy_(view)
         result = torch.empty(view.shape, dtype=view.dtype if dtype is None else dtype)
         return result.copy_(view)
 

@@ -135,12 +135,6 @@ class WorkDir:
         remove_quietly(self.marker_path(key))
         shutil.rmtree(os.path.join(self.tensors, _entry(key)), ignore_errors=True)
 
-    def finished_count(self) -> int:
-        try:
-            return sum(1 for n in os.listdir(self.done) if n.endswith(".json"))
-        except FileNotFoundError:
-            return 0
-
     def size_bytes(self) -> int:
         total = 0
         for root, _dirs, files in os.walk(self.path):

@@ -149,33 +149,44 @@ def test_writer_reuses_only_a_matching_temporary(tmp_path):
         write_at(slot_a, torch.ones(3, 2))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("point", [20, 150, 299])
-def test_sigkill_mid_run_then_resume(tmp_path, point):
-    """A real process whose whole group is SIGKILLed once ``point`` tensors are done
-    (LORAFORGE_CRASH_AT, so the point does not race the clock), then resumed."""
-    tensors = {f"blocks.{i}.proj.weight": rand(64, 64, seed=i).bfloat16() for i in range(300)}
+def many_patched_tensors(tmp_path, count: int, size: int, rank: int, lora_seed: int):
+    """``count`` square bf16 weights, a LoRA patching each, and the merge command line."""
+    tensors = {f"blocks.{i}.proj.weight": rand(size, size, seed=i).bfloat16() for i in range(count)}
     base = str(tmp_path / "base.safetensors")
     save_file(tensors, base)
     lora = {
-        f"blocks.{i}.proj.{role}": rand(*shape, seed=1000 + i)
-        for i in range(300)
-        for role, shape in (("lora_up.weight", (64, 4)), ("lora_down.weight", (4, 64)))
+        f"blocks.{i}.proj.{role}": rand(*shape, seed=lora_seed + i)
+        for i in range(count)
+        for role, shape in (("lora_up.weight", (size, rank)), ("lora_down.weight", (rank, size)))
     }
     lora_path = save_lora(tmp_path, "lora.safetensors", lora)
     out = tmp_path / "run" / "merged.safetensors"
     args = [sys.executable, "-m", "loraforge.pipeline.cli", "merge", "--source-model", base]
     args += ["--lora-model", lora_path, "--output", str(out), "--workers", "1", "--quiet"]
-    args += ["--device", "cpu", "--strength", "0.7"]
+    return base, lora_path, out, args
+
+
+def crash_at(args: list[str], point: str):
+    """Run ``args`` until LORAFORGE_CRASH_AT SIGKILLs its process group at ``point``."""
     crashed = subprocess.run(
         args,
         capture_output=True,
         text=True,
         timeout=120,
         start_new_session=True,
-        env={**os.environ, "LORAFORGE_CRASH_AT": f"compute:{point}"},
+        env={**os.environ, "LORAFORGE_CRASH_AT": point},
     )
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", [20, 150, 299])
+def test_sigkill_mid_run_then_resume(tmp_path, point):
+    """A real process whose whole group is SIGKILLed once ``point`` tensors are done
+    (LORAFORGE_CRASH_AT, so the point does not race the clock), then resumed."""
+    base, lora_path, out, args = many_patched_tensors(tmp_path, 300, 64, 4, lora_seed=1000)
+    args += ["--device", "cpu", "--strength", "0.7"]
+    crash_at(args, f"compute:{point}")
     done = out.parent / "merged.safetensors.work" / "done"
     finished = len(os.listdir(done))
     # Workers may finish more than the client counted before the kill, even all of them.
@@ -197,27 +208,8 @@ def test_sigkill_mid_run_then_resume(tmp_path, point):
 def test_resume_rewrites_a_finished_tensor_whose_bytes_are_gone(tmp_path):
     """A marker counts only if the bytes at its offset still have its CRC (a machine that went
     down before the page cache reached the disk loses bytes, not markers)."""
-    tensors = {f"blocks.{i}.proj.weight": rand(32, 32, seed=i).bfloat16() for i in range(40)}
-    base = str(tmp_path / "base.safetensors")
-    save_file(tensors, base)
-    lora = {
-        f"blocks.{i}.proj.{role}": rand(*shape, seed=500 + i)
-        for i in range(40)
-        for role, shape in (("lora_up.weight", (32, 2)), ("lora_down.weight", (2, 32)))
-    }
-    lora_path = save_lora(tmp_path, "lora.safetensors", lora)
-    out = tmp_path / "run" / "merged.safetensors"
-    args = [sys.executable, "-m", "loraforge.pipeline.cli", "merge", "--source-model", base]
-    args += ["--lora-model", lora_path, "--output", str(out), "--workers", "1", "--quiet"]
-    crashed = subprocess.run(
-        args,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        start_new_session=True,
-        env={**os.environ, "LORAFORGE_CRASH_AT": "compute:20"},
-    )
-    assert crashed.returncode == -signal.SIGKILL
+    base, lora_path, out, args = many_patched_tensors(tmp_path, 40, 32, 2, lora_seed=500)
+    crash_at(args, "compute:20")
     done = out.parent / "merged.safetensors.work" / "done"
     marker = json.loads((done / "blocks.3.proj.weight.json").read_text())
     with open(out.parent / marker["file"], "r+b") as f:  # the temporary output
