@@ -1,5 +1,9 @@
-"""Numeric kernels: truncated SVD of a weight delta, randomized (default) or full."""
+"""Numeric kernels: truncated SVD of a weight delta, randomized (default) or full.
 
+``SVD_METHODS`` is the one table of the methods users choose with ``--svd``: the CLI's help and
+choices, option validation and the ``lowrank`` stage all read it."""
+
+from .methods import SVD_METHODS, SvdMethod
 from .svd import (
     LowRank,
     full_svd,
@@ -13,7 +17,9 @@ from .svd import (
 )
 
 __all__ = [
+    "SVD_METHODS",
     "LowRank",
+    "SvdMethod",
     "full_svd",
     "product_distance_sq",
     "randomized_svd",

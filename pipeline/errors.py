@@ -1,7 +1,12 @@
 """Typed errors. Each names the file and, where there is one, the tensor, and says what to do.
 
 The CLI prints ``str(error)`` as one line and exits with ``error.exit_code``;
-``LORAFORGE_TRACEBACK=1`` shows the traceback instead.
+``LORAFORGE_TRACEBACK=1`` shows the traceback instead. Each also derives from the built-in a
+library caller would catch (``FileNotFoundError``, ``ValueError``, ...).
+
+Exit codes: 1 bad input or environment, 2 bad option (as click's own usage errors), 3 a work
+directory in a state this run cannot use (another command's, or locked by a live run), 130
+interrupted.
 """
 
 from __future__ import annotations
@@ -33,50 +38,55 @@ class LoraforgeError(Exception):
             text = f"{text} ({hint})"
         super().__init__(text)
 
+    def __str__(self) -> str:  # OSError subclasses would format their own way
+        return str(self.args[0]) if self.args else ""
 
-class UsageError(LoraforgeError):
+
+class UsageError(LoraforgeError, ValueError):
     """A bad option value; exit code 2 like click's own usage errors."""
 
     exit_code = 2
 
 
-class CheckpointNotFound(LoraforgeError):
+class CheckpointNotFound(LoraforgeError, FileNotFoundError):
     pass
 
 
-class CheckpointFormatError(LoraforgeError):
+class CheckpointFormatError(LoraforgeError, ValueError):
     """Truncated, corrupt or unexpected checkpoint contents."""
 
 
-class UnsafePickle(LoraforgeError):
+class UnsafePickle(CheckpointFormatError):
     """A PyTorch pickle that needs arbitrary code to load."""
 
 
-class ShapeMismatch(LoraforgeError):
+class NonFiniteTensor(LoraforgeError, ValueError):
     pass
 
 
-class NonFiniteTensor(LoraforgeError):
-    pass
-
-
-class LoraMismatch(LoraforgeError):
+class LoraMismatch(LoraforgeError, ValueError):
     """LoRA keys that patch nothing in the base (``--strict``), or a LoRA that fits nowhere."""
 
 
-class OutputError(LoraforgeError):
+class ShapeMismatch(LoraMismatch):
+    """A LoRA tensor whose shape cannot patch the base tensor its name targets (``--strict``)."""
+
+
+class OutputError(LoraforgeError, OSError):
     """The output cannot be written where asked."""
 
 
-class ResumeMismatch(LoraforgeError):
-    pass
+class WorkDirConflict(LoraforgeError, RuntimeError):
+    """The work directory holds another command's run, so its state cannot be resumed."""
+
+    exit_code = 3
 
 
-class WorkDirLocked(LoraforgeError):
-    pass
+class WorkDirLocked(WorkDirConflict):
+    """Another live run holds the work directory's lock."""
 
 
-class ClusterError(LoraforgeError):
+class ClusterError(LoraforgeError, RuntimeError):
     """A Dask cluster that cannot be reached or cannot run the tasks (no GPU workers, workers
     that keep dying on one tensor)."""
 

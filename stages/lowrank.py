@@ -2,9 +2,7 @@
 
 import torch
 
-from loraforge.kernels import LowRank, full_svd, randomized_svd, seed_for
-
-METHODS = ("randomized", "full")
+from loraforge.kernels import SVD_METHODS, LowRank, seed_for
 
 
 def lowrank(
@@ -16,11 +14,12 @@ def lowrank(
     oversample: int = 16,
     n_iter: int = 2,
 ) -> LowRank:
-    """Rank-``rank`` factors of ``delta`` on its device; the randomized kernel's test matrix is
+    """Rank-``rank`` factors of ``delta`` on its device; a randomized kernel's test matrix is
     seeded from ``name``, so the same tensor always gives the same bytes."""
-    if method == "full":
-        return full_svd(delta, rank)
-    if method != "randomized":
-        raise ValueError(f"unknown SVD method {method!r}; valid: {', '.join(METHODS)}")
-    generator = torch.Generator(device=delta.device).manual_seed(seed_for(name))
-    return randomized_svd(delta, rank, oversample=oversample, n_iter=n_iter, generator=generator)
+    try:
+        kernel = SVD_METHODS[method]
+    except KeyError:
+        raise ValueError(
+            f"unknown SVD method {method!r}; valid: {', '.join(SVD_METHODS)}"
+        ) from None
+    return kernel.factor(delta, rank, seed=seed_for(name), oversample=oversample, n_iter=n_iter)

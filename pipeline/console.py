@@ -1,0 +1,248 @@
+"""What a person or a batch job sees: progress bars, the summary table, ``--json`` event lines,
+and the one-line rendering of errors. Commands report through ``Progress`` callbacks; this
+module turns those events into output, for every command alike."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .errors import Interrupted, LoraforgeError
+from .run.options import RunOptions
+
+err = Console(stderr=True, highlight=False)
+
+# The machine's state, not a bug: a full disk or quota, a read-only or forbidden location.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+class Failed(Exception):
+    """An error already printed as its one line; leave with ``exit_code``."""
+
+    def __init__(self, exit_code: int):
+        super().__init__(exit_code)
+        self.exit_code = exit_code
+
+
+@contextmanager
+def user_errors(log: JsonLog | None = None) -> Iterator[None]:
+    """One line and an exit code (``Failed``) for user errors, a full disk and interrupts
+    (SIGTERM counts as Ctrl-C); a traceback only with LORAFORGE_TRACEBACK=1. With ``--json``
+    the line is also an ``error`` event on stdout."""
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except LoraforgeError as e:
+        _fail(str(e), e.exit_code, log)
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        _fail(
+            f"{where}{e.strerror} (free space or pick another --output / --work-dir; "
+            "finished tensors are kept, rerun to resume)",
+            1,
+            log,
+        )
+    except KeyboardInterrupt:
+        e = Interrupted(
+            "interrupted; finished tensors are kept in the work directory",
+            hint="rerun the same command to resume",
+        )
+        _fail(str(e), e.exit_code, log)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _fail(message: str, exit_code: int, log: JsonLog | None) -> None:
+    if os.environ.get("LORAFORGE_TRACEBACK"):
+        traceback.print_exc()
+    err.print(f"error: {message}", markup=False, soft_wrap=True)
+    if log is not None:
+        log.emit("error", {"message": message, "exit_code": exit_code})
+    raise Failed(exit_code) from None
+
+
+class JsonLog:
+    """``--json``: progress events as JSON lines on stdout, one object per line, for batch
+    jobs. Every line has ``event``, ``command`` and ``time`` (Unix seconds); per event:
+
+    - ``start``: ``tensors``, ``bytes`` (to read), ``done`` and ``done_bytes`` (already
+      finished, resumed), ``changes`` (why entries are recomputed), ``work_dir``
+    - ``loras`` (merge): ``loras``, one object per LoRA (``path``, ``strength``, ``patches``,
+      ``unmatched``: LoRA key → why it is not merged)
+    - ``cluster``: ``dashboard`` (the Dask dashboard URL; null for the embedded cluster)
+    - ``tensor``: one tensor finished: ``key``, ``bytes`` (read), ``done``, ``tensors``
+    - ``write``: every tensor is computed; (extract) the output is being written
+    - ``summary``: the report's summary (``kinds``, ``status``, ``seconds``, ``files``,
+      ``output``, ``computed``, ``reused``, ``report`` (the JSON report's path), ...)
+    - ``error``: ``message`` (the one line also printed on stderr), ``exit_code``
+
+    Events other than these may be added; readers should skip unknown ones. Warnings (LoRA
+    keys left out) still go to stderr through a quiet ``Bar``."""
+
+    def __init__(self, command: str):
+        self.command = command
+        self.warnings = Bar(quiet=True)
+        self.done = self.total = 0
+
+    def __call__(self, event: str, info: dict) -> None:
+        self.warnings(event, info)
+        if event == "start":
+            self.done, self.total = info["done"], info["tensors"]
+        elif event == "tensor":
+            self.done += 1
+            info = {**info, "done": self.done, "tensors": self.total}
+        self.emit(event, info)
+
+    def emit(self, event: str, info: dict) -> None:
+        line = {"event": event, "command": self.command, "time": round(time.time(), 3), **info}
+        sys.stdout.write(json.dumps(line, default=str) + "\n")
+        sys.stdout.flush()
+
+    def finish(self, report: dict) -> None:
+        self.emit("summary", report["summary"])
+
+    def close(self) -> None:
+        pass
+
+
+class Bar:
+    """Progress callback → a rich bar of tensors and bytes, plus one line per LoRA of a merge.
+    Lines about LoRA keys left out are printed even when quiet: never dropped silently."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.progress: Progress | None = None
+
+    def __call__(self, event: str, info: dict) -> None:
+        if event == "loras":
+            self._loras(info["loras"])
+        if self.quiet:
+            return
+        if event == "start":
+            self._start(info)
+        elif event == "cluster" and info.get("dashboard"):
+            err.print(f"Dask dashboard: {info['dashboard']}", markup=False)
+        elif event == "tensor" and self.progress:
+            self.bytes_done += info["bytes"]
+            self.progress.update(self.task, advance=1, gb=self._gb())
+        elif event == "write" and self.progress:
+            self.progress.update(self.task, completed=info["tensors"])
+            self.progress.stop()
+            self.progress = None
+
+    def _start(self, info: dict) -> None:
+        for change in info.get("changes", []):
+            err.print(f"note: {change}; affected tensors are recomputed", markup=False)
+        if info["done"]:
+            err.print(
+                f"resuming: {info['done']} of {info['tensors']} tensors already done "
+                f"in {info['work_dir']}",
+                markup=False,
+            )
+        self.progress = Progress(
+            TextColumn("tensors"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[gb]}"),
+            TimeRemainingColumn(),
+            console=err,
+            transient=False,
+        )
+        self.progress.start()
+        self.bytes_done, self.bytes_total = info["done_bytes"], info["bytes"]
+        self.task = self.progress.add_task(
+            "tensors", total=info["tensors"], completed=info["done"], gb=self._gb()
+        )
+
+    def _loras(self, loras: list[dict]) -> None:
+        for lora in loras:
+            unmatched = lora["unmatched"]
+            n = lora["patches"]
+            line = (
+                f"{lora['path']}: {n} tensor{'s' if n != 1 else ''} patched at strength "
+                f"{lora['strength']:g}"
+            )
+            if unmatched:
+                key, reason = next(iter(unmatched.items()))
+                line = (
+                    f"warning: {line}; {len(unmatched)} of {lora['keys']} keys not merged "
+                    f"(listed in the report), e.g. '{key}': {reason}"
+                )
+            if unmatched or not self.quiet:
+                err.print(line, markup=False, soft_wrap=True)
+
+    def _gb(self) -> str:
+        return f"{self.bytes_done / 1e9:.2f}/{self.bytes_total / 1e9:.2f} GB read"
+
+    def finish(self, report: dict) -> None:
+        if not self.quiet:
+            print_summary(report)
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.stop()
+
+
+def print_summary(report: dict) -> None:
+    """The summary table (tensors per kind; error columns when the command measures errors),
+    the status counts and time, keys in one model only, and the files written."""
+    summary, tensors = report["summary"], report["tensors"].values()
+    with_errors = any(t.get("rel_error") is not None for t in tensors)
+    table = Table(title="loraforge " + report["command"], show_header=True)
+    table.add_column("kind")
+    table.add_column("tensors", justify="right")
+    if with_errors:
+        table.add_column("mean rel. error", justify="right")
+        table.add_column("max rel. error", justify="right")
+    for kind in sorted(summary["kinds"]):
+        row = [kind, str(summary["kinds"][kind])]
+        if with_errors:
+            errors = [
+                t["rel_error"]
+                for t in tensors
+                if t["kind"] == kind and t.get("rel_error") is not None
+            ]
+            row += [f"{sum(errors) / len(errors):.4g}", f"{max(errors):.4g}"] if errors else ["", ""]
+        table.add_row(*row)
+    err.print(table)
+    status = ", ".join(f"{n} {s}" for s, n in summary["status"].items())
+    err.print(f"{status}; {summary['seconds']:.1f} s", markup=False)
+    for side in ("source_only", "target_only"):
+        if summary.get(side):
+            err.print(
+                f"{len(summary[side])} keys only in the {side.split('_')[0]} model "
+                f"(listed in the report), e.g. {summary[side][0]}",
+                markup=False,
+            )
+    for file in summary["files"]:
+        err.print(f"wrote {file}", markup=False)
+
+
+def run_command(command: str, run: RunOptions, body: Callable[[Callable], dict]) -> None:
+    """Run ``body(progress)`` (a command returning its report) under the console: a bar or JSON
+    events, one-line errors (``Failed``), then the summary."""
+    log = JsonLog(command) if run.json else None
+    with user_errors(log):
+        display = log or Bar(run.quiet)
+        try:
+            report = body(display)
+        finally:
+            display.close()
+        display.finish(report)

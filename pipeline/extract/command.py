@@ -1,0 +1,169 @@
+"""``extract``: plan → compute missing tensors on Dask → write the output → report."""
+
+from __future__ import annotations
+
+import time
+
+from ..io.reader import index_checkpoint
+from ..run.cluster import TaskCall
+from ..run.faults import maybe_crash
+from ..run.options import RunOptions
+from ..run.report import build_report
+from ..run.session import Progress, Session
+from .export import export
+from .options import ExtractOptions
+from .plan import ExtractionPlan, plan_extraction
+from .resume import Decision, decide, extract_fingerprint, input_changes
+from .task import run_extract_task
+
+
+def extract(
+    *,
+    source_model: str,
+    target_model: str,
+    output: str,
+    options: ExtractOptions,
+    run: RunOptions | None = None,
+    source_type: str = "safetensors",
+    target_type: str = "safetensors",
+    progress: Progress | None = None,
+) -> dict:
+    """Extract a LoRA of ``target_model − source_model`` into ``output``; return the report
+    (also saved as JSON)."""
+    run = run or RunOptions()
+    session = Session.open("extract", run, output, options.output_format, progress)
+    source = index_checkpoint(source_model, source_type)
+    target = index_checkpoint(target_model, target_type)
+    session.check_outputs(
+        [session.output],
+        [info.file for index in (source, target) for info in index.tensors.values()],
+    )
+    plan = plan_extraction(source, target, options)
+    work = session.work
+    with session.locked() as previous:
+        if not run.resume:
+            work.clear()
+        work.create()
+        manifest = {
+            "command": "extract",
+            "kernel": options.kernel.to_dict(),
+            "inputs": {"source": source.fingerprint(), "target": target.fingerprint()},
+        }
+        changes = input_changes(previous, manifest)
+        work.write_manifest(manifest)
+        report = _run(plan, source, target, session, changes)
+    if not run.keep_work:
+        work.remove()
+    report["summary"]["work_dir"] = work.path if run.keep_work else None
+    return session.finish(report)
+
+
+def _run(plan: ExtractionPlan, source, target, session: Session, changes: list[str]) -> dict:
+    work, dev, started = session.work, session.device, session.started
+    kernel = plan.options.kernel
+    phases = {"prepare": time.time() - started}
+    fingerprints, decisions, markers = {}, {}, {}
+    for task in plan.tasks:
+        fingerprints[task.key] = extract_fingerprint(task, source, target, kernel)
+        marker = work.read_marker(task.key)
+        decisions[task.key] = decide(task, marker, fingerprints[task.key])
+        if decisions[task.key].reuse:
+            markers[task.key] = marker
+    pending = [t for t in plan.tasks if not decisions[t.key].reuse]
+    session.start(
+        tensors=len(plan.tasks),
+        total_bytes=plan.total_bytes,
+        done=len(plan.tasks) - len(pending),
+        done_bytes=plan.total_bytes - sum(t.read_bytes for t in pending),
+        changes=changes,
+    )
+
+    def compute_here(task) -> dict:
+        return run_extract_task(task, work.path, dev, kernel, fingerprints[task.key])
+
+    phases["resume_check"] = time.time() - started - sum(phases.values())
+    _compute(session, pending, kernel, fingerprints, markers)
+    phases["compute"] = time.time() - started - sum(phases.values())
+    session.emit("write", {"tensors": len(plan.tasks)})
+    files, stored = export(plan, markers, work, session.output, compute_here)
+    phases["write"] = time.time() - started - sum(phases.values())
+    tensors = {}
+    for task in plan.tasks:
+        marker, decision = markers[task.key], decisions[task.key]
+        error, kernel_error, note = stored.get(task.key, (0.0, 0.0, None))
+        entry = {
+            "kind": "skipped" if marker["kind"] == "unchanged" else marker["kind"],
+            "shape": list(task.shape),
+            "rank": task.rank if marker["kind"] == "lowrank" else None,
+            "rel_error": None if marker["kind"] == "unchanged" else error,
+            "kernel_rel_error": None if marker["kind"] == "unchanged" else kernel_error,
+            "seconds": marker.get("seconds"),
+            "status": _status(decision, note),
+        }
+        notes = [
+            n
+            for n in (
+                task.note,
+                note,
+                "unchanged (max |diff| <= 1e-8)" if marker["kind"] == "unchanged" else None,
+            )
+            if n
+        ]
+        if decision.sliced_from:
+            notes.append(f"sliced from stored rank {decision.sliced_from}")
+        if decision.reason:
+            notes.append(f"recomputed: {decision.reason}")
+        if notes:
+            entry["note"] = "; ".join(notes)
+        tensors[task.key] = entry
+    for skipped in plan.skipped:
+        tensors[skipped.key] = {"kind": "skipped", "note": skipped.reason, "status": "planned"}
+    extra = {
+        "files": files,
+        "output": session.output,
+        "device": dev,
+        "computed": sum(1 for d in decisions.values() if not d.reuse),
+        "reused": sum(1 for d in decisions.values() if d.reuse),
+        "source_only": plan.source_only,
+        "target_only": plan.target_only,
+        "input_changes": changes,
+        "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
+    }
+    return build_report(
+        "extract",
+        plan.options.to_dict(),
+        {"source": source.path, "target": target.path},
+        tensors,
+        extra,
+        started,
+    )
+
+
+def _status(decision: Decision, note: str | None) -> str:
+    if note:
+        return "recomputed"
+    if decision.reuse:
+        return "sliced" if decision.sliced_from else "reused"
+    return "computed"
+
+
+def _compute(session: Session, pending: list, kernel, fingerprints: dict, markers: dict) -> None:
+    work, dev = session.work, session.device
+    calls = [
+        TaskCall(
+            task.name,
+            run_extract_task,
+            (task, work.path, dev, kernel, fingerprints[task.key]),
+            uses_gpu=dev.startswith("cuda"),  # every task uses the device
+        )
+        for task in pending
+    ]
+    by_key = {task.name: task for task in pending}
+
+    def finished(key: str, marker: dict) -> None:
+        task = by_key[key]
+        markers[task.key] = marker
+        maybe_crash("compute", len(markers))
+        session.emit("tensor", {"key": task.key, "bytes": task.read_bytes})
+
+    session.compute(calls, finished)

@@ -1,0 +1,116 @@
+"""What one Dask task does to one tensor. Tasks receive addresses (plan entries holding file
+paths and keys) and open the checkpoints themselves; only small dicts travel back."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+
+import torch
+
+from loraforge.stages.diff import is_unchanged, max_abs, weight_delta
+from loraforge.stages.lowrank import lowrank
+
+from ..errors import NonFiniteTensor
+from ..io.reader import mapped
+from ..run.staging import device_lock, stage, thread_buffer
+from ..workdir import WorkDir
+from .options import KernelOptions
+from .plan import ExtractTask
+
+
+def _delta(
+    task: ExtractTask, device: torch.device, base: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, float]:
+    """The fp32 delta of the read tensors (in this thread's buffer) and its max |entry|."""
+    out = thread_buffer(task.shape, torch.float32, device, "delta")
+    if device.type != "cpu":
+        base, target = base.to(device), target.to(device)
+    scratch = thread_buffer(task.shape, torch.float32, device, "base")
+    delta = weight_delta(base, target, out=out, scratch=scratch)
+    largest = max_abs(delta)
+    if not math.isfinite(largest):
+        bad = task.target if not math.isfinite(max_abs(target.float())) else task.source
+        raise NonFiniteTensor(
+            "holds NaN or Inf, so the delta is not finite",
+            path=bad.file,
+            key=task.key,
+            hint="fix or re-save the checkpoint",
+        )
+    return delta, largest
+
+
+@contextmanager
+def _read(task: ExtractTask, device: torch.device):
+    """Both tensors, read: the mapped views on the CPU (the diff reads them), copies in pinned
+    host memory for a GPU task, made here so the read overlaps another thread's kernel."""
+    with mapped(task.source) as base, mapped(task.target) as target:
+        if device.type == "cpu":
+            yield base, target
+            return
+        base, target = stage(base, "source", device), stage(target, "target", device)
+    yield base, target
+
+
+def run_extract_task(
+    task: ExtractTask, work_dir: str, device: str, kernel: KernelOptions, fingerprint: dict
+) -> dict:
+    """Diff, factor or keep, and store one tensor's fp32 result in the work directory.
+
+    Returns the completion marker (also written to disk after the arrays)."""
+    start = time.perf_counter()
+    dev = torch.device(device)
+    # MKL's QR and GEMM round differently with different thread counts; one thread per task
+    # keeps the bytes independent of --workers and of the machine's core count (parallelism
+    # comes from running tasks side by side).
+    torch.set_num_threads(1)
+    marker = {"key": task.key, "fingerprint": fingerprint, "shape": list(task.shape)}
+    # Read first, then hold the device for diff, kernel and the copy back: one kernel per GPU
+    # at a time while another thread reads (see run/gpu.py); the save comes after.
+    with _read(task, dev) as (base, target), device_lock(dev):
+        arrays, attributes = _factor(task, dev, kernel, base, target, marker)
+    marker["array_shapes"] = {name: list(a.shape) for name, a in arrays.items()}
+    marker["seconds"] = round(time.perf_counter() - start, 4)
+    WorkDir(work_dir).save(task.key, arrays, marker, attributes)
+    return marker
+
+
+def _factor(
+    task: ExtractTask,
+    dev: torch.device,
+    kernel: KernelOptions,
+    base: torch.Tensor,
+    target: torch.Tensor,
+    marker: dict,
+) -> tuple[dict, dict]:
+    """Diff and factor (or keep) one tensor; ``marker`` gains what was done. Returns the
+    arrays to store, on the host, and their zarr attributes."""
+    delta, largest = _delta(task, dev, base, target)
+    arrays, attributes = {}, {}
+    if is_unchanged(largest):
+        marker["kind"] = "unchanged"
+    elif task.kind == "lowrank":
+        factors = lowrank(
+            delta,
+            task.rank,
+            name=task.key,
+            method=kernel.method,
+            oversample=kernel.oversample,
+            n_iter=kernel.n_iter,
+        )
+        arrays = {"up": factors.up, "down": factors.down}
+        # Singular values ride on the up array's zarr attributes: one file fewer per tensor.
+        attributes["up"] = {"singular_values": factors.singular_values.cpu().tolist()}
+        marker.update(
+            kind="lowrank",
+            rank=factors.rank,
+            sq_norm=factors.sq_norm,
+            residual_sq=factors.residual_sq,
+            kernel=kernel.to_dict(),
+        )
+    else:
+        arrays = {"diff": delta}
+        marker.update(kind="diff")
+    del delta
+    return {name: a.cpu().numpy() for name, a in arrays.items()}, attributes

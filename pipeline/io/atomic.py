@@ -1,0 +1,32 @@
+"""Write-to-temporary-then-rename helpers, so nothing that looks finished is ever half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def temporary_name(path: str) -> str:
+    """A hidden sibling; the work-directory lock keeps two runs from sharing it."""
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f".{name}.partial")
+
+
+def write_text(path: str, text: str) -> None:
+    """``text`` at ``path``, which holds either its old contents or all of ``text``."""
+    tmp = temporary_name(path)
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str, data: object) -> None:
+    """``data`` as indented JSON with sorted keys, atomically (``write_text``)."""
+    write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,58 @@
+"""Option values every command that writes tensors shares: output dtypes, formats and sizes."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..errors import UsageError
+
+OUTPUT_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+OUTPUT_FORMATS = ("safetensors", "pytorch")
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return OUTPUT_DTYPES[name.lower()]
+    except KeyError:
+        raise UsageError(f"unknown dtype {name!r}; valid: {', '.join(OUTPUT_DTYPES)}") from None
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'5GB' → 5·10⁹ bytes (Hugging Face's convention), '2GiB' → 2·2³⁰; None/'0' → no limit."""
+    if text is None or isinstance(text, int):
+        return text or None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
+    if not m or m.group(2) not in _SIZE_UNITS:
+        raise UsageError(f"cannot read size {text!r}; write e.g. 5GB, 500MB or 2GiB")
+    size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    return size or None
+
+
+def check_output_format(output_format: str, max_shard_size: int | None) -> None:
+    if output_format not in OUTPUT_FORMATS:
+        raise UsageError(
+            f"unknown --output-format {output_format!r}; valid: {', '.join(OUTPUT_FORMATS)}"
+        )
+    if output_format == "pytorch" and max_shard_size:
+        raise UsageError("--max-shard-size needs --output-format safetensors")

@@ -1,0 +1,75 @@
+"""The output's layout, decided before any tensor is computed: file names (LightX2V's suffix
+rule, Hugging Face shards and index), and each planned tensor's entry and slot."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from . import safetensors_format as stf
+
+SUFFIXES = {"safetensors": (".safetensors",), "pytorch": (".pt", ".pth")}
+
+
+def output_path(output: str, output_format: str) -> str:
+    """LightX2V's rule: add ``.safetensors``/``.pt`` when the name lacks a matching suffix."""
+    output = os.path.abspath(os.path.expanduser(output))
+    if not output.endswith(SUFFIXES[output_format]):
+        output += SUFFIXES[output_format][0]
+    return output
+
+
+@dataclass(frozen=True)
+class OutputEntry:
+    name: str
+    dtype: str  # safetensors code
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return stf.nbytes(self.dtype, self.shape)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one planned tensor's bytes go: a temporary output file and an absolute offset.
+    Plain data, so a task in any process can write its own tensor (``writer.write_at``)."""
+
+    file: str
+    offset: int
+    entry: OutputEntry
+
+
+def split_shards(entries: list[tuple[str, int]], max_shard_size: int | None) -> list[list[str]]:
+    """Greedy split in the given order: a shard is closed when the next tensor would push it past
+    ``max_shard_size``; a tensor larger than the limit gets a shard of its own."""
+    if not max_shard_size:
+        return [[name for name, _ in entries]]
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, nbytes in entries:
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def shard_file_names(output: str, count: int) -> list[str]:
+    """``x.safetensors`` → ``x-00001-of-00003.safetensors`` …; one shard keeps ``output``."""
+    if count == 1:
+        return [output]
+    stem, ext = os.path.splitext(output)
+    return [f"{stem}-{i:05d}-of-{count:05d}{ext}" for i in range(1, count + 1)]
+
+
+def index_file_name(output: str) -> str:
+    return output + ".index.json"
+
+
+def output_files(output: str, entries: list[OutputEntry], max_shard_size: int | None) -> list[str]:
+    """Every file the output will consist of: its shards, and the index when there are several."""
+    count = len(split_shards([(e.name, e.nbytes) for e in entries], max_shard_size))
+    files = shard_file_names(output, count)
+    return [*files, index_file_name(output)] if count > 1 else files

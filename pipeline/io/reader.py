@@ -1,0 +1,331 @@
+"""The one module that reads checkpoints.
+
+``index_checkpoint`` reads headers only and returns where every tensor lives. ``load_tensor``
+reads one tensor through a memory map cached per process (so Dask tasks open files themselves
+and tensors never travel through the scheduler), copies it out and then drops the mapped pages
+from the process (``MADV_DONTNEED``), so resident memory stays bounded by the tensors in flight
+however much of the checkpoint has been read.
+
+Formats: a single ``.safetensors`` file; a directory of shards with or without
+``*.safetensors.index.json`` (an index is the truth: a shard it names must exist); PyTorch
+``.pt``/``.pth`` zip checkpoints through ``torch.load(mmap=True, weights_only=True)``, unwrapping
+``state_dict``/``model``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import mmap
+import os
+import pickle
+import threading
+import warnings
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import CheckpointFormatError, CheckpointNotFound, UnsafePickle
+from . import safetensors_format as stf
+
+FORMATS = ("safetensors", "pytorch")
+PYTORCH_SUFFIXES = (".pt", ".pth", ".bin")  # .bin: Hugging Face / PEFT torch.save zips
+_PAGE = mmap.PAGESIZE
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives. ``offset`` is the absolute byte offset (safetensors only)."""
+
+    key: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int | None = None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * stf.itemsize(self.dtype)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in stf.FLOAT_CODES
+
+
+@dataclass(frozen=True)
+class CheckpointIndex:
+    """Headers of a whole checkpoint: tensors by key, and a cheap fingerprint per file."""
+
+    path: str
+    format: str
+    tensors: dict[str, TensorInfo]
+    files: dict[str, dict]  # file name -> {"size": int, "header_sha256": str}
+
+    def fingerprint(self) -> dict:
+        return {"path": self.path, "format": self.format, "files": self.files}
+
+
+def index_checkpoint(path: str, fmt: str | None = None) -> CheckpointIndex:
+    """Read the headers of the checkpoint at ``path`` (format ``fmt`` or guessed)."""
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    if not os.path.exists(path):
+        raise CheckpointNotFound("no such file or directory", path=path, hint="check the path")
+    if fmt is None:
+        fmt = "pytorch" if path.endswith(PYTORCH_SUFFIXES) else "safetensors"
+    if fmt == "safetensors":
+        if os.path.isdir(path):
+            return _index_safetensors_dir(path)
+        if not path.endswith(".safetensors"):
+            raise CheckpointFormatError(
+                "a safetensors checkpoint must end with .safetensors or be a directory of shards",
+                path=path,
+                hint="pass the right --*-type (pytorch for .pt/.pth/.bin)",
+            )
+        return _index_safetensors_files(path, [path])
+    if fmt == "pytorch":
+        if os.path.isdir(path) or not path.endswith(PYTORCH_SUFFIXES):
+            raise CheckpointFormatError(
+                "a pytorch checkpoint must be a .pt, .pth or .bin file",
+                path=path,
+                hint="pass the right --*-type (safetensors for .safetensors files)",
+            )
+        return _index_pytorch(path)
+    raise CheckpointFormatError(
+        f"unknown checkpoint format {fmt!r}; use one of {FORMATS}", path=path
+    )
+
+
+def _index_safetensors_dir(path: str) -> CheckpointIndex:
+    names = sorted(os.listdir(path))
+    indexes = [n for n in names if n.endswith(".safetensors.index.json")]
+    if len(indexes) > 1:
+        raise CheckpointFormatError(
+            f"several shard indexes: {', '.join(indexes)}",
+            path=path,
+            hint="keep one *.safetensors.index.json per directory",
+        )
+    if indexes:
+        index_path = os.path.join(path, indexes[0])
+        try:
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointFormatError(
+                "not a valid shard index (needs a 'weight_map' object)", path=index_path
+            ) from None
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            if not os.path.isfile(os.path.join(path, shard)):
+                raise CheckpointNotFound(
+                    f"shard {shard!r} named by the index is missing",
+                    path=index_path,
+                    hint="re-download the missing shard",
+                )
+        index = _index_safetensors_files(path, [os.path.join(path, s) for s in shards])
+        for key, shard in weight_map.items():
+            info = index.tensors.get(key)
+            if info is None or os.path.basename(info.file) != shard:
+                raise CheckpointFormatError(
+                    f"the index places this tensor in {shard!r}, which does not hold it",
+                    path=index_path,
+                    key=key,
+                )
+        return index
+    files = [os.path.join(path, n) for n in names if n.endswith(".safetensors")]
+    if not files:
+        raise CheckpointNotFound(
+            "directory holds no .safetensors files",
+            path=path,
+            hint="point at the checkpoint file or its shard directory",
+        )
+    return _index_safetensors_files(path, files)
+
+
+def _index_safetensors_files(root: str, files: list[str]) -> CheckpointIndex:
+    tensors: dict[str, TensorInfo] = {}
+    fingerprints: dict[str, dict] = {}
+    for file in files:
+        _, _, entries, head = stf.read_header(file)
+        fingerprints[os.path.basename(file)] = {
+            "size": os.path.getsize(file),
+            "header_sha256": hashlib.sha256(head).hexdigest(),
+        }
+        for key, (code, shape, begin, _end) in entries.items():
+            if key in tensors:
+                raise CheckpointFormatError(
+                    f"tensor also stored in {os.path.basename(tensors[key].file)}",
+                    path=file,
+                    key=key,
+                    hint="remove the duplicate shard",
+                )
+            tensors[key] = TensorInfo(key, file, code, shape, begin)
+    return CheckpointIndex(root, "safetensors", tensors, fingerprints)
+
+
+def _index_pytorch(path: str) -> CheckpointIndex:
+    state = _load_pytorch(path)
+    tensors = {}
+    for key, t in state.items():
+        if t.dtype not in stf.CODE_BY_DTYPE:
+            raise CheckpointFormatError(f"unsupported dtype {t.dtype}", path=path, key=key)
+        tensors[key] = TensorInfo(key, path, stf.CODE_BY_DTYPE[t.dtype], tuple(t.shape))
+    with zipfile.ZipFile(path) as z:
+        pickle_name = next(n for n in z.namelist() if n.endswith("data.pkl"))
+        digest = hashlib.sha256(z.read(pickle_name)).hexdigest()
+    files = {os.path.basename(path): {"size": os.path.getsize(path), "header_sha256": digest}}
+    return CheckpointIndex(path, "pytorch", tensors, files)
+
+
+# ---- per-process caches of open maps; every Dask worker fills its own ----
+_lock = threading.Lock()
+_maps: dict[str, tuple[tuple[int, int, int], mmap.mmap]] = {}
+_pickles: dict[str, tuple[tuple[int, int, int], dict[str, torch.Tensor]]] = {}
+
+
+def _stamp(file: str) -> tuple[int, int, int]:
+    """Identity of a file's current contents: a rewritten file gets a new map."""
+    st = os.stat(file)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _mapping(file: str) -> mmap.mmap:
+    stamp = _stamp(file)
+    with _lock:
+        cached = _maps.get(file)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        with open(file, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        _maps[file] = (stamp, mm)
+        return mm
+
+
+def _load_pytorch(path: str) -> dict[str, torch.Tensor]:
+    stamp = _stamp(path)
+    with _lock:
+        cached = _pickles.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+    if not zipfile.is_zipfile(path):
+        raise CheckpointFormatError(
+            "not a zip-format PyTorch checkpoint, so it cannot be memory-mapped",
+            path=path,
+            hint="re-save it with a current torch.save, or convert it to safetensors",
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling failed"
+        raise UnsafePickle(
+            f"refusing a pickle that needs code to load ({first[:160]})",
+            path=path,
+            hint="convert it to safetensors in a trusted environment",
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
+        raise CheckpointFormatError(
+            f"cannot read PyTorch checkpoint ({str(e)[:160]})", path=path
+        ) from None
+    if isinstance(obj, dict):
+        for wrapper in ("state_dict", "model"):
+            if isinstance(obj.get(wrapper), dict):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, dict):
+        raise CheckpointFormatError(f"holds a {type(obj).__name__}, not a state dict", path=path)
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    with _lock:
+        _pickles[path] = (stamp, state)
+    return state
+
+
+def _drop_pages(address: int, length: int) -> None:
+    """Unmap the touched pages of a read-only file mapping from this process (they stay in the
+    page cache); the next access simply faults them in again."""
+    start = address - address % _PAGE
+    _libc().madvise(
+        ctypes.c_void_p(start),
+        ctypes.c_size_t(address + length - start),
+        ctypes.c_int(mmap.MADV_DONTNEED),
+    )
+
+
+_LIBC = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+        _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return _LIBC
+
+
+def _view(info: TensorInfo) -> torch.Tensor:
+    """A zero-copy view of the stored tensor (valid until its pages are dropped)."""
+    if info.offset is None:
+        return _load_pytorch(info.file)[info.key]
+    dtype = stf.DTYPE_BY_CODE[info.dtype]
+    if info.numel == 0:
+        return torch.empty(info.shape, dtype=dtype)
+    with warnings.catch_warnings():  # read-only map: we never write through the view
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(
+            _mapping(info.file), dtype=dtype, count=info.numel, offset=info.offset
+        )
+    return flat.view(info.shape)
+
+
+def _release(view: torch.Tensor) -> None:
+    if view.numel() == 0:
+        return
+    if view.is_contiguous():
+        _drop_pages(view.data_ptr(), view.numel() * view.element_size())
+
+
+def load_tensor(info: TensorInfo, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Copy one tensor out of its checkpoint, converted to ``dtype`` (default: as stored)."""
+    with mapped(info) as view:
+        result = torch.empty(view.shape, dtype=view.dtype if dtype is None else dtype)
+        return result.copy_(view)
+
+
+@contextmanager
+def mapped(info: TensorInfo):
+    """A zero-copy view of the stored tensor for the duration of the block; its pages are
+    dropped from the process afterwards. Copy out anything you keep."""
+    view = _view(info)
+    try:
+        yield view
+    finally:
+        _release(view)
+
+
+_SAMPLE = 4096
+
+
+def sample_digest(info: TensorInfo) -> str:
+    """sha256 of three 4 KiB windows (start, middle, end) of the tensor's bytes: a cheap check
+    that a tensor's data is what an earlier run saw, without reading it all."""
+    digest = hashlib.sha256()
+    with mapped(info) as view:
+        raw = (
+            view.reshape(-1).view(torch.uint8)
+            if view.numel()
+            else torch.empty(0, dtype=torch.uint8)
+        )
+        n = raw.numel()
+        for start in sorted({0, max(0, n // 2 - _SAMPLE // 2), max(0, n - _SAMPLE)}):
+            digest.update(raw[start : start + _SAMPLE].numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,120 @@
+"""Opening the LoRAs of a merge: find the weights (a file, a shard directory, or a PEFT adapter
+directory), read their ``.alpha`` values and the PEFT scaling, and map their keys onto the base.
+
+Reads headers, the adapter config and the ``.alpha`` scalars; never a factor."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import (
+    CheckpointFormatError,
+    CheckpointNotFound,
+    LoraMismatch,
+    NonFiniteTensor,
+    UsageError,
+)
+from ..io.reader import CheckpointIndex, index_checkpoint, load_tensor
+from .config import LoraSpec
+from .keys import LoraMapping, PeftConfig, load_peft_config, map_lora
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = (("adapter_model.safetensors", "safetensors"), ("adapter_model.bin", "pytorch"))
+
+
+@dataclass(frozen=True)
+class LoraInput:
+    label: str  # the path as the user gave it (resolved)
+    file: str  # the weights read: a file or a shard directory
+    strength: float
+    index: CheckpointIndex
+    mapping: LoraMapping
+    peft: dict | None  # the scaling part of a PEFT config (or a config entry's alpha)
+
+
+def find_weights(path: str, lora_type: str | None) -> tuple[str, str | None, str | None]:
+    """``(weights path, format or None to guess, adapter_config.json or None)``."""
+    if not os.path.exists(path):
+        raise CheckpointNotFound("LoRA not found", path=path, hint="check --lora-model")
+    if os.path.isdir(path):
+        config = os.path.join(path, PEFT_CONFIG)
+        if not os.path.isfile(config):
+            return path, lora_type, None  # a shard directory
+        for name, fmt in PEFT_WEIGHTS:
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name), fmt, config
+        raise CheckpointNotFound(
+            "PEFT adapter directory holds no adapter_model.safetensors or adapter_model.bin",
+            path=path,
+        )
+    beside = os.path.join(os.path.dirname(path), PEFT_CONFIG)
+    return path, lora_type, beside if os.path.isfile(beside) else None
+
+
+def _alpha(index: CheckpointIndex, key: str, allow_nonfinite: bool) -> float:
+    info = index.tensors[key]
+    if info.numel != 1 or not (info.is_float or info.dtype in ("I64", "I32", "I16", "I8")):
+        raise CheckpointFormatError(
+            f"an alpha must be one number, found {info.dtype}{list(info.shape)}",
+            path=info.file,
+            key=key,
+        )
+    value = float(load_tensor(info, torch.float64).reshape(-1)[0])
+    if not math.isfinite(value) and not allow_nonfinite:
+        raise NonFiniteTensor(
+            f"alpha is {value}", path=info.file, key=key, hint="or pass --allow-nonfinite"
+        )
+    return value
+
+
+def open_lora(
+    spec: LoraSpec,
+    base_shapes: dict[str, tuple[int, ...]],
+    lora_type: str | None = None,
+    allow_nonfinite: bool = False,
+) -> LoraInput:
+    file, fmt, config = find_weights(spec.path, lora_type)
+    index = index_checkpoint(file, fmt)
+    peft: PeftConfig | None = load_peft_config(config) if config else None
+    if spec.alpha is not None:
+        if peft is not None:
+            raise UsageError(
+                "a config 'alpha' for a PEFT adapter, which has its own lora_alpha",
+                path=spec.path,
+                hint="drop 'alpha' from this lora_configs entry",
+            )
+        peft = PeftConfig(r=1, lora_alpha=spec.alpha)  # scale = alpha / the tensors' rank
+    alphas = {
+        key: _alpha(index, key, allow_nonfinite) for key in index.tensors if key.endswith(".alpha")
+    }
+    mapping = map_lora(
+        {key: info.shape for key, info in index.tensors.items()},
+        base_shapes,
+        alphas=alphas,
+        peft_config=peft,
+        source=file,
+    )
+    if not mapping.patches:
+        example = (
+            f", e.g. '{mapping.unmatched[0].lora_key}': {mapping.unmatched[0].reason}"
+            if mapping.unmatched
+            else ""
+        )
+        raise LoraMismatch(
+            f"none of its {len(index.tensors)} keys patches the base{example}",
+            path=file,
+            hint="is this LoRA for another model?",
+        )
+    return LoraInput(
+        label=spec.path,
+        file=file,
+        strength=spec.strength,
+        index=index,
+        mapping=mapping,
+        peft=dataclasses.asdict(peft) if peft else None,
+    )

@@ -1,0 +1,352 @@
+"""Map a LoRA's keys onto the keys of a base checkpoint (for ``loraforge merge``).
+
+Pure: works on key names and shapes only. Namings recognised per key, for a module ``<m>`` (one
+file may mix them):
+
+* ``<m>.lora_up.weight`` / ``<m>.lora_down.weight`` (kohya, LightX2V). A ``<m>.lora_mid.weight``
+  (LoCon Tucker) is reported unmatched, and so is its pair: up@down alone is not that delta.
+* ``<m>_lora.up.weight`` / ``<m>_lora.down.weight``
+* ``<m>.lora_B.weight`` / ``<m>.lora_A.weight`` (PEFT); ``<m>.lora_B`` / ``<m>.lora_A`` (Mochi);
+  ``<m>.lora_B.default.weight`` / ``<m>.lora_A.default.weight`` (PEFT unmerged, Qwen)
+* ``<m>.lora.up.weight`` / ``<m>.lora.down.weight``
+* ``<m>.lora_linear_layer.up.weight`` / ``<m>.lora_linear_layer.down.weight`` (diffusers)
+* ``<m>.alpha``: scale = alpha / rank; without it a PEFT config's scale, else 1.0
+* ``<m>.diff`` / ``<m>.diff_b`` / ``<m>.diff_m``: full deltas of ``<m>.weight`` / ``.bias`` /
+  ``.modulation``
+
+``<m>`` resolves against the base exactly, then with ``PREFIXES`` stripped from the LoRA's name
+or from the base's, then as a kohya name (``lora_unet_blocks_0_self_attn_q``) looked up among the
+base's own module paths written with ``_`` for ``.``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from ..errors import CheckpointFormatError, CheckpointNotFound
+
+PREFIXES = ("diffusion_model.", "model.", "unet.", "transformer.", "base_model.model.")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_transformer_")
+
+# naming -> (up suffix, down suffix); a key takes the longest suffix it ends with
+_PAIRS = {
+    "lora_up": (".lora_up.weight", ".lora_down.weight"),
+    "_lora": ("_lora.up.weight", "_lora.down.weight"),
+    "peft": (".lora_B.weight", ".lora_A.weight"),
+    "mochi": (".lora_B", ".lora_A"),
+    "peft_default": (".lora_B.default.weight", ".lora_A.default.weight"),
+    "lora.up": (".lora.up.weight", ".lora.down.weight"),
+    "diffusers": (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"),
+}
+_DIFF_LEAF = {"diff": "weight", "diff_b": "bias", "diff_m": "modulation"}
+_SUFFIXES: dict[str, tuple[str, str]] = {  # suffix -> (naming, role)
+    **{up: (naming, "up") for naming, (up, _) in _PAIRS.items()},
+    **{down: (naming, "down") for naming, (_, down) in _PAIRS.items()},
+    **{f".{naming}": (naming, "diff") for naming in _DIFF_LEAF},
+    ".lora_mid.weight": ("lora_up", "mid"),
+    ".alpha": ("alpha", "alpha"),
+}
+_BY_LENGTH = sorted(_SUFFIXES, key=len, reverse=True)
+Shapes = dict[str, tuple[int, ...]]
+_HINT = (
+    "expected names ending in .lora_up/.lora_down.weight, .lora_A/.lora_B(.weight), "
+    ".lora_linear_layer.up/.down.weight, .alpha or .diff; is this a full checkpoint?"
+)
+
+
+@dataclass(frozen=True)
+class LoraPatch:
+    base_key: str
+    kind: str  # "lowrank" | "diff"
+    up_key: str | None
+    down_key: str | None
+    diff_key: str | None
+    scale: float  # multiplies up@down (or diff); strength is applied elsewhere
+    rank: int | None
+
+
+@dataclass(frozen=True)
+class Unmatched:
+    lora_key: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class LoraMapping:
+    patches: list[LoraPatch]  # sorted by base_key
+    unmatched: list[Unmatched]  # sorted by lora_key
+
+
+@dataclass(frozen=True)
+class PeftConfig:
+    """The scaling part of a PEFT ``adapter_config.json``."""
+
+    r: int
+    lora_alpha: float
+    use_rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def rank_for(self, module: str) -> int:
+        return int(_pattern_value(self.rank_pattern, module, self.r))
+
+    def alpha_for(self, module: str) -> float:
+        return float(_pattern_value(self.alpha_pattern, module, self.lora_alpha))
+
+    def scale_for(self, module: str, rank: int) -> float:
+        """``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA); ``rank`` is the tensors' own rank."""
+        alpha = self.alpha_for(module)
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+
+def _pattern_value(patterns: Mapping[str, float], module: str, default: float) -> float:
+    # PEFT's get_pattern_key: the first pattern matching `(.*\.)?{pattern}$` wins
+    for pattern, value in patterns.items():
+        if re.fullmatch(rf"(.*\.)?(?:{pattern})", module):
+            return value
+    return default
+
+
+def load_peft_config(path: str | os.PathLike[str]) -> PeftConfig:
+    """Read ``adapter_config.json`` (or the directory holding it)."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / "adapter_config.json"
+    where = str(file)
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointNotFound("PEFT adapter config not found", path=where) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointFormatError(f"not a readable JSON file: {e}", path=where) from e
+
+    def bad(what: str) -> CheckpointFormatError:
+        return CheckpointFormatError(what, path=where, hint="is this a PEFT LoRA adapter_config?")
+
+    if not isinstance(raw, dict):
+        raise bad("expected a JSON object")
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise bad(f"peft_type is {raw['peft_type']!r}, not 'LORA'")
+    if raw.get("use_dora"):
+        raise bad("DoRA adapters are not supported (their magnitude vectors would be ignored)")
+    r, alpha = raw.get("r"), raw.get("lora_alpha", 8)  # 8: PEFT's default lora_alpha
+    if not _is_int(r) or r <= 0:
+        raise bad(f"'r' must be a positive integer, got {r!r}")
+    if not _is_num(alpha):
+        raise bad(f"'lora_alpha' must be a number, got {alpha!r}")
+    rank_pattern = raw.get("rank_pattern") or {}
+    alpha_pattern = raw.get("alpha_pattern") or {}
+    for name, pat, ok in (("rank", rank_pattern, _is_int), ("alpha", alpha_pattern, _is_num)):
+        if not isinstance(pat, dict) or not all(ok(v) for v in pat.values()):
+            raise bad(f"'{name}_pattern' must map module patterns to numbers")
+        for key in pat:
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise bad(f"'{name}_pattern' key {key!r} is not a valid regex: {e}") from e
+    return PeftConfig(
+        r=r,
+        lora_alpha=float(alpha),
+        use_rslora=bool(raw.get("use_rslora", False)),
+        rank_pattern={k: int(v) for k, v in rank_pattern.items()},
+        alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
+    )
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _parse(key: str) -> tuple[str, str, str] | None:
+    """``key`` -> (module, naming, role), or None when it is no LoRA name."""
+    for suffix in _BY_LENGTH:
+        if key.endswith(suffix) and len(key) > len(suffix):
+            return (key[: -len(suffix)], *_SUFFIXES[suffix])
+    return None
+
+
+def _strip_forms(name: str) -> list[str]:
+    """``name`` and every form with known prefixes stripped, least stripped first."""
+    forms = [name]
+    for form in forms:  # grows while iterating: breadth first
+        for prefix in PREFIXES:
+            rest = form.removeprefix(prefix)
+            if rest != form and rest and rest not in forms:
+                forms.append(rest)
+    return forms
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
+def _one(hits: set[str], what: str) -> tuple[str | None, str]:
+    if len(hits) == 1:
+        return next(iter(hits)), ""
+    return None, f"{what}: matches {', '.join(sorted(hits))}"
+
+
+class _Resolver:
+    def __init__(self, base_shapes: Shapes):
+        self.base = base_shapes
+
+    @cached_property
+    def stripped(self) -> dict[str, set[str]]:
+        index: dict[str, set[str]] = {}
+        for key in self.base:
+            for form in _strip_forms(key):
+                index.setdefault(form, set()).add(key)
+        return index
+
+    @cached_property
+    def kohya(self) -> dict[tuple[str, str], set[str]]:
+        index: dict[tuple[str, str], set[str]] = {}
+        for key in self.base:
+            module, dot, leaf = key.rpartition(".")
+            for form in _strip_forms(module) if dot else ():
+                index.setdefault((form.replace(".", "_"), leaf), set()).add(key)
+        return index
+
+    def resolve(self, module: str, leaf: str) -> tuple[str | None, str]:
+        """The base key ``<module>.<leaf>`` refers to, or None and why not."""
+        forms = _strip_forms(module)
+        for form in forms:
+            if f"{form}.{leaf}" in self.base:
+                return f"{form}.{leaf}", ""
+        for form in forms:
+            if hits := self.stripped.get(f"{form}.{leaf}"):
+                return _one(hits, "ambiguous name")
+        for prefix in KOHYA_PREFIXES:
+            if module.startswith(prefix):
+                if hits := self.kohya.get((module.removeprefix(prefix), leaf)):
+                    return _one(hits, "ambiguous kohya name")
+        return None, "targets no base tensor"
+
+
+def _check_pair(up: tuple[int, ...], down: tuple[int, ...], base: tuple[int, ...]) -> str:
+    """Why up@down cannot patch a base tensor of shape ``base``; "" when it can."""
+    if len(up) < 2 or len(down) < 2 or math.prod(up[2:]) != 1 or down[0] == 0:
+        return f"not a low-rank pair: up is {_dims(up)} and down is {_dims(down)}"
+    if up[1] != down[0]:
+        return f"rank mismatch: up has rank {up[1]} but down has rank {down[0]}"
+    product = (up[0], math.prod(down[1:]))
+    if len(base) < 2 or product != (base[0], math.prod(base[1:])):
+        return f"shape mismatch: up@down is {_dims(product)} but base is {_dims(base)}"
+    return ""
+
+
+def _plan_diff(
+    module: str, naming: str, key: str, lora_shapes: Shapes, resolver: _Resolver
+) -> tuple[LoraPatch | None, str]:
+    target, reason = resolver.resolve(module, _DIFF_LEAF[naming])
+    if target is None:
+        return None, reason
+    diff, base = tuple(lora_shapes[key]), tuple(resolver.base[target])
+    if diff != base:
+        return None, f"shape mismatch: diff is {_dims(diff)} but base is {_dims(base)}"
+    return LoraPatch(target, "diff", None, None, key, 1.0, None), ""
+
+
+def _plan_lowrank(
+    module: str,
+    roles: dict[str, str],
+    lora_shapes: Shapes,
+    resolver: _Resolver,
+    alpha: float | None,
+    peft_config: PeftConfig | None,
+) -> tuple[LoraPatch | None, str]:
+    if "up" not in roles or "down" not in roles:
+        return None, "up without down" if "up" in roles else "down without up"
+    target, reason = resolver.resolve(module, "weight")
+    if target is None:
+        return None, reason
+    up, down = tuple(lora_shapes[roles["up"]]), tuple(lora_shapes[roles["down"]])
+    if reason := _check_pair(up, down, tuple(resolver.base[target])):
+        return None, reason
+    rank = down[0]
+    if alpha is not None:
+        scale = float(alpha) / rank
+    elif peft_config is not None:
+        scale = peft_config.scale_for(module, rank)
+    else:
+        scale = 1.0
+    return LoraPatch(target, "lowrank", roles["up"], roles["down"], None, scale, rank), ""
+
+
+def map_lora(
+    lora_shapes: Shapes,
+    base_shapes: Shapes,
+    *,
+    alphas: dict[str, float] | None = None,
+    peft_config: PeftConfig | None = None,
+    source: str = "<lora>",
+) -> LoraMapping:
+    """Plan which base tensor each LoRA key patches; report every key left over and why.
+
+    ``alphas`` holds the values of the file's ``*.alpha`` keys. A file's ``<m>.alpha`` wins over
+    ``peft_config``. When two namings target one base key, the first in file order is used.
+    """
+    alphas = alphas or {}
+    groups: dict[tuple[str, str], dict[str, str]] = {}  # (module, naming) -> role -> key
+    alpha_keys: dict[str, str] = {}  # module -> its alpha key
+    unmatched: list[Unmatched] = []
+    for key in lora_shapes:
+        parsed = _parse(key)
+        if parsed is None:
+            unmatched.append(Unmatched(key, "not a LoRA key name"))
+        elif parsed[2] == "alpha":
+            if key not in alphas:
+                raise ValueError(f"{source}: the value of '{key}' was not passed in alphas")
+            alpha_keys[parsed[0]] = key
+        else:
+            groups.setdefault(parsed[:2], {})[parsed[2]] = key
+    if not groups and not alpha_keys:
+        head = ", ".join(list(lora_shapes)[:5]) or "the file holds no tensors"
+        raise CheckpointFormatError(f"no LoRA keys recognised ({head})", path=source, hint=_HINT)
+
+    resolver = _Resolver(base_shapes)
+    patches: dict[str, LoraPatch] = {}
+    used_alphas: set[str] = set()
+    paired_modules: set[str] = set()
+    for (module, naming), roles in groups.items():
+        mid = roles.pop("mid", None)
+        if mid is not None:
+            unmatched.append(Unmatched(mid, "lora_mid (LoCon mid) ignored"))
+        if naming in _DIFF_LEAF:
+            patch, reason = _plan_diff(module, naming, roles["diff"], lora_shapes, resolver)
+        elif mid is not None:
+            patch, reason = None, "has a lora_mid (LoCon Tucker): up@down alone is not its delta"
+        else:
+            alpha = alphas[alpha_keys[module]] if module in alpha_keys else None
+            patch, reason = _plan_lowrank(module, roles, lora_shapes, resolver, alpha, peft_config)
+        if naming not in _DIFF_LEAF:
+            paired_modules.add(module)
+        if patch is not None and patch.base_key in patches:
+            first = patches[patch.base_key]
+            by = first.up_key or first.diff_key
+            reason = f"duplicate target: {patch.base_key} already patched by {by}"
+        elif patch is not None:
+            patches[patch.base_key] = patch
+            if patch.kind == "lowrank" and module in alpha_keys:
+                used_alphas.add(alpha_keys[module])
+        unmatched.extend(Unmatched(k, reason) for k in roles.values() if reason)
+
+    for module, key in alpha_keys.items():
+        if key not in used_alphas:
+            why = "alpha of an unmatched up/down pair" if module in paired_modules else None
+            unmatched.append(Unmatched(key, why or "alpha without up/down"))
+    return LoraMapping(
+        patches=[patches[k] for k in sorted(patches)],
+        unmatched=sorted(unmatched, key=lambda u: u.lora_key),
+    )

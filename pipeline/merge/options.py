@@ -1,0 +1,37 @@
+"""What decides a merge's output bytes, plus how strictly inputs are checked."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UsageError
+from ..io.dtypes import check_output_format, parse_dtype
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    alpha: float = 1.0  # global multiplier of every LoRA's delta (LightX2V's --alpha)
+    output_dtype: str = "bf16"
+    output_format: str = "safetensors"
+    max_shard_size: int | None = None
+    strict: bool = False
+    allow_nonfinite: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+            raise UsageError(f"--alpha must be a number, got {self.alpha!r}")
+        if not math.isfinite(self.alpha):
+            raise UsageError(f"--alpha must be finite, got {self.alpha}")
+        parse_dtype(self.output_dtype)
+        check_output_format(self.output_format, self.max_shard_size)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return parse_dtype(self.output_dtype)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,173 @@
+"""The work directory: per-tensor results in a zarr v3 store, completion markers, the manifest.
+
+Layout::
+
+    <work>/tensors/          zarr group; one child group per tensor with fp32 arrays
+                             (up, down, s for low-rank results; diff for diffs), crc32c-checked
+    <work>/done/<key>.json   marker: written (atomically) only after the arrays, with the
+                             fingerprint of what produced them; no marker = not finished
+    <work>/run.json          the last run's options and input fingerprints
+    <work>/lock.json         pid and host of the run using the directory (``lock.py``)
+
+One task owns one tensor's group, so no two tasks write the same chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from urllib.parse import quote
+
+import numpy as np
+import zarr
+import zarr.api.asynchronous as zarr_async
+import zarr.storage
+
+from ..io.atomic import remove_quietly, write_json
+from . import zarr_direct
+
+# Rows per chunk are chosen so a chunk holds about this many bytes.
+_CHUNK_BYTES = 64 * 2**20
+
+
+class CorruptEntry(Exception):
+    """An intermediate that has a marker but cannot be read back intact."""
+
+
+def _entry(key: str) -> str:
+    return quote(key, safe=".-_")
+
+
+def _chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
+    if not shape:
+        return ()
+    row = 4 * int(np.prod(shape[1:], dtype=np.int64))
+    return (max(1, min(shape[0], _CHUNK_BYTES // max(row, 1))), *shape[1:])
+
+
+class WorkDir:
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        self.tensors = os.path.join(self.path, "tensors")
+        self.done = os.path.join(self.path, "done")
+
+    def create(self) -> None:
+        os.makedirs(self.done, exist_ok=True)
+        zarr.open_group(zarr.storage.LocalStore(self.tensors), mode="a")
+
+    def marker_path(self, key: str) -> str:
+        return os.path.join(self.done, _entry(key) + ".json")
+
+    def read_marker(self, key: str) -> dict | None:
+        try:
+            with open(self.marker_path(key)) as f:
+                return json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+
+    def save(
+        self,
+        key: str,
+        arrays: dict[str, np.ndarray],
+        marker: dict,
+        attributes: dict[str, dict] | None = None,
+    ) -> None:
+        """Store ``arrays`` (with optional zarr attributes per array) for ``key``, then the
+        marker that makes them count (``marker`` gains the list of array names)."""
+        remove_quietly(self.marker_path(key))
+        entry = os.path.join(self.tensors, _entry(key))
+        shutil.rmtree(entry, ignore_errors=True)
+        os.makedirs(entry)
+        zarr_direct.write_group(entry)
+        for name, array in arrays.items():
+            zarr_direct.write_array(
+                os.path.join(entry, name),
+                array,
+                _chunks(tuple(array.shape)),
+                (attributes or {}).get(name),
+            )
+        marker["arrays"] = sorted(arrays)
+        self.write_marker(key, marker)
+
+    def write_marker(self, key: str, marker: dict) -> None:
+        """The marker alone: for commands whose result lives elsewhere (merge's output)."""
+        write_json(self.marker_path(key), marker)
+
+    def load(self, key: str, marker: dict) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+        """The arrays named by ``marker`` and their attributes; anything unreadable or
+        mis-shaped raises ``CorruptEntry``."""
+        result = self.load_many([(key, marker)])[key]
+        if isinstance(result, CorruptEntry):
+            raise result
+        return result
+
+    def load_many(self, entries: list[tuple[str, dict]]) -> dict:
+        """``load`` for several entries in one pass through zarr's event loop (each call
+        into zarr's synchronous API costs a thread hop per array; batching halves the
+        write stage). Values are ``(arrays, attributes)`` or a ``CorruptEntry``."""
+        store = zarr.storage.LocalStore(self.tensors, read_only=True)
+
+        async def one(key: str, marker: dict):
+            arrays, attributes = {}, {}
+            for name in marker.get("arrays", []):
+                try:
+                    array = await zarr_async.open_array(
+                        store=store, path=f"{_entry(key)}/{name}", mode="r"
+                    )
+                    arrays[name] = await array.getitem(...)
+                    attributes[name] = dict(array.attrs)
+                except Exception as e:  # zarr raises many types for missing/truncated chunks
+                    return CorruptEntry(f"{key}/{name}: {type(e).__name__}: {e}")
+            for name, shape in marker.get("array_shapes", {}).items():
+                if name not in arrays or list(arrays[name].shape) != list(shape):
+                    return CorruptEntry(f"{key}/{name}: expected shape {shape}")
+            return arrays, attributes
+
+        async def everything():
+            return await asyncio.gather(*(one(key, marker) for key, marker in entries))
+
+        # A private event loop per batch: zarr's own (``zarr.core.sync``) is not public API.
+        results = asyncio.run(everything())
+        return dict(zip([key for key, _ in entries], results, strict=True))
+
+    def clear(self) -> None:
+        """Forget every result (``--no-resume``, or a merge whose inputs changed)."""
+        shutil.rmtree(self.tensors, ignore_errors=True)
+        shutil.rmtree(self.done, ignore_errors=True)
+
+    def remove(self) -> None:
+        """Delete what loraforge made here (results, markers, manifest), then the directory
+        itself if nothing else is left in it: a user's own files are never deleted."""
+        self.clear()
+        remove_quietly(self.manifest_path)
+        try:
+            os.rmdir(self.path)
+        except OSError:
+            pass  # not empty: someone else's files (or the lock of a live run)
+
+    def discard(self, key: str) -> None:
+        remove_quietly(self.marker_path(key))
+        shutil.rmtree(os.path.join(self.tensors, _entry(key)), ignore_errors=True)
+
+    def size_bytes(self) -> int:
+        total = 0
+        for root, _dirs, files in os.walk(self.path):
+            total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+        return total
+
+    # ---- previous run's manifest ----
+    @property
+    def manifest_path(self) -> str:
+        return os.path.join(self.path, "run.json")
+
+    def read_manifest(self) -> dict | None:
+        try:
+            with open(self.manifest_path) as f:
+                return json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def write_manifest(self, manifest: dict) -> None:
+        write_json(self.manifest_path, manifest)

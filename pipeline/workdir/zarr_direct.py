@@ -1,0 +1,80 @@
+"""Writes a zarr v3 float32 array straight to a directory: ``zarr.json`` plus one file per
+chunk, encoded with the ``bytes`` (little-endian) and ``crc32c`` codecs — exactly what
+``zarr.create_array(..., compressors=[Crc32cCodec()])`` writes, read back by zarr itself.
+
+Why not zarr's own writer: every zarr call hops to its event-loop thread and each file to a
+thread pool, about 4 ms of Python per array under the GIL. Tasks storing one tensor's result
+per call spent more time there than in the SVD (5 s of a 20 s run on the 1.3B benchmark).
+Reading stays with zarr (``WorkDir.load_many``), so a layout mistake here fails loudly."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+
+import google_crc32c
+import numpy as np
+
+from ..io.atomic import write_text
+
+_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+
+
+def array_metadata(shape: tuple[int, ...], chunks: tuple[int, ...], attributes: dict) -> dict:
+    return {
+        "shape": list(shape),
+        "data_type": "float32",
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": 0.0,
+        "codecs": _CODECS,
+        "attributes": attributes,
+        "zarr_format": 3,
+        "node_type": "array",
+        "storage_transformers": [],
+    }
+
+
+def group_metadata() -> dict:
+    return {"attributes": {}, "zarr_format": 3, "node_type": "group"}
+
+
+def _write_metadata(directory: str, document: dict) -> None:
+    write_text(os.path.join(directory, "zarr.json"), json.dumps(document, indent=2))
+
+
+def write_group(directory: str) -> None:
+    """An empty zarr v3 group's metadata in ``directory`` (which must exist)."""
+    _write_metadata(directory, group_metadata())
+
+
+def _chunk_key(index: tuple[int, ...]) -> str:
+    return os.path.join("c", *map(str, index)) if index else "c"
+
+
+def write_array(
+    directory: str, array: np.ndarray, chunks: tuple[int, ...], attributes: dict | None = None
+) -> None:
+    """``array`` (float32) as a zarr v3 array in ``directory`` (created). Edge chunks are
+    padded with the fill value to the full chunk shape, as the regular grid requires."""
+    array = np.asarray(array, dtype="<f4", order="C")  # (ascontiguousarray makes 0-d 1-d)
+    os.makedirs(directory, exist_ok=True)
+    if array.size:
+        grid = [range(math.ceil(n / c)) for n, c in zip(array.shape, chunks, strict=True)]
+        for index in itertools.product(*grid):
+            block = array[
+                tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunks, strict=True))
+            ]
+            if block.shape != tuple(chunks):
+                padded = np.zeros(chunks, dtype="<f4")
+                padded[tuple(slice(0, n) for n in block.shape)] = block
+                block = padded
+            data = np.ascontiguousarray(block).tobytes()
+            path = os.path.join(directory, _chunk_key(index))
+            os.makedirs(os.path.dirname(path) or directory, exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+                f.write(google_crc32c.value(data).to_bytes(4, "little"))
+    _write_metadata(directory, array_metadata(array.shape, chunks, attributes or {}))
