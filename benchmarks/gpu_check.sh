@@ -76,12 +76,12 @@ results=()
 # ---- 4. tests ----
 timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests >"$OUT/pytest_gpu.log" 2>&1
 results+=("tests -m gpu|rc=$? $(pytest_line "$OUT/pytest_gpu.log")")
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/pipeline/test_gpu.py \
-  tests/pipeline/test_cluster.py tests/pipeline/test_cli_json.py >"$OUT/pytest_cluster.log" 2>&1
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/e2e/test_gpu.py tests/pipeline/run \
+  tests/e2e/test_cluster.py tests/e2e/test_json_events.py >"$OUT/pytest_cluster.log" 2>&1
 results+=("tests gpu/cluster/json modules|rc=$? $(pytest_line "$OUT/pytest_cluster.log")")
 if [ -d "$CUDA_SITE" ]; then
   PYTHONPATH=$CUDA_SITE:$PYTHONPATH timeout 150 python3 -m pytest -q -p no:cacheprovider \
-    tests/pipeline/test_gpu.py -k "gpus_all or gpu_cluster" >"$OUT/pytest_dask_cuda.log" 2>&1
+    tests/e2e/test_gpu.py -k "gpus_all or gpu_cluster" >"$OUT/pytest_dask_cuda.log" 2>&1
   results+=("--gpus through dask-cuda|rc=$? $(pytest_line "$OUT/pytest_dask_cuda.log")")
 fi
 

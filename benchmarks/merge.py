@@ -32,10 +32,11 @@ INDEX = f"{FILE_PREFIX}.safetensors.index.json"
 def floor_copy(base: str, output: str, dtype: str = "bf16") -> None:
     """Stream the base into ``output``, casting float tensors to ``dtype``: read, cast, write,
     one tensor at a time (what any merge must at least do)."""
-    from loraforge.pipeline import safetensors_format as stf
-    from loraforge.pipeline.options import parse_dtype
-    from loraforge.pipeline.reader import index_checkpoint, load_tensor
-    from loraforge.pipeline.writer import OutputEntry, SafetensorsOutput
+    from loraforge.pipeline.io import safetensors_format as stf
+    from loraforge.pipeline.io.dtypes import parse_dtype
+    from loraforge.pipeline.io.layout import OutputEntry
+    from loraforge.pipeline.io.reader import index_checkpoint, load_tensor
+    from loraforge.pipeline.io.writer import SafetensorsOutput
 
     target = parse_dtype(dtype)
     index = index_checkpoint(base)
@@ -87,7 +88,7 @@ def compare(ours: str, theirs: str) -> str:
     """Max |difference| in bf16 units of the last place and the share of identical tensors."""
     import torch
 
-    from loraforge.pipeline.reader import index_checkpoint, mapped
+    from loraforge.pipeline.io.reader import index_checkpoint, mapped
 
     a, b = index_checkpoint(ours), index_checkpoint(theirs)
     if set(a.tensors) != set(b.tensors):

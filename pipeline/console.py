@@ -219,7 +219,8 @@ def print_summary(report: dict) -> None:
                 for t in tensors
                 if t["kind"] == kind and t.get("rel_error") is not None
             ]
-            row += [f"{sum(errors) / len(errors):.4g}", f"{max(errors):.4g}"] if errors else ["", ""]
+            mean = f"{sum(errors) / len(errors):.4g}" if errors else ""
+            row += [mean, f"{max(errors):.4g}" if errors else ""]
         table.add_row(*row)
     err.print(table)
     status = ", ".join(f"{n} {s}" for s, n in summary["status"].items())

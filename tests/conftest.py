@@ -1,78 +1,39 @@
-"""Tiny checkpoints generated per test into tmp_path."""
+"""Fixtures: the tiny checkpoint pair, generated once per test session, and GPU skips."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-# Small enough to be fast, large enough that the planner factors the 2-D weights.
-MIN_PARAMS = 10_000
+from tests.helpers.checkpoints import pair_tensors
 
 
-def pair_tensors(seed: int = 0, dtype=torch.bfloat16) -> tuple[dict, dict]:
-    """A base/fine-tune pair shaped like a tiny transformer block, with every planning case:
-    low-rank deltas (exact rank 6 plus a small full-rank tail), biases, a modulation, a 3-D
-    tensor too large for a diff-free plan, an unchanged norm and a key in one model only."""
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, std=0.02):
-        return torch.randn(*shape, generator=g) * std
-
-    base = {
-        "blocks.0.attn.q.weight": randn(96, 128),
-        "blocks.0.attn.q.bias": randn(96),
-        "blocks.0.ffn.0.weight": randn(160, 96),
-        "blocks.0.ffn.0.bias": randn(160),
-        "blocks.0.modulation": randn(1, 6, 32),
-        "blocks.0.norm.weight": torch.ones(32),
-        "patch_embedding.weight": randn(64, 4, 2, 2, 20),
-        "head.weight": randn(8, 32),
-        "only_in_base.weight": randn(4, 4),
-    }
-    target = {k: v.clone() for k, v in base.items() if k != "only_in_base.weight"}
-    for key in ("blocks.0.attn.q.weight", "blocks.0.ffn.0.weight"):
-        out, inp = base[key].shape
-        target[key] += randn(out, 6, std=0.05) @ randn(6, inp, std=0.05) * 40
-        target[key] += randn(out, inp, std=1e-4)
-    for key in (
-        "blocks.0.attn.q.bias",
-        "blocks.0.ffn.0.bias",
-        "blocks.0.modulation",
-        "patch_embedding.weight",
-        "head.weight",
-    ):
-        target[key] += randn(*base[key].shape, std=1e-3)
-    target["only_in_target.bias"] = randn(4)
-    return ({k: v.to(dtype) for k, v in base.items()}, {k: v.to(dtype) for k, v in target.items()})
+def _digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
-@pytest.fixture
-def pair(tmp_path) -> tuple[str, str]:
+@pytest.fixture(scope="session")
+def pair_files(tmp_path_factory) -> Iterator[tuple[str, str]]:
+    """``(base, fine-tuned)`` safetensors paths of ``pair_tensors()``, shared by every test of
+    the session: a test that needs to change one copies it first, and the session fails at
+    teardown if either file changed (tests run as root, so file modes would not stop them)."""
+    directory = tmp_path_factory.mktemp("pair")
     base, target = pair_tensors()
-    paths = str(tmp_path / "base.safetensors"), str(tmp_path / "target.safetensors")
+    paths = str(directory / "base.safetensors"), str(directory / "target.safetensors")
     save_file(base, paths[0])
     save_file(target, paths[1])
-    return paths
-
-
-def save_sharded(tensors: dict, directory: str, shards: int = 2, index: bool = True) -> None:
-    """Hugging Face shards (and optionally the index) of ``tensors``."""
-    import json
-
-    os.makedirs(directory, exist_ok=True)
-    keys = sorted(tensors)
-    weight_map = {}
-    for i in range(shards):
-        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: tensors[k] for k in keys[i::shards]}
-        save_file(part, os.path.join(directory, name))
-        weight_map.update({k: name for k in part})
-    if index:
-        with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f)
+    digests = [_digest(p) for p in paths]
+    yield paths
+    assert [_digest(p) for p in paths] == digests, "a test modified the shared pair files"
+    assert sorted(os.listdir(directory)) == ["base.safetensors", "target.safetensors"], (
+        "a test wrote beside the shared pair files; write to tmp_path"
+    )
 
 
 def has_cuda() -> bool:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from loraforge.pipeline.merge_config import MergeConfig, load_merge_config
+from loraforge.pipeline.lora.config import MergeConfig, load_merge_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.json"))
 

@@ -13,7 +13,7 @@ from ..errors import OutputError
 from . import safetensors_format as stf
 from .atomic import remove_quietly, temporary_name
 from .layout import OutputEntry, Slot
-from .writer import Slots
+from .slots import Slots
 
 
 class PytorchOutput:

@@ -7,7 +7,6 @@ shards, the index is renamed last. ``abort`` removes the temporaries."""
 from __future__ import annotations
 
 import os
-import zlib
 
 import torch
 
@@ -15,48 +14,8 @@ from ..errors import OutputError
 from . import safetensors_format as stf
 from .atomic import remove_quietly, temporary_name, write_json
 from .layout import OutputEntry, Slot, index_file_name, shard_file_names, split_shards
-
-
-def tensor_bytes(entry: OutputEntry, tensor: torch.Tensor) -> memoryview:
-    """``tensor``'s raw bytes, after checking it is what ``entry`` planned."""
-    code = stf.CODE_BY_DTYPE.get(tensor.dtype)
-    if code != entry.dtype or tuple(tensor.shape) != entry.shape:
-        raise ValueError(
-            f"{entry.name}: planned {entry.dtype}{list(entry.shape)}, "
-            f"got {code}{list(tensor.shape)}"
-        )
-    return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    written = 0
-    while written < len(data):
-        written += os.pwrite(fd, data[written:], offset + written)
-
-
-def write_at(slot: Slot, tensor: torch.Tensor) -> int:
-    """Write ``tensor``'s bytes at ``slot`` (the file is opened here, never truncated) and
-    return their CRC-32 (zip records need it; resume checks it).
-
-    The bytes are not synced here: one fsync per tensor serialised a merge on the disk (2.7×
-    the streaming-copy time). The output is fsynced once at commit, and a resumed run checks
-    each reused tensor against the CRC-32 in its marker (``slot_crc32``), which also covers a
-    machine that went down with the bytes still in its page cache."""
-    data = tensor_bytes(slot.entry, tensor)
-    fd = os.open(slot.file, os.O_WRONLY)
-    try:
-        pwrite_all(fd, data, slot.offset)
-    finally:
-        os.close(fd)
-    return zlib.crc32(data)
-
-
-def slot_crc32(slot: Slot) -> int | None:
-    """CRC-32 of the bytes now at ``slot`` (None if the file is shorter)."""
-    with open(slot.file, "rb") as f:
-        f.seek(slot.offset)
-        data = f.read(slot.entry.nbytes)
-    return zlib.crc32(data) if len(data) == slot.entry.nbytes else None
+from .pytorch_writer import PytorchOutput
+from .slots import Slots
 
 
 def _reopen_if_matching(tmp: str, header: bytes, size: int) -> int | None:
@@ -83,32 +42,6 @@ def _open_output(path: str) -> int:
             path=path,
             hint="choose a writable --output location",
         ) from None
-
-
-class Slots:
-    """Where each planned tensor goes: name -> (fd, begin, entry); tracks what has arrived."""
-
-    def __init__(self):
-        self.where: dict[str, tuple[int, int, OutputEntry]] = {}
-        self.missing: set[str] = set()
-
-    def add(self, fd: int, begin: int, entry: OutputEntry) -> None:
-        self.where[entry.name] = (fd, begin, entry)
-        self.missing.add(entry.name)
-
-    def write(self, name: str, tensor: torch.Tensor) -> tuple[int, memoryview]:
-        fd, begin, entry = self.where[name]
-        data = tensor_bytes(entry, tensor)
-        pwrite_all(fd, data, begin)
-        self.missing.discard(name)
-        return begin, data
-
-    def check_complete(self) -> None:
-        if self.missing:
-            raise RuntimeError(
-                f"{len(self.missing)} planned tensors were never written, e.g. "
-                f"{sorted(self.missing)[0]}"
-            )
 
 
 class SafetensorsOutput:
@@ -227,7 +160,5 @@ def open_output(
     reuse: bool = False,
 ):
     if output_format == "pytorch":
-        from .pytorch_writer import PytorchOutput
-
         return PytorchOutput(output, entries, reuse)
     return SafetensorsOutput(output, entries, max_shard_size, metadata, reuse)

@@ -16,7 +16,7 @@ import torch
 from .. import __version__
 from ..io.layout import Slot
 from ..io.reader import CheckpointIndex
-from ..io.writer import slot_crc32
+from ..io.slots import slot_crc32
 from ..lora.inputs import LoraInput
 from .plan import MergePlan
 

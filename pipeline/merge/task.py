@@ -18,7 +18,7 @@ from ..errors import NonFiniteTensor
 from ..io import safetensors_format as stf
 from ..io.layout import Slot
 from ..io.reader import TensorInfo, load_tensor, mapped
-from ..io.writer import write_at
+from ..io.slots import write_at
 from ..run.staging import device_lock, stage, thread_buffer
 from ..workdir import WorkDir
 from .plan import MergeTask, PatchRef

@@ -80,7 +80,7 @@ class Session:
             owner = previous.get("command", "extract") if previous else None
             if owner not in (None, self.command):
                 raise WorkDirConflict(
-                    f"work directory belongs to a {owner} run",
+                    f"work directory was left by loraforge {owner}, not {self.command}",
                     path=self.work.path,
                     hint="pass another --work-dir",
                 )

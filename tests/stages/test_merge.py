@@ -3,11 +3,10 @@
 import pytest
 import torch
 
-from loraforge.stages import Delta, get_stage
+from loraforge.stages.merge import Delta, merge_weight
 
 
-def test_merge_stage_is_registered_and_exact():
-    merge = get_stage("merge")
+def test_merge_weight_is_exact():
     g = torch.Generator().manual_seed(0)
     base = torch.randn(6, 3, 2, 2, generator=g).bfloat16()
     up, down = torch.randn(6, 2, 1, 1, generator=g), torch.randn(2, 3, 2, 2, generator=g)
@@ -22,7 +21,7 @@ def test_merge_stage_is_registered_and_exact():
 
     generator = deltas()
     out = torch.empty(6, 3, 2, 2)
-    merged = merge(base, generator, out=out)
+    merged = merge_weight(base, generator, out=out)
     assert merged.data_ptr() == out.data_ptr() and merged.dtype == torch.float32
     expected = (
         base.double()
@@ -31,6 +30,6 @@ def test_merge_stage_is_registered_and_exact():
     )
     assert float((merged.double() - expected).abs().max()) < 1e-5
     assert consumed == ["lowrank", "diff"]
-    assert torch.equal(merge(base, []), base.float())
+    assert torch.equal(merge_weight(base, []), base.float())
     with pytest.raises(ValueError, match="2\\+ dims"):
-        merge(torch.zeros(4), [Delta(1.0, up=torch.zeros(4, 1), down=torch.zeros(1, 1))])
+        merge_weight(torch.zeros(4), [Delta(1.0, up=torch.zeros(4, 1), down=torch.zeros(1, 1))])

@@ -1,4 +1,4 @@
-"""Crash safety and resume: SIGKILL at many points, corruption, re-export, signals, locks."""
+"""Crash safety and resume: SIGKILL in each phase, corruption, re-export, signals, locks."""
 
 import json
 import os
@@ -9,12 +9,11 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from tests.conftest import MIN_PARAMS, pair_tensors
-from tests.helpers import read_report, run_cli
-
-CLI = [sys.executable, "-m", "loraforge.pipeline.cli"]
+from tests.helpers.checkpoints import MIN_PARAMS, pair_tensors
+from tests.helpers.cli import CLI, run_cli, run_process
+from tests.helpers.reference import read_report
 
 
 @pytest.fixture
@@ -49,40 +48,26 @@ def extract_args(pair, output, *extra):
     ]
 
 
-def run_process(args, env=None, **kw):
-    return subprocess.run(
-        CLI + args,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env={**os.environ, **(env or {})},
-        start_new_session=True,
-        **kw,
-    )
-
-
-def test_sigkill_at_many_points_then_resume_is_byte_identical(many, tmp_path):
+@pytest.mark.parametrize("point", ["compute:7", "write:8"])
+def test_sigkill_then_resume_is_byte_identical(many, tmp_path, point):
+    """SIGKILL the whole process group mid-phase (LORAFORGE_CRASH_AT, so the point does not
+    race the clock): nothing that looks like an output is left, and the rerun gives the bytes
+    of an uninterrupted run, reusing what was finished."""
     reference = tmp_path / "reference.safetensors"
-    assert run_process(extract_args(many, reference)).returncode == 0
-    expected = reference.read_bytes()
-    points = [f"compute:{n}" for n in (1, 3, 5, 7, 9, 11, 13, 15)] + [
-        f"write:{n}" for n in (1, 4, 8, 12)
-    ]
-    for point in points:
-        out = tmp_path / point.replace(":", "-") / "lora.safetensors"
-        crashed = run_process(extract_args(many, out), {"LORAFORGE_CRASH_AT": point})
-        assert crashed.returncode == -signal.SIGKILL, (point, crashed.stderr)
-        leftovers = [n for n in os.listdir(out.parent) if n.endswith(".safetensors")]
-        assert leftovers == [], point
-        resumed = run_process(extract_args(many, out))
-        assert resumed.returncode == 0, resumed.stderr
-        assert out.read_bytes() == expected, point
-        summary = read_report(str(out.with_suffix(".report.json")))["summary"]
-        if point.startswith("write"):
-            assert summary["computed"] == 0, point
-        else:
-            # At least the tensors finished before the kill are reused, not recomputed.
-            assert summary["reused"] >= int(point.split(":")[1]), point
+    assert run_cli(*extract_args(many, reference)).exit_code == 0
+    out = tmp_path / "crashed" / "lora.safetensors"
+    crashed = run_process(*extract_args(many, out), env={"LORAFORGE_CRASH_AT": point})
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    assert [n for n in os.listdir(out.parent) if n.endswith(".safetensors")] == []
+    resumed = run_process(*extract_args(many, out))
+    assert resumed.returncode == 0, resumed.stderr
+    assert out.read_bytes() == reference.read_bytes()
+    summary = read_report(str(out.with_suffix(".report.json")))["summary"]
+    if point.startswith("write"):
+        assert summary["computed"] == 0
+    else:
+        # At least the tensors finished before the kill are reused, not recomputed.
+        assert summary["reused"] >= 7
 
 
 def test_reexport_runs_no_kernel_and_matches_a_fresh_run(many, tmp_path):
@@ -167,9 +152,6 @@ def test_damaged_entry_is_detected_and_only_it_recomputed(many, tmp_path, damage
     elif damage == "missing marker":
         os.unlink(os.path.join(work, "done", f"{key}.json"))
     else:  # rewrite the base file with one tensor changed; its header stays identical
-        base, _ = pair_tensors()
-        from safetensors.torch import load_file
-
         tensors = load_file(many[0])
         tensors[key] = tensors[key] + 0.5
         save_file(tensors, many[0])
@@ -236,7 +218,7 @@ def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(many, tmp_path):
             json.dumps({"pid": sleeper.pid, "host": os.uname().nodename})
         )
         result = run_cli(*extract_args(many, tmp_path / "a.safetensors", "--work-dir", work))
-        assert result.exit_code == 1 and f"pid {sleeper.pid}" in result.output
+        assert result.exit_code == 3 and f"pid {sleeper.pid}" in result.output
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -274,14 +256,12 @@ def test_signal_stops_cleanly_and_the_rerun_resumes(slow, tmp_path, sig):
     while time.time() < deadline and not (done.is_dir() and len(os.listdir(done)) >= 2):
         time.sleep(0.02)
     proc.send_signal(sig)
-    start = time.time()
     _, stderr = proc.communicate(timeout=30)
-    assert time.time() - start < 10
     assert proc.returncode == 130, stderr
     assert "rerun the same command to resume" in stderr and "Traceback" not in stderr
     assert not out.exists()
     finished = len(os.listdir(done))
     assert finished >= 2
-    resumed = run_process(extract_args(slow, out, "--svd", "full"))
+    resumed = run_process(*extract_args(slow, out, "--svd", "full"))
     assert resumed.returncode == 0
     assert read_report(str(out.with_suffix(".report.json")))["summary"]["reused"] >= finished

@@ -1,15 +1,14 @@
 import json
 import os
 import pickle
-import struct
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from loraforge.pipeline.errors import CheckpointFormatError, CheckpointNotFound, UnsafePickle
-from loraforge.pipeline.reader import index_checkpoint, load_tensor, mapped, sample_digest
-from tests.conftest import save_sharded
+from loraforge.pipeline.io.reader import index_checkpoint, load_tensor, mapped, sample_digest
+from tests.helpers.checkpoints import Payload, corrupt, save_sharded
 
 TENSORS = {
     "a.weight": torch.arange(12.0).reshape(3, 4).bfloat16(),
@@ -78,11 +77,6 @@ def test_pytorch_checkpoint(tmp_path, wrapper):
     check_all(index_checkpoint(str(tmp_path / "m.pth"), "pytorch"))
 
 
-class Payload:
-    def __reduce__(self):
-        return (print, ("pickle code ran",))
-
-
 def test_pickle_with_code_is_refused(tmp_path):
     torch.save({"a": torch.zeros(2), "evil": Payload()}, tmp_path / "evil.pt")
     with pytest.raises(UnsafePickle, match="refusing a pickle"):
@@ -94,20 +88,6 @@ def test_legacy_pickle_is_refused(tmp_path):
         pickle.dump({"a": 1}, f)
     with pytest.raises(CheckpointFormatError, match="zip-format"):
         index_checkpoint(str(tmp_path / "old.pt"), "pytorch")
-
-
-def corrupt(path, how):
-    data = bytearray(open(path, "rb").read())
-    (n,) = struct.unpack("<Q", data[:8])
-    if how == "header length":
-        data[:8] = struct.pack("<Q", len(data) * 2)
-    elif how == "json":
-        data[8:12] = b"{{{{"
-    elif how == "truncated":
-        data = data[: 8 + n + 4]
-    elif how == "tiny":
-        data = data[:5]
-    open(path, "wb").write(bytes(data))
 
 
 @pytest.mark.parametrize(

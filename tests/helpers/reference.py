@@ -7,17 +7,8 @@ import os
 
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
-
-from loraforge.pipeline.cli import app
 
 PREFIX = "diffusion_model."
-
-
-def run_cli(*args: str):
-    """Run the CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
-    # Wide enough that rich's help table does not abbreviate option names.
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "240"})
 
 
 def apply_reference(base: dict[str, torch.Tensor], lora: dict[str, torch.Tensor]) -> dict:
@@ -61,3 +52,15 @@ def load_output(path: str) -> dict[str, torch.Tensor]:
 def read_report(path: str) -> dict:
     with open(path) as f:
         return json.load(f)
+
+
+def lowrank_product(up, down):
+    """up @ down in fp64, conv-shaped factors flattened."""
+    return up.double().reshape(up.shape[0], -1) @ down.double().reshape(down.shape[0], -1)
+
+
+def assert_close(actual, expected, rtol=2e-6):
+    """Equal within fp32 rounding: max |error| relative to the largest |value|."""
+    actual, expected = actual.double(), expected.double()
+    scale = max(float(expected.abs().max()), 1e-30)
+    assert float((actual - expected).abs().max()) <= rtol * scale

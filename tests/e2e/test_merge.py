@@ -1,5 +1,5 @@
 """``loraforge merge`` end to end on tiny generated checkpoints: the arithmetic, every LoRA
-naming, the output layouts. Helpers here are shared by the other ``test_merge_*`` modules."""
+naming, the output layouts."""
 
 import json
 import os
@@ -8,84 +8,41 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loraforge.pipeline.extract import extract
-from loraforge.pipeline.merge import merge
-from loraforge.pipeline.merge_config import LoraSpec, MergeConfig
-from loraforge.pipeline.options import ExtractOptions, KernelOptions, MergeOptions
-
-Q = "blocks.0.attn.q"
-BASE_SHAPES = {
-    f"{Q}.weight": (48, 32),
-    f"{Q}.bias": (48,),
-    "blocks.0.attn.k.weight": (48, 32),
-    "blocks.0.ffn.0.weight": (64, 32),
-    "blocks.0.modulation": (1, 6, 32),
-    "blocks.0.norm.weight": (32,),
-    "patch_embedding.weight": (16, 4, 1, 2, 2),
-}
+from loraforge.pipeline.extract.command import extract
+from loraforge.pipeline.extract.options import ExtractOptions, KernelOptions
+from loraforge.pipeline.lora.config import LoraSpec, MergeConfig
+from loraforge.pipeline.merge.command import merge
+from loraforge.pipeline.merge.options import MergeOptions
+from loraforge.pipeline.run.options import RunOptions
+from tests.helpers.checkpoints import BASE_SHAPES, Q, lora_pair, make_base, rand, save_lora
+from tests.helpers.reference import assert_close, lowrank_product, read_report
 
 
-def rand(*shape, seed=0):
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-
-
-def make_base(directory, dtype=torch.float32, seed=0) -> tuple[str, dict]:
-    tensors = {k: rand(*s, seed=seed + i).to(dtype) for i, (k, s) in enumerate(BASE_SHAPES.items())}
-    tensors["freqs_index"] = torch.arange(12, dtype=torch.int64)
-    path = os.path.join(directory, "base.safetensors")
-    save_file(tensors, path)
-    return path, tensors
-
-
-def pair(module, up_suffix, down_suffix, out=48, rank=4, inp=32, seed=1) -> dict:
-    return {
-        module + up_suffix: rand(out, rank, seed=seed),
-        module + down_suffix: rand(rank, inp, seed=seed + 100),
-    }
-
-
-def save_lora(directory, name, tensors) -> str:
-    path = os.path.join(directory, name)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, path)
-    return path
-
-
-def run(base, loras, output, *, strengths=None, options=None, **kwargs) -> dict:
-    """The merge through the Python API, fp32 output unless ``options`` says otherwise."""
+def run(base, loras, output, *, strengths=None, options=None, progress=None, **run_options):
+    """The merge through the Python API on 2 CPU workers, fp32 output unless ``options`` says
+    otherwise."""
     strengths = strengths or [1.0] * len(loras)
     config = MergeConfig(tuple(LoraSpec(str(p), s) for p, s in zip(loras, strengths, strict=True)))
-    kwargs.setdefault("workers", 2)
-    kwargs.setdefault("device", "cpu")
     return merge(
         source_model=str(base),
         loras=config,
         output=str(output),
         options=options or MergeOptions(output_dtype="fp32"),
-        **kwargs,
+        run=RunOptions(**{"device": "cpu", "workers": 2, **run_options}),
+        progress=progress,
     )
-
-
-def lowrank(up, down):
-    return up.double().reshape(up.shape[0], -1) @ down.double().reshape(down.shape[0], -1)
-
-
-def assert_close(actual, expected, rtol=2e-6):
-    """Equal within fp32 rounding: max |error| relative to the largest |value|."""
-    actual, expected = actual.double(), expected.double()
-    scale = max(float(expected.abs().max()), 1e-30)
-    assert float((actual - expected).abs().max()) <= rtol * scale
 
 
 def test_two_loras_at_strengths_match_the_reference(tmp_path):
     base_path, base = make_base(tmp_path)
     a = {
-        **pair(f"diffusion_model.{Q}", ".lora_up.weight", ".lora_down.weight", seed=1),
+        **lora_pair(f"diffusion_model.{Q}", ".lora_up.weight", ".lora_down.weight", seed=1),
         f"diffusion_model.{Q}.alpha": torch.tensor(8.0),
         "diffusion_model.blocks.0.attn.q.diff_b": rand(48, seed=2),
-        **pair("blocks.0.ffn.0", ".lora_up.weight", ".lora_down.weight", out=64, seed=3),
+        **lora_pair("blocks.0.ffn.0", ".lora_up.weight", ".lora_down.weight", out=64, seed=3),
     }
     b = {
-        **pair(f"{Q}", ".lora_B.weight", ".lora_A.weight", rank=8, seed=4),
+        **lora_pair(f"{Q}", ".lora_B.weight", ".lora_A.weight", rank=8, seed=4),
         "blocks.0.diff_m": rand(1, 6, 32, seed=5),
     }
     paths = [save_lora(tmp_path, "a.safetensors", a), save_lora(tmp_path, "b.safetensors", b)]
@@ -97,8 +54,11 @@ def test_two_loras_at_strengths_match_the_reference(tmp_path):
     pa, s_a, s_b, g = f"diffusion_model.{Q}.", 0.8, -1.5, 0.5
     expected_q = (
         base[f"{Q}.weight"].double()
-        + s_a * g * (8.0 / 4) * lowrank(a[pa + "lora_up.weight"], a[pa + "lora_down.weight"])
-        + s_b * g * 1.0 * lowrank(b[f"{Q}.lora_B.weight"], b[f"{Q}.lora_A.weight"])
+        + s_a
+        * g
+        * (8.0 / 4)
+        * lowrank_product(a[pa + "lora_up.weight"], a[pa + "lora_down.weight"])
+        + s_b * g * 1.0 * lowrank_product(b[f"{Q}.lora_B.weight"], b[f"{Q}.lora_A.weight"])
     )
     assert_close(merged[f"{Q}.weight"], expected_q)
     assert_close(merged[f"{Q}.bias"], base[f"{Q}.bias"].double() + s_a * g * a[pa + "diff_b"])
@@ -106,7 +66,7 @@ def test_two_loras_at_strengths_match_the_reference(tmp_path):
     assert_close(
         merged[f"{ffn}.weight"],
         base[f"{ffn}.weight"].double()
-        + s_a * g * lowrank(a[f"{ffn}.lora_up.weight"], a[f"{ffn}.lora_down.weight"]),
+        + s_a * g * lowrank_product(a[f"{ffn}.lora_up.weight"], a[f"{ffn}.lora_down.weight"]),
     )
     assert_close(
         merged["blocks.0.modulation"],
@@ -122,11 +82,16 @@ def test_two_loras_at_strengths_match_the_reference(tmp_path):
     assert tensors["freqs_index"]["kind"] == "copied"
     assert report["summary"]["kinds"] == {"copied": 4, "merged": 4}
     assert [lora["unmatched"] for lora in report["summary"]["loras"]] == [{}, {}]
+    report_path = str(tmp_path / "merged.report.json")
+    assert report["summary"]["report"] == report_path
+    assert read_report(report_path)["summary"] == report["summary"]
 
 
 def test_bf16_output_is_the_cast_of_the_fp32_merge(tmp_path):
     base_path, base = make_base(tmp_path, dtype=torch.bfloat16)
-    lora = save_lora(tmp_path, "l.safetensors", pair(Q, ".lora_up.weight", ".lora_down.weight"))
+    lora = save_lora(
+        tmp_path, "l.safetensors", lora_pair(Q, ".lora_up.weight", ".lora_down.weight")
+    )
     run(base_path, [lora], tmp_path / "fp32.safetensors")
     run(base_path, [lora], tmp_path / "bf16.safetensors", options=MergeOptions())
     wide, narrow = (
@@ -161,8 +126,7 @@ def test_extract_then_merge_reproduces_the_target(tmp_path):
         options=ExtractOptions(
             kernel=KernelOptions(rank=4), lowrank_min_params=1000, output_dtype="fp32"
         ),
-        device="cpu",
-        workers=2,
+        run=RunOptions(device="cpu", workers=2),
     )
     run(base_path, [lora], tmp_path / "merged.safetensors")
     merged = load_file(tmp_path / "merged.safetensors")
@@ -174,8 +138,8 @@ def test_extract_then_merge_reproduces_the_target(tmp_path):
         error = float((merged[key].double() - target[key].double()).norm() / delta.norm())
         assert error <= entry["rel_error"] * 1.001 + 1e-5, (key, error, entry["rel_error"])
         checked += 1
-    kinds = {e["kind"] for e in extraction["tensors"].values()}
-    assert checked >= 5 and {"lowrank", "diff"} <= kinds
+    assert checked == 6
+    assert extraction["summary"]["kinds"] == {"diff": 3, "lowrank": 3, "skipped": 2}
     assert torch.equal(merged["blocks.0.norm.weight"], base["blocks.0.norm.weight"])
 
 
@@ -199,13 +163,13 @@ Q_UP_DOWN = [
 )
 def test_every_lowrank_naming(tmp_path, module, up, down, with_alpha):
     base_path, base = make_base(tmp_path)
-    tensors = pair(module, up, down)
+    tensors = lora_pair(module, up, down)
     if with_alpha:
         tensors[f"{module}.alpha"] = torch.tensor(2.0)
     lora = save_lora(tmp_path, "lora.safetensors", tensors)
     report = run(base_path, [lora], tmp_path / "out.safetensors", strengths=[0.7])
     scale = 2.0 / 4 if with_alpha else 1.0
-    expected = base[f"{Q}.weight"].double() + 0.7 * scale * lowrank(
+    expected = base[f"{Q}.weight"].double() + 0.7 * scale * lowrank_product(
         tensors[module + up], tensors[module + down]
     )
     assert_close(load_file(tmp_path / "out.safetensors")[f"{Q}.weight"], expected)
@@ -231,8 +195,8 @@ def test_every_diff_naming(tmp_path, key, target):
 
 def _peft_tensors():
     return {
-        **pair(f"base_model.model.{Q}", ".lora_B.weight", ".lora_A.weight"),
-        **pair("base_model.model.blocks.0.ffn.0", ".lora_B.weight", ".lora_A.weight", out=64),
+        **lora_pair(f"base_model.model.{Q}", ".lora_B.weight", ".lora_A.weight"),
+        **lora_pair("base_model.model.blocks.0.ffn.0", ".lora_B.weight", ".lora_A.weight", out=64),
     }
 
 
@@ -256,7 +220,7 @@ def test_peft_adapters(tmp_path, layout):
     p = "base_model.model."
     for module, scale in ((Q, 8 / 4), ("blocks.0.ffn.0", 2 / 4)):
         up, down = tensors[f"{p}{module}.lora_B.weight"], tensors[f"{p}{module}.lora_A.weight"]
-        expected = base[f"{module}.weight"].double() + scale * lowrank(up, down)
+        expected = base[f"{module}.weight"].double() + scale * lowrank_product(up, down)
         assert_close(merged[f"{module}.weight"], expected)
     assert report["summary"]["loras"][0]["peft"]["lora_alpha"] == 8
 
@@ -264,7 +228,7 @@ def test_peft_adapters(tmp_path, layout):
 def test_pytorch_lora_and_config_alpha(tmp_path):
     """A ``.pt`` LoRA (format from its suffix) and LightX2V's per-LoRA config ``alpha``."""
     base_path, base = make_base(tmp_path)
-    tensors = pair(Q, ".lora_up.weight", ".lora_down.weight")
+    tensors = lora_pair(Q, ".lora_up.weight", ".lora_down.weight")
     torch.save(tensors, tmp_path / "lora.pt")
     config = MergeConfig((LoraSpec(str(tmp_path / "lora.pt"), 1.0, alpha=1.0),))
     merge(
@@ -272,20 +236,20 @@ def test_pytorch_lora_and_config_alpha(tmp_path):
         loras=config,
         output=str(tmp_path / "out.safetensors"),
         options=MergeOptions(output_dtype="fp32"),
-        device="cpu",
+        run=RunOptions(device="cpu"),
     )
     up, down = tensors[f"{Q}.lora_up.weight"], tensors[f"{Q}.lora_down.weight"]
-    expected = base[f"{Q}.weight"].double() + 0.25 * lowrank(up, down)
+    expected = base[f"{Q}.weight"].double() + 0.25 * lowrank_product(up, down)
     assert_close(load_file(tmp_path / "out.safetensors")[f"{Q}.weight"], expected)
 
 
 def test_unmatched_keys_are_reported(tmp_path):
     base_path, _ = make_base(tmp_path)
     tensors = {
-        **pair(Q, ".lora_up.weight", ".lora_down.weight"),
-        **pair("blocks.9.nowhere", ".lora_up.weight", ".lora_down.weight"),
-        **pair("blocks.0.attn.k", ".lora_up.weight", ".lora_down.weight", inp=31),
-        **pair("blocks.0.ffn.0", ".lora_up.weight", ".lora_down.weight", out=64),
+        **lora_pair(Q, ".lora_up.weight", ".lora_down.weight"),
+        **lora_pair("blocks.9.nowhere", ".lora_up.weight", ".lora_down.weight"),
+        **lora_pair("blocks.0.attn.k", ".lora_up.weight", ".lora_down.weight", inp=31),
+        **lora_pair("blocks.0.ffn.0", ".lora_up.weight", ".lora_down.weight", out=64),
         "blocks.0.ffn.0.lora_mid.weight": rand(4, 4, 1, 1),
         "patch_embedding.lora_up.weight": rand(16, 4),
         "freqs_index.diff": rand(12),
@@ -317,13 +281,18 @@ def test_unmatched_keys_are_reported(tmp_path):
 
 def test_shards_and_pytorch_hold_the_same_tensors(tmp_path):
     base_path, _ = make_base(tmp_path)
-    lora = save_lora(tmp_path, "l.safetensors", pair(Q, ".lora_up.weight", ".lora_down.weight"))
+    lora = save_lora(
+        tmp_path, "l.safetensors", lora_pair(Q, ".lora_up.weight", ".lora_down.weight")
+    )
     run(base_path, [lora], tmp_path / "one.safetensors")
     one = load_file(tmp_path / "one.safetensors")
     sharded = MergeOptions(output_dtype="fp32", max_shard_size=10_000)
     report = run(base_path, [lora], tmp_path / "sharded.safetensors", options=sharded)
     files = report["summary"]["files"]
-    assert len(files) > 2 and files[-1].endswith("sharded.safetensors.index.json")
+    assert files == [
+        *(str(tmp_path / f"sharded-{i:05d}-of-00004.safetensors") for i in (1, 2, 3, 4)),
+        str(tmp_path / "sharded.safetensors.index.json"),
+    ]
     index = json.loads((tmp_path / "sharded.safetensors.index.json").read_text())
     assert sorted(index["weight_map"]) == sorted(one)
     assert index["metadata"]["total_size"] == sum(
@@ -341,7 +310,9 @@ def test_shards_and_pytorch_hold_the_same_tensors(tmp_path):
 
 def test_two_runs_give_identical_bytes(tmp_path):
     base_path, _ = make_base(tmp_path, dtype=torch.bfloat16)
-    lora = save_lora(tmp_path, "l.safetensors", pair(Q, ".lora_up.weight", ".lora_down.weight"))
+    lora = save_lora(
+        tmp_path, "l.safetensors", lora_pair(Q, ".lora_up.weight", ".lora_down.weight")
+    )
     outputs = []
     for name in ("a", "b"):
         (tmp_path / name).mkdir()

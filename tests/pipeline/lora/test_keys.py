@@ -4,7 +4,7 @@ import math
 import pytest
 
 from loraforge.pipeline.errors import CheckpointFormatError, CheckpointNotFound
-from loraforge.pipeline.lora_keys import (
+from loraforge.pipeline.lora.keys import (
     LoraPatch,
     PeftConfig,
     Unmatched,

@@ -8,9 +8,9 @@ import zarr
 import zarr.storage
 from zarr.codecs import Crc32cCodec
 
-from loraforge.pipeline import workdir as workdir_module
 from loraforge.pipeline.workdir import CorruptEntry, WorkDir
-from loraforge.pipeline.zarr_direct import write_array
+from loraforge.pipeline.workdir import store as store_module
+from loraforge.pipeline.workdir.zarr_direct import write_array
 
 
 @pytest.mark.parametrize(
@@ -39,7 +39,7 @@ def test_direct_arrays_equal_zarrs_own(tmp_path, shape, chunks):
 
 
 def test_save_load_roundtrip_and_truncation_detected(tmp_path, monkeypatch):
-    monkeypatch.setattr(workdir_module, "_CHUNK_BYTES", 64)
+    monkeypatch.setattr(store_module, "_CHUNK_BYTES", 64)
     work = WorkDir(str(tmp_path / "w"))
     work.create()
     up = np.random.default_rng(0).standard_normal((9, 4)).astype(np.float32)

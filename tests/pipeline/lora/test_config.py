@@ -5,7 +5,7 @@ import json
 import pytest
 
 from loraforge.pipeline.errors import CheckpointNotFound, UsageError
-from loraforge.pipeline.merge_config import (
+from loraforge.pipeline.lora.config import (
     LoraSpec,
     MergeConfig,
     config_from_options,

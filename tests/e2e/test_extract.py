@@ -7,8 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import MIN_PARAMS, pair_tensors, save_sharded
-from tests.helpers import apply_reference, load_output, read_report, rel_error, run_cli
+from tests.helpers.checkpoints import MIN_PARAMS, pair_tensors, save_sharded
+from tests.helpers.cli import run_cli
+from tests.helpers.reference import apply_reference, load_output, read_report, rel_error
+
+PATCH_NOTE = "5-D tensor stored as a full diff (LightX2V's extractor fails here)"
+PATCH_NUMEL = 64 * 4 * 2 * 2 * 20  # patch_embedding.weight of pair_tensors()
 
 
 def extract(source, target, output, *extra):
@@ -26,12 +30,16 @@ def extract(source, target, output, *extra):
         *extra,
     )
     assert result.exit_code == 0, result.output
-    return read_report(os.path.splitext(str(output))[0] + ".report.json")
+    assert result.output == ""  # --quiet
+    path = os.path.splitext(str(output))[0] + ".report.json"
+    report = read_report(path)
+    assert report["summary"]["report"] == os.path.abspath(path)
+    return report
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_apply_reproduces_target_within_reported_errors(pair, tmp_path, dtype):
-    source, target = pair
+def test_apply_reproduces_target_within_reported_errors(pair_files, tmp_path, dtype):
+    source, target = pair_files
     out = tmp_path / "lora.safetensors"
     report = extract(source, target, out, "--rank", "8", "--output-dtype", dtype)
     base, tuned = load_file(source), load_file(target)
@@ -46,15 +54,22 @@ def test_apply_reproduces_target_within_reported_errors(pair, tmp_path, dtype):
         actual = rel_error(merged[key], tuned[key].float(), delta)
         assert actual <= entry["rel_error"] * 1.001 + 1e-6, (key, actual, entry)
     kinds = {k: e["kind"] for k, e in report["tensors"].items()}
-    assert kinds["blocks.0.attn.q.weight"] == "lowrank"
-    assert kinds["blocks.0.attn.q.bias"] == "diff"
-    assert kinds["blocks.0.norm.weight"] == "skipped"
+    assert kinds == {
+        "blocks.0.attn.q.weight": "lowrank",
+        "blocks.0.attn.q.bias": "diff",
+        "blocks.0.ffn.0.weight": "lowrank",
+        "blocks.0.ffn.0.bias": "diff",
+        "blocks.0.modulation": "diff",
+        "blocks.0.norm.weight": "skipped",
+        "patch_embedding.weight": "diff",
+        "head.weight": "diff",
+    }
     assert report["tensors"]["blocks.0.attn.q.weight"]["rel_error"] < 0.05
 
 
-def test_output_naming_is_lightx2vs(pair, tmp_path):
+def test_output_naming_is_lightx2vs(pair_files, tmp_path):
     out = tmp_path / "lora.safetensors"
-    report = extract(*pair, out, "--rank", "4")
+    report = extract(*pair_files, out, "--rank", "4")
     lora = load_file(out)
     assert set(lora) == {
         "diffusion_model.blocks.0.attn.q.lora_up.weight",
@@ -73,35 +88,64 @@ def test_output_naming_is_lightx2vs(pair, tmp_path):
     assert lora["diffusion_model.blocks.0.ffn.0.lora_down.weight"].shape == (4, 96)
     assert float(lora["diffusion_model.blocks.0.ffn.0.alpha"]) == 4.0
     assert lora["diffusion_model.head.diff"].dtype == torch.bfloat16
-    assert "3-D" not in json.dumps(report)  # 5-D patch embedding is small here: a plain diff
+    # The 5-D patch embedding (20480 elements) is at least MIN_PARAMS: a diff, with a note.
+    entry = report["tensors"]["patch_embedding.weight"]
+    assert {k: v for k, v in entry.items() if k not in ("rel_error", "seconds")} == {
+        "kind": "diff",
+        "note": PATCH_NOTE,
+        "rank": None,
+        "kernel_rel_error": 0.0,
+        "shape": [64, 4, 2, 2, 20],
+        "status": "computed",
+    }
+    # The 3-D modulation is small: a plain diff without a note.
+    assert "note" not in report["tensors"]["blocks.0.modulation"]
     assert report["summary"]["source_only"] == ["only_in_base.weight"]
     assert report["summary"]["target_only"] == ["only_in_target.bias"]
 
 
-def test_large_nd_tensor_is_stored_as_diff_with_a_note(pair, tmp_path):
-    out = tmp_path / "lora.safetensors"
-    report = extract(*pair, out, "--lowrank-min-params", "1000")
-    entry = report["tensors"]["patch_embedding.weight"]
-    assert entry["kind"] == "diff" and "5-D tensor stored as a full diff" in entry["note"]
+def test_nd_tensor_has_a_note_from_lowrank_min_params_on(pair_files, tmp_path):
+    at = extract(*pair_files, tmp_path / "at.safetensors", "--lowrank-min-params", PATCH_NUMEL)
+    entry = at["tensors"]["patch_embedding.weight"]
+    assert (entry["kind"], entry["note"]) == ("diff", PATCH_NOTE)
+    above = extract(
+        *pair_files, tmp_path / "above.safetensors", "--lowrank-min-params", PATCH_NUMEL + 1
+    )
+    entry = above["tensors"]["patch_embedding.weight"]
+    assert entry["kind"] == "diff" and "note" not in entry
 
 
-def test_diff_only_and_rank_capped(pair, tmp_path):
-    report = extract(*pair, tmp_path / "d.safetensors", "--diff-only")
-    assert {e["kind"] for e in report["tensors"].values()} == {"diff", "skipped"}
-    assert "diffusion_model.blocks.0.ffn.0.diff" in load_file(tmp_path / "d.safetensors")
-    report = extract(*pair, tmp_path / "r.safetensors", "--rank", "500")
+def test_diff_only_and_rank_capped(pair_files, tmp_path):
+    report = extract(*pair_files, tmp_path / "d.safetensors", "--diff-only")
+    assert report["summary"]["kinds"] == {"diff": 7, "skipped": 1}
+    assert all("note" not in e for e in report["tensors"].values() if e["kind"] == "diff")
+    assert set(load_file(tmp_path / "d.safetensors")) == {
+        "diffusion_model.blocks.0.attn.q.diff",
+        "diffusion_model.blocks.0.attn.q.diff_b",
+        "diffusion_model.blocks.0.ffn.0.diff",
+        "diffusion_model.blocks.0.ffn.0.diff_b",
+        "diffusion_model.blocks.0.diff_m",
+        "diffusion_model.patch_embedding.diff",
+        "diffusion_model.head.diff",
+    }
+    report = extract(*pair_files, tmp_path / "r.safetensors", "--rank", "500")
     assert report["tensors"]["blocks.0.ffn.0.weight"]["rank"] == 96
     assert report["tensors"]["blocks.0.ffn.0.weight"]["kernel_rel_error"] < 1e-3
 
 
-def test_sharded_and_single_file_hold_the_same_tensors(pair, tmp_path):
-    extract(*pair, tmp_path / "one.safetensors", "--output-dtype", "fp32")
+def test_sharded_and_single_file_hold_the_same_tensors(pair_files, tmp_path):
+    extract(*pair_files, tmp_path / "one.safetensors", "--output-dtype", "fp32")
     extract(
-        *pair, tmp_path / "many.safetensors", "--output-dtype", "fp32", "--max-shard-size", "30KB"
+        *pair_files,
+        tmp_path / "many.safetensors",
+        "--output-dtype",
+        "fp32",
+        "--max-shard-size",
+        "30KB",
     )
     index = json.loads((tmp_path / "many.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
-    assert len(shards) > 1 and shards[0] == f"many-00001-of-{len(shards):05d}.safetensors"
+    assert shards == [f"many-{i:05d}-of-00004.safetensors" for i in (1, 2, 3, 4)]
     assert not (tmp_path / "many.safetensors").exists()
     sharded, single = (
         load_output(str(tmp_path / "many.safetensors")),
@@ -114,13 +158,13 @@ def test_sharded_and_single_file_hold_the_same_tensors(pair, tmp_path):
     assert all(torch.equal(sharded[k], single[k]) for k in single)
 
 
-def test_two_runs_give_byte_identical_files(pair, tmp_path):
-    extract(*pair, tmp_path / "a.safetensors")
-    extract(*pair, tmp_path / "b.safetensors", "--workers", "1")
+def test_two_runs_give_byte_identical_files(pair_files, tmp_path):
+    extract(*pair_files, tmp_path / "a.safetensors")
+    extract(*pair_files, tmp_path / "b.safetensors", "--workers", "1")
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
 
 
-def test_pytorch_output_and_inputs(pair, tmp_path):
+def test_pytorch_output_and_inputs(pair_files, tmp_path):
     base, tuned = pair_tensors()
     torch.save({"state_dict": base}, tmp_path / "base.pt")
     torch.save(tuned, tmp_path / "tuned.pth")
@@ -136,7 +180,7 @@ def test_pytorch_output_and_inputs(pair, tmp_path):
         "pytorch",
     )
     from_pt = torch.load(tmp_path / "lora.pt", weights_only=True)
-    extract(*pair, tmp_path / "lora.safetensors")
+    extract(*pair_files, tmp_path / "lora.safetensors")
     from_st = load_file(tmp_path / "lora.safetensors")
     assert from_pt.keys() == from_st.keys()
     assert all(torch.equal(from_pt[k], from_st[k]) for k in from_st)
@@ -157,9 +201,9 @@ def test_sharded_inputs(tmp_path):
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
 
 
-def test_full_svd_is_the_accuracy_reference(pair, tmp_path):
-    fast = extract(*pair, tmp_path / "fast.safetensors", "--rank", "4")
-    exact = extract(*pair, tmp_path / "exact.safetensors", "--rank", "4", "--svd", "full")
+def test_full_svd_is_the_accuracy_reference(pair_files, tmp_path):
+    fast = extract(*pair_files, tmp_path / "fast.safetensors", "--rank", "4")
+    exact = extract(*pair_files, tmp_path / "exact.safetensors", "--rank", "4", "--svd", "full")
     for key in ("blocks.0.attn.q.weight", "blocks.0.ffn.0.weight"):
         ratio = fast["tensors"][key]["kernel_rel_error"] / exact["tensors"][key]["kernel_rel_error"]
         assert 1.0 - 1e-6 <= ratio <= 1.01
@@ -167,7 +211,7 @@ def test_full_svd_is_the_accuracy_reference(pair, tmp_path):
 
 def test_help_lists_every_flag():
     result = run_cli("extract", "--help")
-    assert result.exit_code == 0
+    assert result.exit_code == 0, result.output
     for flag in (
         "--source-model",
         "--target-model",

@@ -1,0 +1,123 @@
+"""Running tasks in this process: Dask's threaded scheduler hands every result to ``on_done``
+in the calling thread and re-raises a task's own error; a tensor whose workers keep dying is
+one line; an in-process cluster shows no dashboard, a distributed one does."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import dask
+import pytest
+
+from loraforge.pipeline.errors import ClusterError
+from loraforge.pipeline.run.cluster import (
+    TaskCall,
+    dashboard_link,
+    dask_client,
+    local_threads,
+    run_tasks,
+    task_result,
+)
+from loraforge.pipeline.run.gpu import GPU_THREADS
+
+
+def _scale(value, factor):
+    return value * factor
+
+
+BOOM = ValueError("tensor 'b': bad")
+
+
+def _fail(value):
+    raise BOOM
+
+
+def _collect(calls, **kwargs):
+    done, clusters, threads = [], [], set()
+
+    def on_done(key, result):
+        done.append((key, result))
+        threads.add(threading.get_ident())
+
+    run_tasks(calls, on_done, device="cpu", on_cluster=clusters.append, **kwargs)
+    return done, clusters, threads
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_run_tasks_hands_every_result_to_on_done_in_this_thread(workers):
+    calls = [TaskCall(f"scaled-{i}", _scale, (i, 10)) for i in range(7)]
+    done, clusters, threads = _collect(calls, workers=workers)
+    assert sorted(done) == [(f"scaled-{i}", i * 10) for i in range(7)]  # each call once
+    assert clusters == [None]  # no cluster, so no dashboard
+    assert threads == {threading.get_ident()}
+
+
+def test_run_tasks_without_calls_does_nothing():
+    assert _collect([], workers=2) == ([], [], set())
+
+
+def test_run_tasks_reraises_the_task_error():
+    calls = [TaskCall("a", _scale, (1, 2)), TaskCall("b", _fail, (3,))]
+    calls += [TaskCall(f"c{i}", _scale, (i, 2)) for i in range(3)]
+    done = []
+    with pytest.raises(ValueError) as raised:
+        run_tasks(calls, lambda key, result: done.append(key), workers=2, device="cpu")
+    assert raised.value is BOOM  # the task's own exception, not a wrapper
+    assert "b" not in done
+
+
+def test_local_threads_keep_one_gpu_busy_and_every_core_on_cpu(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 40)
+    assert local_threads("cpu") == 16  # capped
+    monkeypatch.setattr("os.cpu_count", lambda: 3)
+    assert local_threads("cpu") == 3
+    assert local_threads("cuda") == local_threads("cuda:1") == GPU_THREADS == 2
+
+
+@pytest.mark.parametrize("failures, tries", [(3, 4), (0, 1)])
+def test_a_tensor_that_keeps_killing_workers_is_one_line(failures, tries):
+    from distributed import KilledWorker
+
+    class Dead:
+        def result(self):
+            raise KilledWorker("lowrank-blocks.0.ffn.0.weight", "tcp://127.0.0.1:1", [])
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": failures}):
+        with pytest.raises(ClusterError) as raised:
+            task_result(Dead(), "blocks.0.ffn.0.weight")
+    assert str(raised.value) == (
+        f"tensor 'blocks.0.ffn.0.weight': {tries} workers died while running it (out of "
+        "memory, or a crash in a kernel?) (finished tensors are kept; check the worker logs, "
+        "then rerun to resume)"
+    )
+    assert raised.value.exit_code == 1
+
+
+def test_task_result_passes_a_task_error_through():
+    class Failed:
+        def result(self):
+            raise BOOM
+
+    with pytest.raises(ValueError) as raised:
+        task_result(Failed(), "b")
+    assert raised.value is BOOM
+    assert task_result(SimpleNamespace(result=lambda: 42), "a") == 42
+
+
+def test_dashboard_link_only_for_a_distributed_cluster():
+    link = "http://127.0.0.1:8787/status"
+    remote = SimpleNamespace(dashboard_link=link)  # a client of a running scheduler
+    assert dashboard_link(remote) == link
+    threads = SimpleNamespace(cluster=SimpleNamespace(processes=False), dashboard_link=link)
+    assert dashboard_link(threads) is None
+    processes = SimpleNamespace(cluster=SimpleNamespace(processes=True), dashboard_link=link)
+    assert dashboard_link(processes) == link
+    spec = SimpleNamespace(cluster=SimpleNamespace(), dashboard_link=link)  # no such attribute
+    assert dashboard_link(spec) == link
+
+
+def test_in_process_cluster_has_no_dashboard_link():
+    with dask_client(workers=2, device="cpu") as client:
+        assert dashboard_link(client) is None
+        assert sum(client.nthreads().values()) == 2

@@ -1,0 +1,99 @@
+"""The session every command runs in: paths and device resolved up front, the work directory's
+lock and owner, the report's path."""
+
+import json
+import os
+
+import pytest
+
+from loraforge.pipeline.errors import OutputError, WorkDirConflict, WorkDirLocked
+from loraforge.pipeline.run.options import RunOptions
+from loraforge.pipeline.run.session import Session
+
+
+def open_session(tmp_path, command="extract", **run):
+    return Session.open(
+        command, RunOptions(device="cpu", **run), str(tmp_path / "out" / "lora"), "safetensors"
+    )
+
+
+def test_paths_are_resolved_before_any_work(tmp_path):
+    session = open_session(tmp_path)
+    assert session.output == str(tmp_path / "out" / "lora.safetensors")
+    assert session.device == "cpu" and session.gpus is None
+    assert session.work.path == str(tmp_path / "out" / "lora.safetensors.work")
+    assert session.report_path == str(tmp_path / "out" / "lora.report.json")
+    assert not os.path.exists(session.work.path)  # nothing is created until the run locks it
+
+
+def test_explicit_work_dir_and_report(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    session = open_session(tmp_path, work_dir="w", report="r.json")
+    assert session.work.path == str(tmp_path / "w")
+    assert session.report_path == str(tmp_path / "r.json")
+
+
+def test_an_output_that_is_a_directory_is_refused(tmp_path):
+    (tmp_path / "out" / "lora.safetensors").mkdir(parents=True)
+    with pytest.raises(OutputError) as caught:
+        open_session(tmp_path)
+    assert str(caught.value) == (
+        f"{tmp_path / 'out' / 'lora.safetensors'}: is a directory (give a file name for --output)"
+    )
+
+
+def test_a_work_directory_left_by_another_command_is_refused(tmp_path):
+    session = open_session(tmp_path)
+    os.makedirs(session.work.path)
+    session.work.write_manifest({"command": "merge"})
+    with pytest.raises(WorkDirConflict) as caught, session.locked():
+        pass
+    assert caught.value.exit_code == 3
+    assert str(caught.value) == (
+        f"{session.work.path}: work directory was left by loraforge merge, not extract "
+        "(pass another --work-dir)"
+    )
+    assert not os.path.exists(os.path.join(session.work.path, "lock.json"))  # released
+
+
+def test_locked_yields_the_previous_manifest_and_holds_the_lock(tmp_path):
+    session = open_session(tmp_path)
+    os.makedirs(session.work.path)
+    session.work.write_manifest({"command": "extract", "kernel": {"rank": 8}})
+    with session.locked() as previous:
+        assert previous == {"command": "extract", "kernel": {"rank": 8}}
+        with open(os.path.join(session.work.path, "lock.json")) as f:
+            assert json.load(f)["pid"] == os.getpid()
+        with pytest.raises(WorkDirLocked) as caught, open_session(tmp_path).locked():
+            pass
+        assert caught.value.exit_code == 3
+    assert not os.path.exists(os.path.join(session.work.path, "lock.json"))
+
+
+def test_events_and_report(tmp_path):
+    events = []
+    session = Session.open(
+        "merge",
+        RunOptions(device="cpu"),
+        str(tmp_path / "m.safetensors"),
+        "safetensors",
+        lambda event, info: events.append((event, info)),
+    )
+    session.start(tensors=3, total_bytes=300, done=1, done_bytes=100, changes=["x changed"])
+    assert events == [
+        (
+            "start",
+            {
+                "tensors": 3,
+                "bytes": 300,
+                "done": 1,
+                "done_bytes": 100,
+                "changes": ["x changed"],
+                "work_dir": str(tmp_path / "m.safetensors.work"),
+            },
+        )
+    ]
+    report = session.finish({"summary": {"kinds": {}}, "tensors": {}})
+    assert report["summary"]["report"] == str(tmp_path / "m.report.json")
+    with open(tmp_path / "m.report.json") as f:
+        assert json.load(f) == report
