@@ -33,9 +33,12 @@ DTYPE_BY_CODE: dict[str, torch.dtype] = {
 CODE_BY_DTYPE: dict[torch.dtype, str] = {v: k for k, v in DTYPE_BY_CODE.items()}
 FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
-# A header above this is certainly corrupt (real ones are a few MB at most).
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+# The safetensors library refuses a header above 100 MB (``MAX_HEADER_SIZE``); so do we.
+MAX_HEADER_BYTES = 100_000_000
 ALIGNMENT = 8
+_USIZE_LIMIT = 2**64  # shapes and offsets are u64 in the library: larger values are refused
+_CORRUPT = "the file is corrupt; re-save it"
+_TRUNCATED = "the file is truncated; re-download or re-save it"
 
 
 def itemsize(code: str) -> int:
@@ -46,11 +49,29 @@ def nbytes(code: str, shape: Iterable[int]) -> int:
     return math.prod(shape) * itemsize(code)
 
 
+def _is_count(value: object) -> bool:
+    """A JSON integer that fits the library's ``usize`` (bools are not integers here)."""
+    return type(value) is int and 0 <= value < _USIZE_LIMIT
+
+
+def _refuse_json_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def parse_header(path: str, head: bytes, file_size: int) -> tuple[int, dict, dict]:
     """Validate a header and return (data_start, metadata, entries).
 
     ``head`` must hold at least the first ``8 + N`` bytes of the file. Entries map a key to
     ``(dtype_code, shape, begin, end)`` with begin/end absolute in the file.
+
+    At least as strict as the safetensors library (Rust crate, ``safe_open``): UTF-8 JSON without
+    NaN/Infinity; ``__metadata__`` absent, null or a str->str map; every entry an object with a
+    known dtype, a shape of non-negative integers and two offsets spanning exactly
+    ``nbytes(dtype, shape)``; and the entries, sorted by offsets, tile the data buffer exactly:
+    the first starts at 0, each begins where the previous ends (no gap, no overlap), and the
+    last ends at the end of the file. The library refuses gaps and trailing bytes as well, so
+    nothing here is more lenient than it. Deliberately stricter: dtypes the library knows but
+    ``DTYPE_BY_CODE`` lacks (U16, U32, U64, C64, F4, F8_E8M0, ...) are refused.
     """
     if file_size < 8 or len(head) < 8:
         raise CheckpointFormatError(
@@ -67,34 +88,31 @@ def parse_header(path: str, head: bytes, file_size: int) -> tuple[int, dict, dic
             hint="re-download or re-save the checkpoint",
         )
     try:
-        header = json.loads(head[8 : 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        # Decode explicitly: json.loads(bytes) would also accept UTF-16/32 and a UTF-8 BOM.
+        text = head[8 : 8 + header_len].decode("utf-8")
+        header = json.loads(text, parse_constant=_refuse_json_constant)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, NaN
+        reason = "nested too deeply" if isinstance(e, RecursionError) else getattr(e, "msg", e)
         raise CheckpointFormatError(
-            f"header is not valid JSON ({e.msg if hasattr(e, 'msg') else e})",
+            f"header is not valid JSON ({reason})",
             path=path,
-            hint="the file is corrupt; re-save it",
+            hint=_CORRUPT,
         ) from None
     if not isinstance(header, dict):
-        raise CheckpointFormatError("header is not a JSON object", path=path)
+        raise CheckpointFormatError("header is not a JSON object", path=path, hint=_CORRUPT)
     data_start = 8 + header_len
     data_size = file_size - data_start
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = _parse_metadata(path, header.pop("__metadata__", None))
     entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+    spans: list[tuple[int, int, str]] = []
     for key, entry in header.items():
-        try:
-            code = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointFormatError("malformed header entry", path=path, key=key) from None
-        if code not in DTYPE_BY_CODE:
-            raise CheckpointFormatError(f"unsupported dtype {code!r}", path=path, key=key)
-        if end > data_size or begin > end:
+        code, shape, begin, end = _parse_entry(path, key, entry)
+        if end > data_size:
             raise CheckpointFormatError(
                 f"data offsets [{begin}, {end}] run past the end of the data ({data_size} bytes)",
                 path=path,
                 key=key,
-                hint="the file is truncated; re-download or re-save it",
+                hint=_TRUNCATED,
             )
         if end - begin != nbytes(code, shape):
             raise CheckpointFormatError(
@@ -102,10 +120,148 @@ def parse_header(path: str, head: bytes, file_size: int) -> tuple[int, dict, dic
                 f"{nbytes(code, shape)}",
                 path=path,
                 key=key,
-                hint="the file is corrupt",
+                hint=_CORRUPT,
             )
         entries[key] = (code, shape, data_start + begin, data_start + end)
+        spans.append((begin, end, key))
+    _check_tiling(path, spans, data_size)
     return data_start, metadata, entries
+
+
+def _parse_metadata(path: str, metadata: object) -> dict[str, str]:
+    """``__metadata__``: absent or null (as the library allows), else a str->str map."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise CheckpointFormatError(
+            f"__metadata__ is a JSON {_json_type(metadata)}, not an object of strings",
+            path=path,
+            hint=_CORRUPT,
+        )
+    for name, value in metadata.items():
+        if not isinstance(value, str):
+            raise CheckpointFormatError(
+                f"__metadata__ value of {name!r} is a JSON {_json_type(value)}, not a string",
+                path=path,
+                hint=_CORRUPT,
+            )
+    return metadata
+
+
+def _parse_entry(path: str, key: str, entry: object) -> tuple[str, tuple[int, ...], int, int]:
+    """One tensor's (dtype code, shape, begin, end), offsets relative to the data buffer."""
+    if not isinstance(entry, dict):
+        raise CheckpointFormatError(
+            f"header entry is a JSON {_json_type(entry)}, not an object with dtype, shape "
+            "and data_offsets",
+            path=path,
+            key=key,
+            hint=_CORRUPT,
+        )
+    for field in ("dtype", "shape", "data_offsets"):
+        if field not in entry:
+            raise CheckpointFormatError(
+                f"header entry has no {field!r}", path=path, key=key, hint=_CORRUPT
+            )
+    for field, value in entry.items():
+        # The library ignores extra fields but its JSON parser stops at 127 nested levels (the
+        # header object and this entry are two of them).
+        if field not in ("dtype", "shape", "data_offsets") and 2 + _nesting(value) > 127:
+            raise CheckpointFormatError(
+                f"header entry field {field!r} is nested too deeply (the library allows 127 "
+                "levels in all)",
+                path=path,
+                key=key,
+                hint=_CORRUPT,
+            )
+    code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(code, str) or code not in DTYPE_BY_CODE:
+        raise CheckpointFormatError(
+            f"unsupported dtype {code!r}",
+            path=path,
+            key=key,
+            hint=f"convert the tensor to one of {', '.join(DTYPE_BY_CODE)}",
+        )
+    if not isinstance(shape, list) or not all(type(d) is int for d in shape):
+        raise CheckpointFormatError(
+            f"shape {json.dumps(shape)} is not a list of integers",
+            path=path,
+            key=key,
+            hint=_CORRUPT,
+        )
+    if min(shape, default=0) < 0:
+        raise CheckpointFormatError(
+            f"shape {shape} has a negative dimension", path=path, key=key, hint=_CORRUPT
+        )
+    if max(shape, default=0) >= _USIZE_LIMIT:
+        raise CheckpointFormatError(
+            f"shape {shape} has a dimension above 2**64 - 1", path=path, key=key, hint=_CORRUPT
+        )
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+        raise CheckpointFormatError(
+            f"data_offsets {json.dumps(offsets)} is not a pair of integers from 0 to 2**64 - 1",
+            path=path,
+            key=key,
+            hint=_CORRUPT,
+        )
+    begin, end = offsets
+    if begin > end:
+        raise CheckpointFormatError(
+            f"data offsets [{begin}, {end}] end before they begin",
+            path=path,
+            key=key,
+            hint=_CORRUPT,
+        )
+    return code, tuple(shape), begin, end
+
+
+def _check_tiling(path: str, spans: list[tuple[int, int, str]], data_size: int) -> None:
+    """The spans, sorted by (begin, end) as the library sorts them, must tile [0, data_size):
+    the library refuses gaps, overlaps and bytes after the last tensor alike."""
+    pos, prev = 0, None
+    for begin, end, key in sorted(spans):
+        if begin < pos:
+            raise CheckpointFormatError(
+                f"data offsets [{begin}, {end}] overlap those of tensor '{prev[2]}' "
+                f"[{prev[0]}, {prev[1]}]",
+                path=path,
+                key=key,
+                hint=_CORRUPT,
+            )
+        if begin > pos:
+            after = "the start of the data" if prev is None else f"tensor '{prev[2]}'"
+            raise CheckpointFormatError(
+                f"data offsets [{begin}, {end}] leave a gap of {begin - pos} bytes after {after}",
+                path=path,
+                key=key,
+                hint=_CORRUPT,
+            )
+        pos, prev = end, (begin, end, key)
+    if pos != data_size:
+        if prev is None:
+            message = f"the header names no tensors but the data holds {data_size} bytes"
+        else:
+            message = (
+                f"{data_size - pos} bytes after this tensor's data belong to no tensor "
+                f"(the header covers {pos} of {data_size} data bytes)"
+            )
+        raise CheckpointFormatError(
+            message, path=path, key=None if prev is None else prev[2], hint=_CORRUPT
+        )
+
+
+def _nesting(value: object) -> int:
+    """How many arrays/objects deep ``value`` is (0 for a scalar)."""
+    depth, level = 0, [value]
+    while level := [v for v in level if isinstance(v, (dict, list))]:
+        depth += 1
+        level = [c for v in level for c in (v.values() if isinstance(v, dict) else v)]
+    return depth
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number"}
+    return "null" if value is None else names.get(type(value), "number")
 
 
 def read_header(path: str) -> tuple[int, dict, dict, bytes]:
