@@ -1,38 +1,71 @@
-"""Fingerprints of what produced an intermediate, and the reuse decision for each task."""
+"""Fingerprints of what produced an intermediate, and the reuse decision for each task.
+
+A finished tensor's marker holds two things: the fingerprint of what decides its numbers (the
+tensors' names, dtypes and shapes, the planned kind, the kernel, the loraforge version) and,
+per side, what the task read: the file's stat (size, mtime_ns, inode) taken before the read and
+the CRC-32C of the tensor's stored bytes. A resume reuses the tensor when the fingerprint
+matches and each file's stat is unchanged; when a stat changed, it re-hashes that tensor's
+bytes in that file and reuses it only if the CRC-32C still matches."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import google_crc32c
+import torch
+
 from .. import __version__
-from ..io.reader import CheckpointIndex, TensorInfo, sample_digest
+from ..io.reader import TensorInfo, mapped, prefault
 from .options import KernelOptions
 from .plan import ExtractTask
 
-
-def tensor_fingerprint(info: TensorInfo, index: CheckpointIndex) -> dict:
-    """File name, size and header hash of the file holding the tensor, the tensor's dtype and
-    shape, and a hash of three small windows of its bytes (no full read)."""
-    name = os.path.basename(info.file)
-    return {
-        "file": name,
-        **index.files[name],
-        "dtype": info.dtype,
-        "shape": list(info.shape),
-        "sample_sha256": sample_digest(info),
-    }
+SIDES = ("source", "target")
+STAT_FIELDS = ("size", "mtime_ns", "inode")
 
 
-def extract_fingerprint(
-    task: ExtractTask, source: CheckpointIndex, target: CheckpointIndex, kernel: KernelOptions
-) -> dict:
+def file_stat(path: str) -> dict:
+    """What a resume compares first: a file edited in place gets a new mtime, a replaced one a
+    new inode."""
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def tensor_crc32c(tensor: torch.Tensor) -> int:
+    """CRC-32C of a host tensor's bytes in C order; a contiguous one (a mapped view) is hashed in
+    place, without a copy. An empty tensor has the CRC of ``b""``.
+
+    google_crc32c holds the GIL over anything but ``bytes``, so a mapped view's pages are
+    faulted in first, outside it (``prefault``): the GIL is then held only while hashing at
+    memory speed, not while reading from the page cache or the disk."""
+    if tensor.numel() == 0:
+        return google_crc32c.value(b"")
+    tensor = tensor.contiguous()
+    prefault(tensor)
+    return google_crc32c.value(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def stored_crc32c(info: TensorInfo) -> int:
+    """CRC-32C of the tensor's current bytes, read through the memory map."""
+    with mapped(info) as view:
+        return tensor_crc32c(view)
+
+
+def tensor_fingerprint(info: TensorInfo) -> dict:
+    """What identifies one side's tensor: its file's name, dtype and shape (its bytes are
+    vouched for apart, by stat and CRC-32C)."""
+    return {"file": os.path.basename(info.file), "dtype": info.dtype, "shape": list(info.shape)}
+
+
+def extract_fingerprint(task: ExtractTask, kernel: KernelOptions) -> dict:
     fingerprint = {
         "loraforge": __version__,
         "key": task.key,
         "kind": task.kind,
-        "source": tensor_fingerprint(task.source, source),
-        "target": tensor_fingerprint(task.target, target),
+        "source": tensor_fingerprint(task.source),
+        "target": tensor_fingerprint(task.target),
     }
     if task.kind == "lowrank":  # the rank is checked apart: a larger stored rank can be sliced
         fingerprint["kernel"] = {
@@ -41,6 +74,14 @@ def extract_fingerprint(
             "n_iter": kernel.n_iter,
         }
     return fingerprint
+
+
+def read_record(before: dict, crc: int, after: dict) -> dict:
+    """The marker's record of one side: the stat taken before the read and the CRC-32C of the
+    bytes read, or, when the file changed while it was read (``after`` differs), neither."""
+    if after != before:
+        return {"changed_while_read": True}
+    return {**before, "crc32c": crc}
 
 
 _WHAT = {
@@ -57,22 +98,67 @@ class Decision:
     reuse: bool
     reason: str | None = None  # why it must be computed again (None: never computed)
     sliced_from: int | None = None  # stored rank, when larger than the one asked for
+    note: str | None = None  # how a reused tensor was vouched for, when not by stat alone
+    rehashed: tuple[str, ...] = ()  # sides whose file stat changed and whose CRC matched
 
 
-def decide(task: ExtractTask, marker: dict | None, fingerprint: dict) -> Decision:
+def decide(
+    task: ExtractTask,
+    marker: dict | None,
+    fingerprint: dict,
+    stats: dict[str, dict],
+    crc: Callable[[str], int],
+) -> Decision:
+    """Reuse or recompute one task. ``stats`` holds each side's current file stat
+    (``file_stat``); ``crc(side)`` re-hashes that side's tensor and is called only for a side
+    whose stat differs from the marker's."""
     if marker is None:
         return Decision(False)
+    inputs = marker.get("inputs")
+    if not isinstance(inputs, dict):  # older markers hashed three sampled windows instead
+        return Decision(False, "written by an older loraforge")
     old = marker.get("fingerprint", {})
     changed = [_WHAT.get(k, f"{k} changed") for k in fingerprint if old.get(k) != fingerprint[k]]
     if changed:
         return Decision(False, ", ".join(changed))
-    if marker.get("kind") == "lowrank":
-        stored = int(marker.get("rank", 0))
-        if stored < task.rank:
-            return Decision(False, f"stored rank {stored} < requested {task.rank}")
-        if stored > task.rank:
-            return Decision(True, sliced_from=stored)
-    return Decision(True)
+    stored = int(marker.get("rank") or 0)
+    if marker.get("kind") == "lowrank" and stored < task.rank:
+        return Decision(False, f"stored rank {stored} < requested {task.rank}")
+    rehashed = []
+    for side in SIDES:
+        record = inputs.get(side) or {}
+        if all(k in record for k in STAT_FIELDS) and all(
+            record[k] == stats[side][k] for k in STAT_FIELDS
+        ):
+            continue
+        if record.get("changed_while_read"):
+            return Decision(False, f"{side} file changed while it was read")
+        if record.get("crc32c") is None:
+            return Decision(False, f"no CRC-32C of the {side} tensor recorded")
+        if crc(side) != record["crc32c"]:
+            changed.append(_WHAT[side])
+        else:
+            rehashed.append(side)
+    if changed:
+        return Decision(False, ", ".join(changed))
+    note = (
+        f"{' and '.join(rehashed)} file changed on disk, tensor bytes unchanged (CRC-32C)"
+        if rehashed
+        else None
+    )
+    sliced = stored if marker.get("kind") == "lowrank" and stored > task.rank else None
+    return Decision(True, sliced_from=sliced, note=note, rehashed=tuple(rehashed))
+
+
+def refreshed_marker(marker: dict, decision: Decision, stats: dict[str, dict]) -> dict | None:
+    """For a tensor reused after a re-hash: its marker with the current stats of the re-hashed
+    files (taken before the re-hash), so the next resume trusts the stat again; else None."""
+    if not decision.reuse or not decision.rehashed:
+        return None
+    inputs = {**marker["inputs"]}
+    for side in decision.rehashed:
+        inputs[side] = {**inputs[side], **stats[side]}
+    return {**marker, "inputs": inputs}
 
 
 def input_changes(previous: dict | None, manifest: dict) -> list[str]:
@@ -80,7 +166,7 @@ def input_changes(previous: dict | None, manifest: dict) -> list[str]:
     if not previous:
         return []
     notes = []
-    for side in ("source", "target"):
+    for side in SIDES:
         old, new = previous.get("inputs", {}).get(side), manifest["inputs"][side]
         if old and old != new:
             noted = sorted(
@@ -95,3 +181,41 @@ def input_changes(previous: dict | None, manifest: dict) -> list[str]:
     if previous.get("kernel") != manifest["kernel"]:
         notes.append(f"kernel parameters changed: {previous.get('kernel')} → {manifest['kernel']}")
     return notes
+
+
+def resume_decisions(plan, work) -> tuple[dict, dict[str, Decision], dict]:
+    """Per task of ``plan``: its fingerprint, its ``Decision`` against the marker in ``work``,
+    and (for reused tasks) the marker. A tensor reused after a re-hash gets its marker
+    refreshed with the current stats, so the next resume trusts them again."""
+    kernel = plan.options.kernel
+    fingerprints, decisions, markers = {}, {}, {}
+    # Every input file's stat, taken before any of its tensors is re-hashed.
+    files = {info.file for task in plan.tasks for info in (task.source, task.target)}
+    stats = {file: file_stat(file) for file in sorted(files)}
+
+    def resume_decision(task) -> tuple[dict, dict | None, Decision]:
+        fingerprint = extract_fingerprint(task, kernel)
+        marker = work.read_marker(task.key)
+        now = {side: stats[getattr(task, side).file] for side in SIDES}
+        decision = decide(
+            task, marker, fingerprint, now, lambda side: stored_crc32c(getattr(task, side))
+        )
+        refreshed = refreshed_marker(marker, decision, now)
+        if refreshed is not None:  # re-hashed: the next resume trusts the new stats
+            work.write_marker(task.key, refreshed)
+            marker = refreshed
+        return fingerprint, marker, decision
+
+    # Threads: a re-hash (a file's stat changed) faults its pages in outside the GIL
+    # (io.reader.prefault), so several tensors are re-hashed side by side.
+    pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1))
+    try:
+        for task, (fingerprint, marker, decision) in zip(
+            plan.tasks, pool.map(resume_decision, plan.tasks), strict=True
+        ):
+            fingerprints[task.key], decisions[task.key] = fingerprint, decision
+            if decision.reuse:
+                markers[task.key] = marker
+    finally:
+        pool.shutdown(cancel_futures=True)  # Ctrl-C: no further re-hash starts
+    return fingerprints, decisions, markers

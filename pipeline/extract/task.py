@@ -18,6 +18,7 @@ from ..run.staging import device_lock, stage, thread_buffer
 from ..workdir import WorkDir
 from .options import KernelOptions
 from .plan import ExtractTask
+from .resume import SIDES, file_stat, read_record, tensor_crc32c
 
 
 def _delta(
@@ -42,14 +43,21 @@ def _delta(
 
 
 @contextmanager
-def _read(task: ExtractTask, device: torch.device):
+def _read(task: ExtractTask, device: torch.device, read: dict):
     """Both tensors, read: the mapped views on the CPU (the diff reads them), copies in pinned
-    host memory for a GPU task, made here so the read overlaps another thread's kernel."""
+    host memory for a GPU task, made here so the read overlaps another thread's kernel.
+
+    ``read`` gains, per side, the file's stat taken before the read and the CRC-32C of the
+    bytes the diff uses (hashed from the mapped view, or from the pinned copy)."""
+    before = {side: file_stat(getattr(task, side).file) for side in SIDES}
     with mapped(task.source) as base, mapped(task.target) as target:
+        if device.type != "cpu":
+            base, target = stage(base, "source", device), stage(target, "target", device)
+        read["source"] = before["source"], tensor_crc32c(base)
+        read["target"] = before["target"], tensor_crc32c(target)
         if device.type == "cpu":
             yield base, target
             return
-        base, target = stage(base, "source", device), stage(target, "target", device)
     yield base, target
 
 
@@ -68,8 +76,13 @@ def run_extract_task(
     marker = {"key": task.key, "fingerprint": fingerprint, "shape": list(task.shape)}
     # Read first, then hold the device for diff, kernel and the copy back: one kernel per GPU
     # at a time while another thread reads (see run/gpu.py); the save comes after.
-    with _read(task, dev) as (base, target), device_lock(dev):
+    read = {}
+    with _read(task, dev, read) as (base, target), device_lock(dev):
         arrays, attributes = _factor(task, dev, kernel, base, target, marker)
+    # A file that changed between the stat and now is not vouched for: a resume recomputes.
+    marker["inputs"] = {
+        side: read_record(*read[side], file_stat(getattr(task, side).file)) for side in SIDES
+    }
     marker["array_shapes"] = {name: list(a.shape) for name, a in arrays.items()}
     marker["seconds"] = round(time.perf_counter() - start, 4)
     WorkDir(work_dir).save(task.key, arrays, marker, attributes)

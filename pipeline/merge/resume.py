@@ -22,12 +22,15 @@ from .plan import MergePlan
 
 
 def _files(index: CheckpointIndex) -> dict:
-    """Per file: size, header hash and modification time (a rewritten file never matches)."""
+    """Per file: size, header hash, modification time and inode (a file edited in place or
+    replaced never matches)."""
     files = sorted({info.file for info in index.tensors.values()})
+    stats = {f: os.stat(f) for f in files}
     return {
         os.path.basename(f): {
             **index.files.get(os.path.basename(f), {}),
-            "mtime_ns": os.stat(f).st_mtime_ns,
+            "mtime_ns": stats[f].st_mtime_ns,
+            "inode": stats[f].st_ino,
         }
         for f in files
     }

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from loraforge.pipeline.io.reader import index_checkpoint
 from tests.helpers.checkpoints import MIN_PARAMS, pair_tensors
 from tests.helpers.cli import CLI, run_cli, run_process
 from tests.helpers.reference import read_report
@@ -151,7 +152,7 @@ def test_damaged_entry_is_detected_and_only_it_recomputed(many, tmp_path, damage
         corrupt_chunk(work, key)
     elif damage == "missing marker":
         os.unlink(os.path.join(work, "done", f"{key}.json"))
-    else:  # rewrite the base file with one tensor changed; its header stays identical
+    else:  # rewrite the base file (a new inode) with one tensor changed; same header
         tensors = load_file(many[0])
         tensors[key] = tensors[key] + 0.5
         save_file(tensors, many[0])
@@ -163,6 +164,60 @@ def test_damaged_entry_is_detected_and_only_it_recomputed(many, tmp_path, damage
     assert changed == {key}, status
     if damage != "changed source":
         assert first.read_bytes() == second.read_bytes()
+
+
+def notes(path):
+    return {k: e.get("note", "") for k, e in read_report(path)["tensors"].items()}
+
+
+def test_in_place_edit_of_one_tensor_recomputes_exactly_it(many, tmp_path):
+    """Bytes of one tensor overwritten at its offset, the file's size unchanged: the stat
+    changed, so every tensor of the file is re-hashed; only the edited one is recomputed."""
+    work = str(tmp_path / "work")
+    assert (
+        run_cli(*extract_args(many, tmp_path / "a.safetensors", "--work-dir", work)).exit_code == 0
+    )
+    key = "blocks.0.ffn.0.weight"
+    info = index_checkpoint(many[1]).tensors[key]
+    edited = (load_file(many[1])[key].float() * 1.5).to(torch.bfloat16)
+    size = os.path.getsize(many[1])
+    fd = os.open(many[1], os.O_WRONLY)
+    try:
+        assert os.pwrite(fd, edited.view(torch.uint8).numpy().tobytes(), info.offset) == info.nbytes
+    finally:
+        os.close(fd)
+    assert os.path.getsize(many[1]) == size
+    second = tmp_path / "b.safetensors"
+    result = run_cli(*extract_args(many, second, "--work-dir", work))
+    assert result.exit_code == 0, result.output
+    status = statuses(str(tmp_path / "b.report.json"))
+    assert {k for k, s in status.items() if s != "reused"} == {key}, status
+    assert status[key] == "computed"
+    assert "recomputed: target tensor changed" in notes(str(tmp_path / "b.report.json"))[key]
+    fresh = tmp_path / "fresh.safetensors"
+    assert run_cli(*extract_args(many, fresh)).exit_code == 0
+    assert second.read_bytes() == fresh.read_bytes()
+    assert second.read_bytes() != (tmp_path / "a.safetensors").read_bytes()
+
+
+def test_touched_inputs_are_rehashed_once_and_nothing_recomputed(many, tmp_path):
+    work = str(tmp_path / "work")
+    first = tmp_path / "a.safetensors"
+    assert run_cli(*extract_args(many, first, "--work-dir", work)).exit_code == 0
+    for path in many:
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    again = tmp_path / "b.safetensors"
+    assert run_cli(*extract_args(many, again, "--work-dir", work)).exit_code == 0
+    report = str(tmp_path / "b.report.json")
+    assert set(statuses(report).values()) == {"reused"}
+    note = "source and target file changed on disk, tensor bytes unchanged (CRC-32C)"
+    assert all(note in n for k, n in notes(report).items() if k in statuses(report))
+    assert again.read_bytes() == first.read_bytes()
+    # The markers now hold the new stats: the next resume reads no tensor.
+    assert run_cli(*extract_args(many, again, "--work-dir", work)).exit_code == 0
+    assert set(statuses(report).values()) == {"reused"}
+    assert not any("CRC-32C" in n for n in notes(report).values())
 
 
 def test_changed_kernel_parameters_recompute_lowrank_entries_only(many, tmp_path):

@@ -1,10 +1,28 @@
-"""The reuse decision for one extraction task, from markers and fingerprints as plain dicts."""
+"""The reuse decision for one extraction task, from markers and fingerprints as plain dicts;
+the CRC-32C and stats a task records for it."""
 
+import google_crc32c
 import pytest
+import torch
+from safetensors.torch import save_file
 
-from loraforge.pipeline.extract.plan import ExtractTask
-from loraforge.pipeline.extract.resume import Decision, decide, input_changes
-from loraforge.pipeline.io.reader import TensorInfo
+from loraforge.pipeline.extract import task as task_module
+from loraforge.pipeline.extract.options import ExtractOptions, KernelOptions
+from loraforge.pipeline.extract.plan import ExtractTask, plan_extraction
+from loraforge.pipeline.extract.resume import (
+    Decision,
+    decide,
+    extract_fingerprint,
+    file_stat,
+    input_changes,
+    read_record,
+    refreshed_marker,
+    stored_crc32c,
+    tensor_crc32c,
+)
+from loraforge.pipeline.extract.task import run_extract_task
+from loraforge.pipeline.io.reader import TensorInfo, index_checkpoint
+from loraforge.pipeline.workdir import WorkDir
 
 KEY = "blocks.0.q.weight"
 
@@ -18,15 +36,8 @@ def task(kind="lowrank", rank=16) -> ExtractTask:
     )
 
 
-def side(size=1000, sample="aa") -> dict:
-    return {
-        "file": "model.safetensors",
-        "size": size,
-        "header_sha256": "h" * 64,
-        "dtype": "BF16",
-        "shape": [64, 32],
-        "sample_sha256": sample,
-    }
+def side(dtype="BF16", shape=(64, 32)) -> dict:
+    return {"file": "model.safetensors", "dtype": dtype, "shape": list(shape)}
 
 
 def fingerprint(task_kind="lowrank", **changes) -> dict:
@@ -39,28 +50,62 @@ def fingerprint(task_kind="lowrank", **changes) -> dict:
     return fp
 
 
-def marker(fp: dict, kind="lowrank", rank=16) -> dict:
+def stat(size=1000, mtime_ns=5, inode=7) -> dict:
+    return {"size": size, "mtime_ns": mtime_ns, "inode": inode}
+
+
+STATS = {"source": stat(inode=7), "target": stat(inode=8)}
+CRCS = {"source": 111, "target": 222}
+
+
+def marker(fp: dict, kind="lowrank", rank=16, inputs=None) -> dict:
+    """A marker as ``run_extract_task`` writes it: the files' stats in ``STATS`` and the
+    tensors' CRCs in ``CRCS`` unless ``inputs`` says otherwise."""
     m = {"kind": kind, "fingerprint": fp}
+    m["inputs"] = inputs or {s: {**STATS[s], "crc32c": CRCS[s]} for s in ("source", "target")}
     if kind == "lowrank":
         m["rank"] = rank
     return m
 
 
+class Crc:
+    """The CRC callable ``decide`` gets: current CRCs by side, and which sides it asked for."""
+
+    def __init__(self, **crcs):
+        self.crcs, self.calls = {**CRCS, **crcs}, []
+
+    def __call__(self, side: str) -> int:
+        self.calls.append(side)
+        return self.crcs[side]
+
+
+def never(side: str) -> int:
+    raise AssertionError(f"the {side} tensor was read")
+
+
+def check(t, stored, fp, stats=STATS, crc=never) -> Decision:
+    """``decide`` with the stats unchanged unless given; reading a tensor fails unless a CRC
+    callable is given."""
+    return decide(t, stored, fp, stats, crc)
+
+
 def test_no_marker_means_compute_without_a_reason():
-    assert decide(task(), None, fingerprint()) == Decision(False, None, None)
+    assert check(task(), None, fingerprint()) == Decision(False, None, None)
 
 
 @pytest.mark.parametrize("kind", ["lowrank", "diff"])
-def test_matching_fingerprint_is_reused(kind):
+def test_matching_fingerprint_and_stats_are_reused_without_reading(kind):
+    crc = Crc()
     fp = fingerprint(kind)
-    assert decide(task(kind), marker(fp, kind), fingerprint(kind)) == Decision(True, None, None)
+    assert decide(task(kind), marker(fp, kind), fingerprint(kind), STATS, crc) == Decision(True)
+    assert crc.calls == []
 
 
 @pytest.mark.parametrize(
     "field, value, reason",
     [
-        ("source", side(size=1001), "source tensor changed"),
-        ("target", side(sample="bb"), "target tensor changed"),
+        ("source", side(dtype="F16"), "source tensor changed"),
+        ("target", side(shape=(32, 64)), "target tensor changed"),
         ("kernel", {"method": "full", "oversample": 16, "n_iter": 2}, "kernel parameters changed"),
         ("loraforge", "0.2.0", "loraforge version changed"),
         ("kind", "diff", "planned kind changed"),
@@ -69,57 +114,240 @@ def test_matching_fingerprint_is_reused(kind):
 )
 def test_each_changed_field_names_its_reason(field, value, reason):
     stored = marker(fingerprint(**{field: value}))
-    assert decide(task(), stored, fingerprint()) == Decision(False, reason)
+    assert check(task(), stored, fingerprint()) == Decision(False, reason)
 
 
 def test_several_changes_are_named_in_fingerprint_order():
-    stored = marker(fingerprint(kernel={"method": "full"}, source=side(size=1), loraforge="0"))
-    assert decide(task(), stored, fingerprint()).reason == (
+    stored = marker(fingerprint(kernel={"method": "full"}, source=side(dtype="F32"), loraforge="0"))
+    assert check(task(), stored, fingerprint()).reason == (
         "loraforge version changed, source tensor changed, kernel parameters changed"
     )
 
 
 def test_marker_without_a_fingerprint_changed_everything():
-    assert decide(task(), {"kind": "lowrank", "rank": 16}, fingerprint()) == Decision(
+    stored = {"kind": "lowrank", "rank": 16, "inputs": marker(fingerprint())["inputs"]}
+    assert check(task(), stored, fingerprint()) == Decision(
         False,
         "loraforge version changed, key changed, planned kind changed, source tensor changed, "
         "target tensor changed, kernel parameters changed",
     )
 
 
+def test_a_marker_from_before_the_crc_is_recomputed():
+    """Markers written before stats and CRCs were recorded (they hashed sampled windows)."""
+    fp = fingerprint()
+    old = {**fp, "source": {**side(), "size": 1000, "sample_sha256": "aa"}}
+    stored = {"kind": "lowrank", "rank": 16, "fingerprint": old}
+    assert check(task(), stored, fp) == Decision(False, "written by an older loraforge")
+
+
 def test_fields_only_the_old_fingerprint_has_are_ignored():
     stored = marker(fingerprint("diff", kernel={"method": "full"}), "diff")
-    assert decide(task("diff"), stored, fingerprint("diff")) == Decision(True)
+    assert check(task("diff"), stored, fingerprint("diff")) == Decision(True)
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"mtime_ns": 6},  # touched, or edited in place with the same size
+        {"inode": 9},  # replaced by another file
+        {"size": 1001},
+    ],
+)
+def test_changed_stat_with_the_same_crc_is_reused_with_a_note(changed):
+    crc = Crc()
+    stats = {**STATS, "target": {**STATS["target"], **changed}}
+    assert decide(task(), marker(fingerprint()), fingerprint(), stats, crc) == Decision(
+        True,
+        note="target file changed on disk, tensor bytes unchanged (CRC-32C)",
+        rehashed=("target",),
+    )
+    assert crc.calls == ["target"]  # only the side whose file changed is re-hashed
+
+
+def test_both_files_changed_with_the_same_crcs():
+    crc = Crc()
+    stats = {s: {**STATS[s], "mtime_ns": 99} for s in STATS}
+    decision = decide(task(), marker(fingerprint()), fingerprint(), stats, crc)
+    assert decision == Decision(
+        True,
+        note="source and target file changed on disk, tensor bytes unchanged (CRC-32C)",
+        rehashed=("source", "target"),
+    )
+    assert crc.calls == ["source", "target"]
+
+
+@pytest.mark.parametrize(
+    "crcs, reason",
+    [
+        ({"source": 1}, "source tensor changed"),
+        ({"target": 2}, "target tensor changed"),
+        ({"source": 1, "target": 2}, "source tensor changed, target tensor changed"),
+    ],
+)
+def test_changed_stat_and_crc_is_recomputed(crcs, reason):
+    stats = {s: {**STATS[s], "mtime_ns": 99} for s in STATS}
+    assert check(task(), marker(fingerprint()), fingerprint(), stats, Crc(**crcs)) == Decision(
+        False, reason
+    )
+
+
+def test_a_sliced_rank_is_still_vouched_for_by_the_crc():
+    stats = {**STATS, "source": stat(mtime_ns=99)}
+    assert check(
+        task(rank=16), marker(fingerprint(), rank=32), fingerprint(), stats, Crc(source=1)
+    ) == Decision(False, "source tensor changed")
+    assert check(
+        task(rank=16), marker(fingerprint(), rank=32), fingerprint(), stats, Crc()
+    ) == Decision(
+        True,
+        sliced_from=32,
+        note="source file changed on disk, tensor bytes unchanged (CRC-32C)",
+        rehashed=("source",),
+    )
+
+
+@pytest.mark.parametrize(
+    "record, reason",
+    [
+        ({**STATS["source"]}, "no CRC-32C of the source tensor recorded"),
+        ({}, "no CRC-32C of the source tensor recorded"),
+        ({"changed_while_read": True}, "source file changed while it was read"),
+    ],
+)
+def test_a_marker_without_a_crc_for_a_changed_file_is_recomputed(record, reason):
+    inputs = {"source": record, "target": {**STATS["target"], "crc32c": CRCS["target"]}}
+    stored = marker(fingerprint(), inputs=inputs)
+    stats = {**STATS, "source": stat(mtime_ns=99)}
+    assert check(task(), stored, fingerprint(), stats, Crc()) == Decision(False, reason)
+
+
+def test_a_record_without_a_stat_never_matches_the_stat():
+    target = {**STATS["target"], "crc32c": CRCS["target"]}
+    stored = marker(
+        fingerprint(), inputs={"source": {"changed_while_read": True}, "target": target}
+    )
+    assert check(task(), stored, fingerprint()) == Decision(
+        False, "source file changed while it was read"
+    )
+
+
+def test_refreshed_marker_takes_the_rehashed_files_stats():
+    stats = {**STATS, "target": stat(mtime_ns=99, inode=8)}
+    stored = marker(fingerprint())
+    decision = decide(task(), stored, fingerprint(), stats, Crc())
+    refreshed = refreshed_marker(stored, decision, stats)
+    assert refreshed["inputs"] == {
+        "source": {**STATS["source"], "crc32c": CRCS["source"]},
+        "target": {**stats["target"], "crc32c": CRCS["target"]},
+    }
+    assert stored["inputs"]["target"]["mtime_ns"] == 5  # the stored marker is not modified
+    # With the refreshed marker the same stats are trusted again: nothing is read.
+    assert check(task(), refreshed, fingerprint(), stats) == Decision(True)
+    assert refreshed_marker(stored, Decision(True), stats) is None
+    assert refreshed_marker(stored, Decision(False, "x"), stats) is None
 
 
 def test_larger_stored_rank_is_sliced():
     stored = marker(fingerprint(), rank=32)
-    assert decide(task(rank=16), stored, fingerprint()) == Decision(True, None, 32)
+    assert check(task(rank=16), stored, fingerprint()) == Decision(True, None, 32)
 
 
 def test_equal_stored_rank_is_reused_as_is():
-    assert decide(task(rank=16), marker(fingerprint(), rank=16), fingerprint()) == Decision(True)
+    assert check(task(rank=16), marker(fingerprint(), rank=16), fingerprint()) == Decision(True)
 
 
-def test_smaller_stored_rank_is_recomputed():
+def test_smaller_stored_rank_is_recomputed_without_reading():
+    stats = {s: stat(mtime_ns=99) for s in STATS}  # the rank decides before any re-hash
     stored = marker(fingerprint(), rank=8)
-    assert decide(task(rank=16), stored, fingerprint()) == Decision(
+    assert check(task(rank=16), stored, fingerprint(), stats) == Decision(
         False, "stored rank 8 < requested 16"
     )
-    no_rank = {"kind": "lowrank", "fingerprint": fingerprint()}
-    assert decide(task(rank=16), no_rank, fingerprint()) == Decision(
+    no_rank = {k: v for k, v in marker(fingerprint()).items() if k != "rank"}
+    assert check(task(rank=16), no_rank, fingerprint()) == Decision(
         False, "stored rank 0 < requested 16"
     )
 
 
 def test_a_changed_fingerprint_wins_over_a_usable_rank():
-    stored = marker(fingerprint(target=side(size=1)), rank=64)
-    assert decide(task(rank=16), stored, fingerprint()) == Decision(False, "target tensor changed")
+    stored = marker(fingerprint(target=side(dtype="F16")), rank=64)
+    assert check(task(rank=16), stored, fingerprint()) == Decision(False, "target tensor changed")
 
 
 def test_rank_is_not_checked_for_other_stored_kinds():
     fp = fingerprint()
-    assert decide(task(rank=16), {"kind": "unchanged", "fingerprint": fp}, fp) == Decision(True)
+    stored = marker(fp, kind="unchanged")
+    assert check(task(rank=16), stored, fp) == Decision(True)
+
+
+def test_stored_crc32c_is_the_crc_of_the_stored_bytes(tmp_path):
+    path = tmp_path / "m.safetensors"
+    tensors = {"w": torch.randn(33, 7).bfloat16(), "empty": torch.zeros(0, 4), "s": torch.ones(())}
+    save_file(tensors, path)
+    index = index_checkpoint(str(path))
+    raw = path.read_bytes()
+    for key, info in index.tensors.items():
+        stored = raw[info.offset : info.offset + info.nbytes]
+        assert stored_crc32c(info) == google_crc32c.value(stored), key
+    assert stored_crc32c(index.tensors["empty"]) == google_crc32c.value(b"") == 0
+    # A non-contiguous tensor is hashed in C order, like its stored bytes.
+    w = tensors["w"]
+    assert tensor_crc32c(w.t().contiguous().t()) == tensor_crc32c(w)
+
+
+def test_the_task_records_stats_and_crcs_taken_before_the_read(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    save_file({KEY: torch.randn(64, 32, generator=g)}, tmp_path / "s.safetensors")
+    save_file({KEY: torch.randn(64, 32, generator=g)}, tmp_path / "t.safetensors")
+    source, target = (index_checkpoint(str(tmp_path / f"{n}.safetensors")) for n in "st")
+    kernel = KernelOptions()
+    plan = plan_extraction(source, target, ExtractOptions(kernel=kernel, lowrank_min_params=1))
+    (t,) = plan.tasks
+    work = tmp_path / "work"
+    WorkDir(str(work)).create()
+    marker = run_extract_task(t, str(work), "cpu", kernel, extract_fingerprint(t, kernel))
+    for side, info in (("source", t.source), ("target", t.target)):
+        assert marker["inputs"][side] == {**file_stat(info.file), "crc32c": stored_crc32c(info)}
+    now = {s: file_stat(getattr(t, s).file) for s in ("source", "target")}
+    assert decide(t, marker, extract_fingerprint(t, kernel), now, never) == Decision(True)
+
+    # A file that changes while the task reads it is not vouched for.
+    edited = {**now["target"], "mtime_ns": now["target"]["mtime_ns"] + 1}
+    calls = iter([now["source"], now["target"], now["source"], edited])  # before, after
+    monkeypatch.setattr(task_module, "file_stat", lambda path: next(calls))
+    marker = run_extract_task(t, str(work), "cpu", kernel, extract_fingerprint(t, kernel))
+    assert marker["inputs"] == {
+        "source": {**now["source"], "crc32c": stored_crc32c(t.source)},
+        "target": {"changed_while_read": True},
+    }
+    assert decide(t, marker, extract_fingerprint(t, kernel), now, never) == Decision(
+        False, "target file changed while it was read"
+    )
+
+
+def test_a_gpu_task_hashes_its_staged_copies(tmp_path, monkeypatch):
+    """On a GPU the task hashes the pinned copies the diff uses (staging faked by a clone)."""
+    g = torch.Generator().manual_seed(1)
+    save_file({KEY: torch.randn(8, 4, generator=g).bfloat16()}, tmp_path / "s.safetensors")
+    save_file({KEY: torch.randn(8, 4, generator=g).bfloat16()}, tmp_path / "t.safetensors")
+    source, target = (index_checkpoint(str(tmp_path / f"{n}.safetensors")) for n in "st")
+    staged = []
+    monkeypatch.setattr(
+        task_module, "stage", lambda view, slot, device: staged.append(view.clone()) or staged[-1]
+    )
+    t = ExtractTask(KEY, "diff", (8, 4), 0, source.tensors[KEY], target.tensors[KEY], {})
+    read = {}
+    with task_module._read(t, torch.device("cuda"), read) as (base, tuned):
+        assert base is staged[0] and tuned is staged[1]
+    assert read == {
+        "source": (file_stat(t.source.file), stored_crc32c(t.source)),
+        "target": (file_stat(t.target.file), stored_crc32c(t.target)),
+    }
+
+
+def test_read_record():
+    assert read_record(stat(), 5, stat()) == {**stat(), "crc32c": 5}
+    assert read_record(stat(), 5, stat(mtime_ns=6)) == {"changed_while_read": True}
 
 
 def model(path, files) -> dict:

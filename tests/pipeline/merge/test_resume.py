@@ -143,6 +143,10 @@ def test_merge_components_and_what_a_change_names(tmp_path):
         "base.safetensors": os.stat(base_file).st_mtime_ns,
         "lora.safetensors": os.stat(lora_file).st_mtime_ns,
     }
+    inode = {
+        "base.safetensors": os.stat(base_file).st_ino,
+        "lora.safetensors": os.stat(lora_file).st_ino,
+    }
     assert first["versions"] == {
         "loraforge": __version__,
         "torch": torch.__version__,
@@ -155,6 +159,7 @@ def test_merge_components_and_what_a_change_names(tmp_path):
                 "size": 1,
                 "header_sha256": "h",
                 "mtime_ns": mtime["base.safetensors"],
+                "inode": inode["base.safetensors"],
             }
         },
     }
@@ -166,6 +171,7 @@ def test_merge_components_and_what_a_change_names(tmp_path):
                     "size": 1,
                     "header_sha256": "h",
                     "mtime_ns": mtime["lora.safetensors"],
+                    "inode": inode["lora.safetensors"],
                 }
             },
             "strength": 1.0,
@@ -190,6 +196,12 @@ def test_merge_components_and_what_a_change_names(tmp_path):
     assert changes(alpha=2.0) == ["the output options, the merge plan" + suffix]
     os.utime(base_file, ns=(0, mtime["base.safetensors"] + 10**9))
     assert changes() == ["the base model" + suffix]
+    # A replaced file (new inode) with the old size and modification time is noticed too.
+    os.rename(write_file(tmp_path / "other", b"LORA"), lora_file)
+    os.utime(base_file, ns=(0, mtime["base.safetensors"]))
+    os.utime(lora_file, ns=(0, mtime["lora.safetensors"]))
+    assert os.stat(lora_file).st_ino != inode["lora.safetensors"]
+    assert changes() == ["the LoRAs or their strengths" + suffix]
 
 
 DATA = bytes(range(40))
