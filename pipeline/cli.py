@@ -3,11 +3,13 @@ console (``console.py``) for everything shown. No logic of its own beyond parsin
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from .cli_options import (
     SVD_HELP,
@@ -27,12 +29,44 @@ from .cli_options import (
     WorkDirOpt,
     Workers,
 )
-from .console import Failed, err, run_command, user_errors
+from .console import Failed, JsonLog, err, print_error, run_command, user_errors
 from .errors import UsageError
 from .io.dtypes import parse_dtype, parse_size
 from .run.options import RunOptions
 
+# typer vendors click in recent releases (typer._click) and uses click itself in older ones: find
+# click's exception classes through typer's public ones instead of importing either.
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_NO_ARGS_HELP = getattr(
+    sys.modules[_CLICK_ERROR.__module__], "NoArgsIsHelpError", type("NeverRaised", (Exception,), {})
+)
+
+
+class _OneLineErrors(TyperGroup):
+    """Bad option values (click's usage errors: ``--rank x``, ``--svd qr``) end like every other
+    error: one ``error:`` line (and a JSON ``error`` event with ``--json``), exit code 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            code = super().main(argv, prog_name, complete_var, False, **extra)
+        except _NO_ARGS_HELP:
+            return super().main(argv, prog_name, complete_var, True, **extra)  # help, as before
+        except _CLICK_ERROR as e:
+            command = e.ctx.command_path if getattr(e, "ctx", None) else "loraforge"
+            message = f"{e.format_message()} (see {command} --help)"
+            log = JsonLog(argv[0]) if "--json" in argv and argv else None
+            print_error(message, e.exit_code, log)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -276,13 +310,26 @@ def merge(
 @app.command(epilog="Example:\n\n  loraforge clean lora.safetensors.work")
 def clean(work_dir: Annotated[str, typer.Argument(help="Work directory to remove.")]) -> None:
     """Remove a work directory (intermediates kept for resume): what loraforge wrote there,
-    then the directory itself when nothing else is left in it."""
+    the temporary output its run left beside --output to resume from, then the directory itself
+    when nothing else is left in it. A symlink to a work directory is followed."""
     from .workdir.clean import clean_work_dir
 
     def body() -> None:
         with user_errors():
-            path, size = clean_work_dir(work_dir)
-            err.print(f"removed {path} ({size / 1e9:.2f} GB)", markup=False)
+            cleaned = clean_work_dir(work_dir)
+            for file in cleaned.temporaries:
+                err.print(f"removed the temporary output {file} left to resume", markup=False)
+            freed = f"{cleaned.size / 1e9:.2f} GB"
+            if os.path.exists(cleaned.path):
+                others = sorted(os.listdir(cleaned.path))
+                more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+                err.print(
+                    f"removed loraforge's files from {cleaned.path} ({freed}); the directory "
+                    f"is kept: it holds {others[0] if others else 'files of yours'}{more}",
+                    markup=False,
+                )
+            else:
+                err.print(f"removed {cleaned.path} ({freed})", markup=False)
 
     _exit_on_failure(body)
 

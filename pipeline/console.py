@@ -72,10 +72,15 @@ def user_errors(log: JsonLog | None = None) -> Iterator[None]:
 def _fail(message: str, exit_code: int, log: JsonLog | None) -> None:
     if os.environ.get("LORAFORGE_TRACEBACK"):
         traceback.print_exc()
+    print_error(message, exit_code, log)
+    raise Failed(exit_code) from None
+
+
+def print_error(message: str, exit_code: int, log: JsonLog | None = None) -> None:
+    """The one ``error:`` line on stderr (and, with ``--json``, the ``error`` event)."""
     err.print(f"error: {message}", markup=False, soft_wrap=True)
     if log is not None:
         log.emit("error", {"message": message, "exit_code": exit_code})
-    raise Failed(exit_code) from None
 
 
 class JsonLog:
@@ -93,8 +98,11 @@ class JsonLog:
       ``output``, ``computed``, ``reused``, ``report`` (the JSON report's path), ...)
     - ``error``: ``message`` (the one line also printed on stderr), ``exit_code``
 
-    Events other than these may be added; readers should skip unknown ones. Warnings (LoRA
-    keys left out) still go to stderr through a quiet ``Bar``."""
+    - ``warning``: ``message``: something surprising that did not stop the run
+    - ``note``: ``message``: e.g. where a failed run left what a rerun resumes from
+
+    Events other than these may be added; readers should skip unknown ones. Warnings and notes
+    also go to stderr, through a quiet ``Bar``."""
 
     def __init__(self, command: str):
         self.command = command
@@ -124,7 +132,7 @@ class JsonLog:
 
 class Bar:
     """Progress callback → a rich bar of tensors and bytes, plus one line per LoRA of a merge.
-    Lines about LoRA keys left out are printed even when quiet: never dropped silently."""
+    Warnings, notes and lines about LoRA keys left out are printed even when quiet."""
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
@@ -133,6 +141,9 @@ class Bar:
     def __call__(self, event: str, info: dict) -> None:
         if event == "loras":
             self._loras(info["loras"])
+        elif event in ("warning", "note"):  # shown even when quiet: never dropped silently
+            self._interrupt_bar()
+            err.print(f"{event}: {info['message']}", markup=False, soft_wrap=True)
         if self.quiet:
             return
         if event == "start":
@@ -187,6 +198,11 @@ class Bar:
                 )
             if unmatched or not self.quiet:
                 err.print(line, markup=False, soft_wrap=True)
+
+    def _interrupt_bar(self) -> None:
+        if self.progress:
+            self.progress.stop()
+            self.progress = None
 
     def _gb(self) -> str:
         return f"{self.bytes_done / 1e9:.2f}/{self.bytes_total / 1e9:.2f} GB read"

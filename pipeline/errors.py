@@ -68,6 +68,10 @@ class LoraMismatch(LoraforgeError, ValueError):
     """LoRA keys that patch nothing in the base (``--strict``), or a LoRA that fits nowhere."""
 
 
+class ModelMismatch(LoraforgeError, ValueError):
+    """Two models that do not belong together: nothing to extract from their difference."""
+
+
 class ShapeMismatch(LoraMismatch):
     """A LoRA tensor whose shape cannot patch the base tensor its name targets (``--strict``)."""
 

@@ -8,12 +8,14 @@ from ..io.reader import index_checkpoint
 from ..run.cluster import TaskCall
 from ..run.faults import maybe_crash
 from ..run.options import RunOptions
+from ..run.paths import checkpoint_paths
 from ..run.report import build_report
 from ..run.session import Progress, Session
-from .export import export
+from .checks import check_something_to_extract, surprises
+from .export import export, open_export
 from .options import ExtractOptions
 from .plan import ExtractionPlan, plan_extraction
-from .resume import Decision, decide, extract_fingerprint, input_changes
+from .resume import Decision, input_changes, resume_decisions
 from .task import run_extract_task
 
 
@@ -34,41 +36,47 @@ def extract(
     session = Session.open("extract", run, output, options.output_format, progress)
     source = index_checkpoint(source_model, source_type)
     target = index_checkpoint(target_model, target_type)
-    session.check_outputs(
-        [session.output],
-        [info.file for index in (source, target) for info in index.tensors.values()],
+    session.check_paths(
+        checkpoint_paths("--source-model", source) + checkpoint_paths("--target-model", target)
     )
     plan = plan_extraction(source, target, options)
+    check_something_to_extract(plan, source, target)
+    warnings = surprises(plan, source, target)
+    for warning in warnings:
+        session.emit("warning", {"message": warning})
     work = session.work
     with session.locked() as previous:
         if not run.resume:
             work.clear()
         work.create()
         manifest = {
-            "command": "extract",
             "kernel": options.kernel.to_dict(),
             "inputs": {"source": source.fingerprint(), "target": target.fingerprint()},
         }
         changes = input_changes(previous, manifest)
-        work.write_manifest(manifest)
-        report = _run(plan, source, target, session, changes)
+        session.write_manifest(manifest)
+        report, writer = _run(plan, source, target, session, changes)
+        report["summary"]["work_dir"] = work.path if run.keep_work else None
+        report["summary"]["warnings"] = warnings
+        try:
+            session.publish(writer, report)
+        except BaseException:
+            writer.abort()  # nothing at the output changed; the work directory has it all
+            raise
     if not run.keep_work:
         work.remove()
-    report["summary"]["work_dir"] = work.path if run.keep_work else None
-    return session.finish(report)
+    return report
 
 
-def _run(plan: ExtractionPlan, source, target, session: Session, changes: list[str]) -> dict:
+def _run(
+    plan: ExtractionPlan, source, target, session: Session, changes: list[str]
+) -> tuple[dict, object]:
+    """Resume decisions, compute, write the output's temporaries; return the report and the
+    filled writer, for the caller to publish."""
     work, dev, started = session.work, session.device, session.started
     kernel = plan.options.kernel
     phases = {"prepare": time.time() - started}
-    fingerprints, decisions, markers = {}, {}, {}
-    for task in plan.tasks:
-        fingerprints[task.key] = extract_fingerprint(task, source, target, kernel)
-        marker = work.read_marker(task.key)
-        decisions[task.key] = decide(task, marker, fingerprints[task.key])
-        if decisions[task.key].reuse:
-            markers[task.key] = marker
+    fingerprints, decisions, markers = resume_decisions(plan, work)
     pending = [t for t in plan.tasks if not decisions[t.key].reuse]
     session.start(
         tensors=len(plan.tasks),
@@ -85,7 +93,12 @@ def _run(plan: ExtractionPlan, source, target, session: Session, changes: list[s
     _compute(session, pending, kernel, fingerprints, markers)
     phases["compute"] = time.time() - started - sum(phases.values())
     session.emit("write", {"tensors": len(plan.tasks)})
-    files, stored = export(plan, markers, work, session.output, compute_here)
+    writer = open_export(plan, markers, session.output)
+    try:
+        stored = export(plan, markers, work, writer, compute_here)
+    except BaseException:
+        writer.abort()
+        raise
     phases["write"] = time.time() - started - sum(phases.values())
     tensors = {}
     for task in plan.tasks:
@@ -111,6 +124,8 @@ def _run(plan: ExtractionPlan, source, target, session: Session, changes: list[s
         ]
         if decision.sliced_from:
             notes.append(f"sliced from stored rank {decision.sliced_from}")
+        if decision.note:
+            notes.append(decision.note)
         if decision.reason:
             notes.append(f"recomputed: {decision.reason}")
         if notes:
@@ -119,7 +134,7 @@ def _run(plan: ExtractionPlan, source, target, session: Session, changes: list[s
     for skipped in plan.skipped:
         tensors[skipped.key] = {"kind": "skipped", "note": skipped.reason, "status": "planned"}
     extra = {
-        "files": files,
+        "files": writer.final_files,
         "output": session.output,
         "device": dev,
         "computed": sum(1 for d in decisions.values() if not d.reuse),
@@ -129,7 +144,7 @@ def _run(plan: ExtractionPlan, source, target, session: Session, changes: list[s
         "input_changes": changes,
         "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
     }
-    return build_report(
+    report = build_report(
         "extract",
         plan.options.to_dict(),
         {"source": source.path, "target": target.path},
@@ -137,6 +152,7 @@ def _run(plan: ExtractionPlan, source, target, session: Session, changes: list[s
         extra,
         started,
     )
+    return report, writer
 
 
 def _status(decision: Decision, note: str | None) -> str:

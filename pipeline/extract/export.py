@@ -92,47 +92,50 @@ def _batches(tasks: list[ExtractTask], markers: dict[str, dict]):
         yield batch
 
 
-def export(
-    plan: ExtractionPlan,
-    markers: dict[str, dict],
-    work: WorkDir,
-    output: str,
-    recompute: Callable[[ExtractTask], dict],
-) -> tuple[list[str], dict]:
-    """Write the output; return its files and, per key, (stored error, kernel error, note).
-
-    An intermediate that cannot be read back intact is recomputed through ``recompute``."""
+def open_export(plan: ExtractionPlan, markers: dict[str, dict], output: str):
+    """The output writer, laid out for the finished results (unchanged tensors have none)."""
     options: ExtractOptions = plan.options
-    dtype = options.torch_dtype
-    errors: dict[str, tuple[float, float, str | None]] = {}
-    writer = open_output(
+    return open_output(
         output,
         options.output_format,
         planned_entries(plan, markers),
         options.max_shard_size,
         metadata={"format": "pt", "producer": "loraforge"},
     )
+
+
+def export(
+    plan: ExtractionPlan,
+    markers: dict[str, dict],
+    work: WorkDir,
+    writer,
+    recompute: Callable[[ExtractTask], dict],
+) -> dict:
+    """Write every finished result into ``writer`` (which the caller publishes); return, per
+    key, (stored error, kernel error, note).
+
+    An intermediate that cannot be read back intact is recomputed through ``recompute``."""
+    dtype = plan.options.torch_dtype
+    errors: dict[str, tuple[float, float, str | None]] = {}
     stored = [t for t in plan.tasks if markers[t.key]["kind"] != "unchanged"]
-    with writer:
-        for batch in _batches(stored, markers):
-            loaded = work.load_many([(task.key, markers[task.key]) for task in batch])
-            for task in batch:
-                marker, note = markers[task.key], None
-                if isinstance(loaded[task.key], CorruptEntry):
-                    note = f"intermediate was unreadable ({loaded[task.key]}); recomputed"
-                    work.discard(task.key)
-                    marker = markers[task.key] = recompute(task)
-                    loaded[task.key] = work.load(task.key, marker)
-                arrays, attributes = loaded.pop(task.key)
-                if marker["kind"] == "lowrank":
-                    tensors, error, kernel_error = _stored_lowrank(
-                        task, arrays, attributes, marker, dtype
-                    )
-                else:
-                    tensors, error, kernel_error = _stored_diff(task, arrays, dtype)
-                for name, tensor in tensors.items():
-                    writer.write(name, tensor)
-                errors[task.key] = (error, kernel_error, note)
-                maybe_crash("write", len(errors))
-        files = writer.commit()
-    return files, errors
+    for batch in _batches(stored, markers):
+        loaded = work.load_many([(task.key, markers[task.key]) for task in batch])
+        for task in batch:
+            marker, note = markers[task.key], None
+            if isinstance(loaded[task.key], CorruptEntry):
+                note = f"intermediate was unreadable ({loaded[task.key]}); recomputed"
+                work.discard(task.key)
+                marker = markers[task.key] = recompute(task)
+                loaded[task.key] = work.load(task.key, marker)
+            arrays, attributes = loaded.pop(task.key)
+            if marker["kind"] == "lowrank":
+                tensors, error, kernel_error = _stored_lowrank(
+                    task, arrays, attributes, marker, dtype
+                )
+            else:
+                tensors, error, kernel_error = _stored_diff(task, arrays, dtype)
+            for name, tensor in tensors.items():
+                writer.write(name, tensor)
+            errors[task.key] = (error, kernel_error, note)
+            maybe_crash("write", len(errors))
+    return errors

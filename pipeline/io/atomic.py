@@ -20,9 +20,19 @@ def write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def json_text(data: object) -> str:
+    return json.dumps(data, indent=1, sort_keys=True) + "\n"
+
+
 def write_json(path: str, data: object) -> None:
     """``data`` as indented JSON with sorted keys, atomically (``write_text``)."""
-    write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+    write_text(path, json_text(data))
+
+
+def write_json_to(path: str, data: object) -> None:
+    """``data`` as ``write_json`` formats it, straight into ``path`` (itself a temporary)."""
+    with open(path, "w") as f:
+        f.write(json_text(data))
 
 
 def remove_quietly(path: str) -> None:

@@ -39,14 +39,23 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def parse_size(text: str | int | None) -> int | None:
-    """'5GB' → 5·10⁹ bytes (Hugging Face's convention), '2GiB' → 2·2³⁰; None/'0' → no limit."""
-    if text is None or isinstance(text, int):
-        return text or None
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
-    if not m or m.group(2) not in _SIZE_UNITS:
-        raise UsageError(f"cannot read size {text!r}; write e.g. 5GB, 500MB or 2GiB")
-    size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
-    return size or None
+    """'5GB' → 5·10⁹ bytes (Hugging Face's convention), '2GiB' → 2·2³⁰; None → no limit. A
+    size under one byte is refused rather than read as "no limit"."""
+    if text is None:
+        return None
+    if isinstance(text, int):
+        size = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
+        if not m or m.group(2) not in _SIZE_UNITS:
+            raise UsageError(f"cannot read size {text!r}; write e.g. 5GB, 500MB or 2GiB")
+        size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    if size < 1:
+        raise UsageError(
+            f"--max-shard-size {text} is less than one byte",
+            hint="give e.g. 5GB, or leave --max-shard-size out for one file",
+        )
+    return size
 
 
 def check_output_format(output_format: str, max_shard_size: int | None) -> None:

@@ -4,6 +4,7 @@ rule, Hugging Face shards and index), and each planned tensor's entry and slot."
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from . import safetensors_format as stf
@@ -73,3 +74,22 @@ def output_files(output: str, entries: list[OutputEntry], max_shard_size: int | 
     count = len(split_shards([(e.name, e.nbytes) for e in entries], max_shard_size))
     files = shard_file_names(output, count)
     return [*files, index_file_name(output)] if count > 1 else files
+
+
+def shard_pattern(output: str) -> re.Pattern:
+    """Names of the shards ``output`` may be split into (``<stem>-00001-of-00003<ext>``)."""
+    stem, ext = os.path.splitext(os.path.basename(output))
+    return re.compile(rf"{re.escape(stem)}-\d{{5}}-of-\d{{5}}{re.escape(ext)}")
+
+
+def output_candidates(output: str) -> list[str]:
+    """Every file an output at ``output`` may consist of that exists already or is named by
+    the output itself: the file, its index, and existing files named like its shards."""
+    directory = os.path.dirname(output)
+    pattern = shard_pattern(output)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        names = []
+    shards = [os.path.join(directory, n) for n in sorted(names) if pattern.fullmatch(n)]
+    return [output, index_file_name(output), *shards]

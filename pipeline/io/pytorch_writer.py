@@ -75,7 +75,16 @@ class PytorchOutput:
             os.close(self._fd)
             self._fd = -1
 
-    def commit(self) -> list[str]:
+    @property
+    def final_files(self) -> list[str]:
+        return list(self.files)
+
+    @property
+    def temporaries(self) -> list[str]:
+        return [self._tmp] if os.path.exists(self._tmp) else []
+
+    def seal(self) -> None:
+        """Check every tensor arrived, patch the zip CRCs, make the temporary durable."""
         self._slots.check_complete()
         for begin, local_header, central in self._records:
             crc = struct.pack("<I", self._crc.get(begin, 0))
@@ -84,8 +93,14 @@ class PytorchOutput:
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
+
+    def publish(self) -> list[str]:
         os.replace(self._tmp, self.files[0])
         return list(self.files)
+
+    def commit(self) -> list[str]:
+        self.seal()
+        return self.publish()
 
     def abort(self) -> None:
         if self._fd >= 0:

@@ -20,6 +20,7 @@ import json
 import mmap
 import os
 import pickle
+import re
 import threading
 import warnings
 import zipfile
@@ -125,6 +126,7 @@ def _index_safetensors_dir(path: str) -> CheckpointIndex:
             raise CheckpointFormatError(
                 "not a valid shard index (needs a 'weight_map' object)", path=index_path
             ) from None
+        weight_map = {key: _shard_name(index_path, key, shard) for key, shard in weight_map.items()}
         shards = sorted(set(weight_map.values()))
         for shard in shards:
             if not os.path.isfile(os.path.join(path, shard)):
@@ -151,6 +153,47 @@ def _index_safetensors_dir(path: str) -> CheckpointIndex:
             hint="point at the checkpoint file or its shard directory",
         )
     return _index_safetensors_files(path, files)
+
+
+def _shard_name(index_path: str, key: str, shard: object) -> str:
+    """A ``weight_map`` value as a plain file name in the checkpoint directory (``./a`` -> ``a``).
+
+    Absolute names and names that leave the directory through ``..`` are refused, and so are
+    subdirectories (shards are identified by file name). Only the name is checked, never where a
+    file resolves to: Hugging Face's cache stores shards as symlinks into ``../../blobs``.
+    """
+    if not isinstance(shard, str):
+        raise CheckpointFormatError(
+            f"the index places this tensor in {json.dumps(shard)}, which is not a file name",
+            path=index_path,
+            key=key,
+            hint="each weight_map value must be the name of a shard file in this directory",
+        )
+    name = os.path.normpath(shard) if shard else ""
+    if os.path.isabs(shard):
+        raise CheckpointFormatError(
+            f"the index places this tensor in {shard!r}, an absolute path, not a file name in "
+            "the checkpoint directory",
+            path=index_path,
+            key=key,
+            hint="shards must sit in the checkpoint directory; fix the index or move the shard",
+        )
+    if name == ".." or name.startswith(".." + os.sep):
+        raise CheckpointFormatError(
+            f"the index places this tensor in {shard!r}, outside the checkpoint directory",
+            path=index_path,
+            key=key,
+            hint="shards must sit in the checkpoint directory; fix the index or move the shard",
+        )
+    if name in ("", ".") or os.sep in name or "\0" in name:
+        raise CheckpointFormatError(
+            f"the index places this tensor in {shard!r}, which is not a file name in the "
+            "checkpoint directory",
+            path=index_path,
+            key=key,
+            hint="shards must sit in the checkpoint directory; fix the index or move the shard",
+        )
+    return name
 
 
 def _index_safetensors_files(root: str, files: list[str]) -> CheckpointIndex:
@@ -227,9 +270,11 @@ def _load_pytorch(path: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling failed"
+        # torch's own message is several lines with terminal escapes; name what it refused.
+        needs = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it calls {needs.group(1)}" if needs else "it is not a plain state dict"
         raise UnsafePickle(
-            f"refusing a pickle that needs code to load ({first[:160]})",
+            f"refusing a pickle that needs code to load ({what})",
             path=path,
             hint="convert it to safetensors in a trusted environment",
         ) from None
@@ -312,20 +357,20 @@ def mapped(info: TensorInfo):
         _release(view)
 
 
-_SAMPLE = 4096
+_MADV_POPULATE_READ = 22  # Linux 5.14+
 
 
-def sample_digest(info: TensorInfo) -> str:
-    """sha256 of three 4 KiB windows (start, middle, end) of the tensor's bytes: a cheap check
-    that a tensor's data is what an earlier run saw, without reading it all."""
-    digest = hashlib.sha256()
-    with mapped(info) as view:
-        raw = (
-            view.reshape(-1).view(torch.uint8)
-            if view.numel()
-            else torch.empty(0, dtype=torch.uint8)
-        )
-        n = raw.numel()
-        for start in sorted({0, max(0, n // 2 - _SAMPLE // 2), max(0, n - _SAMPLE)}):
-            digest.update(raw[start : start + _SAMPLE].numpy().tobytes())
-    return digest.hexdigest()
+def prefault(view: torch.Tensor) -> None:
+    """Fault a mapped view's pages in (``MADV_POPULATE_READ``) through ctypes, which releases
+    the GIL: a hash over the view then runs at memory speed, and threads reading other tensors
+    go on meanwhile. Where the kernel lacks it (or ``view`` is not mapped) this does nothing and
+    the pages fault in as they are read."""
+    if view.numel() == 0 or not view.is_contiguous() or view.device.type != "cpu":
+        return
+    address = view.data_ptr()
+    start = address - address % _PAGE
+    _libc().madvise(
+        ctypes.c_void_p(start),
+        ctypes.c_size_t(address + view.numel() * view.element_size() - start),
+        ctypes.c_int(_MADV_POPULATE_READ),
+    )

@@ -68,6 +68,7 @@ class SafetensorsOutput:
         self.weight_map: dict[str, str] = {}
         self.reused: set[str] = set()
         self._fds: list[tuple[int, str, str]] = []
+        self._sealed: list[tuple[str, str]] = []  # (temporary, final) after seal()
         self._files_of: dict[str, tuple[str, str]] = {}  # name -> (temporary, final file)
         self._slots = Slots()
         try:
@@ -115,14 +116,24 @@ class SafetensorsOutput:
             os.close(fd)
         self._fds = []
 
-    def commit(self) -> list[str]:
+    @property
+    def final_files(self) -> list[str]:
+        """The files the output consists of once published (shards, then the index)."""
+        return [*self.files, self.index] if self.index else list(self.files)
+
+    def seal(self) -> None:
+        """Check every planned tensor arrived and make the temporaries durable (fsync)."""
         self._slots.check_complete()
         for fd, _tmp, _file in self._fds:
             os.fsync(fd)
             os.close(fd)
-        for _fd, tmp, file in self._fds:
-            os.replace(tmp, file)
+        self._sealed = [(tmp, file) for _fd, tmp, file in self._fds]
         self._fds = []
+
+    def publish(self) -> list[str]:
+        """Rename the sealed temporaries into place, shards first, the index last."""
+        for tmp, file in self._sealed:
+            os.replace(tmp, file)
         if self.index:
             write_json(
                 self.index,
@@ -131,17 +142,28 @@ class SafetensorsOutput:
                     "weight_map": dict(sorted(self.weight_map.items())),
                 },
             )
-            return [*self.files, self.index]
-        return list(self.files)
+        return self.final_files
+
+    def commit(self) -> list[str]:
+        self.seal()
+        return self.publish()
 
     def abort(self) -> None:
+        """Remove the temporaries (open or sealed): the output is as before the run."""
         for fd, tmp, _file in self._fds:
             try:
                 os.close(fd)
             except OSError:
                 pass
             remove_quietly(tmp)
-        self._fds = []
+        for tmp, _file in self._sealed:
+            remove_quietly(tmp)
+        self._fds, self._sealed = [], []
+
+    @property
+    def temporaries(self) -> list[str]:
+        """The temporary files, for a message saying where a resumable run left them."""
+        return [tmp for _fd, tmp, _file in self._fds] + [tmp for tmp, _f in self._sealed]
 
     def __enter__(self):
         return self

@@ -11,10 +11,11 @@ file's directory. Unknown fields are refused, never dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import CheckpointNotFound, UsageError
 
@@ -44,6 +45,7 @@ class LoraSpec:
 @dataclass(frozen=True)
 class MergeConfig:
     loras: tuple[LoraSpec, ...]
+    path: str | None = field(default=None, compare=False)  # the file it was read from
 
     def to_dict(self) -> dict:
         """The ``lora_configs`` shape, which ``from_dict`` reads back to an equal config."""
@@ -119,6 +121,7 @@ def load_merge_config(path: str, *, check_files: bool = True) -> MergeConfig:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UsageError(f"not a readable JSON file ({e})", path=where) from None
     config = MergeConfig.from_dict(data, where=where, base_dir=os.path.dirname(where))
+    config = dataclasses.replace(config, path=where)
     if check_files:
         for spec in config.loras:
             if not os.path.exists(spec.path):

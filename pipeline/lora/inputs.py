@@ -35,6 +35,21 @@ class LoraInput:
     index: CheckpointIndex
     mapping: LoraMapping
     peft: dict | None  # the scaling part of a PEFT config (or a config entry's alpha)
+    config: str | None = None  # the adapter_config.json read, if any
+    warnings: tuple[str, ...] = ()  # assumptions made about it (``--strict`` refuses them)
+
+
+def _peft_without_config(path: str, weights: str, config: str | None, alphas: dict) -> str | None:
+    """A PEFT adapter's weights with no adapter_config.json and no ``.alpha`` keys: its scale
+    lora_alpha / r is unknown, so 1 is assumed. Say so."""
+    names = {name for name, _fmt in PEFT_WEIGHTS}
+    holds = os.path.isdir(path) and any(os.path.isfile(os.path.join(path, n)) for n in names)
+    if config or alphas or not (holds or os.path.basename(weights) in names):
+        return None
+    return (
+        f"PEFT adapter without {PEFT_CONFIG}: its lora_alpha and r are unknown, so it is "
+        "merged at scale 1 (as if alpha = rank)"
+    )
 
 
 def find_weights(path: str, lora_type: str | None) -> tuple[str, str | None, str | None]:
@@ -110,6 +125,9 @@ def open_lora(
             path=file,
             hint="is this LoRA for another model?",
         )
+    unscaled = (
+        None if spec.alpha is not None else _peft_without_config(spec.path, file, config, alphas)
+    )
     return LoraInput(
         label=spec.path,
         file=file,
@@ -117,4 +135,6 @@ def open_lora(
         index=index,
         mapping=mapping,
         peft=dataclasses.asdict(peft) if peft else None,
+        config=config,
+        warnings=(unscaled,) if unscaled else (),
     )

@@ -6,8 +6,9 @@ marker per tensor written; a rerun of the same merge computes only the tensors w
 
 from __future__ import annotations
 
-from ..errors import LoraMismatch, ShapeMismatch
-from ..io.layout import output_files
+import os
+
+from ..errors import ClusterError, LoraforgeError, LoraMismatch, ShapeMismatch
 from ..io.reader import index_checkpoint
 from ..io.writer import open_output
 from ..lora.config import MergeConfig
@@ -15,6 +16,7 @@ from ..lora.inputs import LoraInput, open_lora
 from ..run.cluster import TaskCall
 from ..run.faults import maybe_crash
 from ..run.options import RunOptions
+from ..run.paths import UserPath, checkpoint_paths
 from ..run.report import build_report
 from ..run.session import Progress, Session
 from .options import MergeOptions
@@ -44,14 +46,13 @@ def merge(
     base = index_checkpoint(source_model, source_type)
     shapes = {key: info.shape for key, info in base.tensors.items()}
     opened = [open_lora(s, shapes, lora_type, options.allow_nonfinite) for s in loras.loras]
+    session.check_paths(_input_paths(base, opened, loras))
     plan = plan_merge(base, opened, options)
-    inputs = [base, *(lora.index for lora in opened)]
-    session.check_outputs(
-        output_files(session.output, plan.entries, options.max_shard_size),
-        [info.file for index in inputs for info in index.tensors.values()],
-    )
     if options.strict:
-        _refuse_unmatched(opened, plan)
+        _refuse_unmatched(base, opened, plan, session)
+    for lora in opened:
+        for warning in lora.warnings:
+            session.emit("warning", {"message": f"{lora.label}: {warning}"})
     session.emit("loras", {"loras": _lora_summaries(opened, plan)})
 
     work = session.work
@@ -71,18 +72,38 @@ def merge(
             metadata=METADATA,
             reuse=same,
         )
-        work.write_manifest(
-            {"command": "merge", "fingerprint": fingerprint, "components": components}
-        )
+        session.write_manifest({"fingerprint": fingerprint, "components": components})
         try:
             markers = _run(plan, writer, session, fingerprint, changes)
             session.emit("write", {"tensors": len(plan.tasks)})
-            files = writer.commit()
-        except BaseException:
-            writer.close()  # the temporaries stay for a resumed run
+            report = _report(plan, base, opened, markers, writer.final_files, session, changes)
+            session.publish(writer, report)
+        except BaseException as failure:
+            if isinstance(failure, LoraforgeError) and not isinstance(failure, ClusterError):
+                writer.abort()  # bad input: a rerun needs other inputs, so nothing to resume
+                session.discard_work()
+            else:  # interrupted, out of space, workers lost: a rerun resumes
+                temporaries = writer.temporaries
+                writer.close()
+                session.keep_for_resume(temporaries)
             raise
     work.remove()
-    return session.finish(_report(plan, base, opened, markers, files, session, changes))
+    return report
+
+
+def _input_paths(base, opened: list[LoraInput], loras: MergeConfig) -> list[UserPath]:
+    """Every file the merge reads: the base's, each LoRA's (and its adapter directory and
+    config), and the LoRA config file."""
+    paths = checkpoint_paths("--source-model", base)
+    for lora in opened:
+        paths += checkpoint_paths("--lora-model", lora.index)
+        if os.path.isdir(lora.label):
+            paths.append(UserPath("--lora-model", lora.label))
+        if lora.config:
+            paths.append(UserPath("--lora-model", lora.config))
+    if loras.path:
+        paths.append(UserPath("--config", loras.path))
+    return paths
 
 
 def _lora_summaries(opened: list[LoraInput], plan: MergePlan) -> list[dict]:
@@ -100,21 +121,50 @@ def _lora_summaries(opened: list[LoraInput], plan: MergePlan) -> list[dict]:
     ]
 
 
-def _refuse_unmatched(opened: list[LoraInput], plan: MergePlan) -> None:
-    """``--strict``: any LoRA key that would not be merged stops the run; a shape mismatch is
-    named first, since it is the likeliest sign of a LoRA made for another model."""
+def _refuse_unmatched(base, opened: list[LoraInput], plan: MergePlan, session: Session) -> None:
+    """``--strict``: an assumption about a LoRA or any key that would not be merged stops the
+    run before any work; the line counts the keys per cause, a shape mismatch first (the
+    likeliest sign of a LoRA made for another model), and the report lists every key."""
     for lora, unmatched in zip(opened, plan.unmatched, strict=True):
-        if not unmatched:
+        if lora.warnings:
+            error = LoraMismatch(lora.warnings[0], path=lora.label, hint="--strict refuses it")
+        elif unmatched:
+            error = _refusal(lora, unmatched)
+        else:
             continue
-        shaped = [u for u in unmatched if u.reason.startswith("shape mismatch")]
-        first = (shaped or unmatched)[0]
-        error = ShapeMismatch if shaped else LoraMismatch
-        raise error(
-            f"{len(unmatched)} of its {len(lora.index.tensors)} keys would not be merged, "
-            f"e.g. '{first.lora_key}': {first.reason}",
-            path=lora.file,
-            hint="without --strict they are skipped and listed in the report",
-        )
+        _save_refusal_report(base, opened, plan, session, str(error))
+        raise error
+
+
+def _refusal(lora: LoraInput, unmatched: list) -> LoraMismatch:
+    by_cause: dict[str, list] = {}
+    for u in unmatched:
+        by_cause.setdefault(u.reason.split(":")[0], []).append(u)
+    causes = sorted(by_cause, key=lambda c: (not c.startswith("shape mismatch"), c))
+    first = by_cause[causes[0]][0]
+    counts = ", ".join(f"{len(by_cause[c])} {c}" for c in causes)
+    counts = f" ({counts})" if len(causes) > 1 else ""
+    error = ShapeMismatch if causes[0].startswith("shape mismatch") else LoraMismatch
+    return error(
+        f"{len(unmatched)} of its {len(lora.index.tensors)} keys would not be merged{counts}, "
+        f"e.g. '{first.lora_key}': {first.reason}",
+        path=lora.file,
+        hint="every key is listed in the report; without --strict they are skipped",
+    )
+
+
+def _save_refusal_report(base, opened, plan, session: Session, message: str) -> None:
+    extra = {
+        "files": [],
+        "output": None,
+        "device": session.device,
+        "refused": message,
+        "loras": _lora_summaries(opened, plan),
+        "work_dir": None,
+    }
+    inputs = {"source": base.path, "loras": [lora.label for lora in opened]}
+    report = build_report("merge", plan.options.to_dict(), inputs, {}, extra, session.started)
+    session.save_report(report)
 
 
 def _run(plan: MergePlan, writer, session: Session, fingerprint: str, changes: list[str]) -> dict:
@@ -191,6 +241,7 @@ def _report(plan, base, opened, markers, files, session: Session, changes) -> di
         "reused": sum(1 for m in markers.values() if m["status"] == "reused"),
         "loras": _lora_summaries(opened, plan),
         "input_changes": changes,
+        "warnings": [f"{lora.label}: {w}" for lora in opened for w in lora.warnings],
         "work_dir": None,
     }
     inputs = {"source": base.path, "loras": [lora.label for lora in opened]}

@@ -1,39 +1,134 @@
-"""Checks on the paths a user gives, made before any work starts."""
+"""Checks on the paths a user gives, made before any work starts: every path a run will write
+(output files, report, work directory) against every input it reads and against each other,
+after resolving symlinks, ``..`` and (on case-insensitive file systems) case."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from ..errors import OutputError, UsageError
+from ..io.reader import CheckpointIndex
 
 
-def check_output_location(output: str) -> None:
-    """Fail before any work if the output cannot be written."""
+@dataclass(frozen=True)
+class UserPath:
+    """A path and what the user called it (``--output``, ``--target-model``, ...)."""
+
+    role: str
+    path: str
+
+    @property
+    def resolved(self) -> str:
+        return os.path.normcase(os.path.realpath(self.path))
+
+    def describe(self) -> str:
+        return f"{self.role} {self.path}"
+
+
+def checkpoint_paths(role: str, index: CheckpointIndex) -> list[UserPath]:
+    """Every file of a checkpoint as an input: its tensor files and, for a shard directory,
+    its index file(s)."""
+    files = {info.file for info in index.tensors.values()}
+    if os.path.isdir(index.path):
+        files |= {
+            os.path.join(index.path, name)
+            for name in os.listdir(index.path)
+            if name.endswith(".index.json")
+        }
+    return [UserPath(role, file) for file in sorted(files)]
+
+
+def same_path(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` name one file: equal once resolved, or (both existing) one inode,
+    which also catches hard links and case-insensitive file systems."""
+    if os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b)):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_path_argument(value: str | None, option: str) -> None:
+    """An empty path option is refused, not taken as its default (``--report ''``)."""
+    if value is not None and not value.strip():
+        raise UsageError(f"{option} is empty", hint=f"give a path, or leave {option} out")
+
+
+def check_output_argument(output: str) -> None:
+    """An ``--output`` that names no file is refused before it becomes ``<cwd>.safetensors``
+    or ``<dir>.safetensors``."""
+    if not output.strip():
+        raise UsageError("--output is empty", hint="give the output's file name")
+    if output.endswith(("/", os.sep)):
+        raise UsageError(
+            f"--output {output} names a directory", hint="give a file name inside it for --output"
+        )
     if os.path.isdir(output):
-        raise OutputError("is a directory", path=output, hint="give a file name for --output")
-    directory = os.path.dirname(output)
+        raise OutputError(
+            "is a directory",
+            path=os.path.abspath(os.path.expanduser(output)),
+            hint="give a file name for --output",
+        )
+
+
+def check_writable_location(path: str, option: str) -> None:
+    """Fail before any work if ``path`` (a file to write) cannot be created where asked."""
+    if os.path.isdir(path):
+        raise OutputError("is a directory", path=path, hint=f"give a file name for {option}")
+    directory, noun = os.path.dirname(path), option.lstrip("-")
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as e:
         raise OutputError(
-            f"cannot create the output directory ({e.strerror})",
+            f"cannot create the {noun} directory ({e.strerror})",
             path=directory,
-            hint="choose a writable --output location",
+            hint=f"choose a writable {option} location",
         ) from None
     if not os.access(directory, os.W_OK):
         raise OutputError(
-            "output directory is not writable",
+            f"{noun} directory is not writable",
             path=directory,
-            hint="choose a writable --output location",
+            hint=f"choose a writable {option} location",
         )
 
 
-def check_not_an_input(outputs: Iterable[str], inputs: Iterable[str]) -> None:
-    """Refuse any output file that is one of the input files (through links, too)."""
-    read = {os.path.realpath(file) for file in inputs}
-    for file in outputs:
-        if os.path.realpath(file) in read:
+def check_paths(
+    outputs: Iterable[UserPath], inputs: Iterable[UserPath], work_dir: UserPath
+) -> None:
+    """Refuse, in one line naming both paths, any written path that is an input, any two
+    written paths that coincide, and a work directory that is an output or an input file."""
+    outputs, inputs = list(outputs), list(inputs)
+    for written in outputs:
+        for read in inputs:
+            if same_path(written.path, read.path):
+                raise UsageError(
+                    f"{written.role} would overwrite the input {read.describe()}",
+                    path=written.path,
+                    hint=f"choose another {written.role}",
+                )
+    for i, first in enumerate(outputs):
+        for second in outputs[i + 1 :]:
+            if same_path(first.path, second.path):
+                raise UsageError(
+                    f"{first.role} and {second.role} are the same file",
+                    path=first.path,
+                    hint=f"choose another {second.role}",
+                )
+    for other in [*outputs, *inputs]:
+        if same_path(work_dir.path, other.path) or _inside(other.path, work_dir.path):
+            if other in outputs and not same_path(work_dir.path, other.path):
+                continue  # an output inside the work directory is fine: never deleted
             raise UsageError(
-                "the output would overwrite an input", path=file, hint="choose another --output"
+                f"--work-dir {'is' if same_path(work_dir.path, other.path) else 'holds'} "
+                f"{other.describe()}",
+                path=work_dir.path,
+                hint="pass a new or empty directory as --work-dir",
             )
+
+
+def _inside(path: str, directory: str) -> bool:
+    real, folder = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([real, folder]) == folder and real != folder

@@ -6,7 +6,6 @@ import time
 from collections import Counter
 
 from .. import __version__
-from ..io.atomic import write_json
 
 
 def build_report(
@@ -27,7 +26,3 @@ def build_report(
         },
         "tensors": dict(sorted(tensors.items())),
     }
-
-
-def save_report(path: str, report: dict) -> None:
-    write_json(path, report)

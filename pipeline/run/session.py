@@ -1,9 +1,9 @@
 """One run of one command: the set-up and bookkeeping every command shares, so a command keeps
 only what is its own (what to plan, what a task does, what the report says per tensor).
 
-A session resolves the output path and device and checks them before any work, holds the work
-directory's lock, refuses a work directory another command left, sends progress events, runs
-task calls on Dask, and writes the report."""
+A session resolves the output path and device and checks every path before any work, holds the
+work directory's lock, refuses a work directory it may not use, sends progress events, runs
+task calls on Dask, and publishes the output and report together."""
 
 from __future__ import annotations
 
@@ -14,14 +14,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ..errors import WorkDirConflict
-from ..io.layout import output_path
+from ..io.atomic import remove_quietly, temporary_name, write_json, write_json_to
+from ..io.layout import output_candidates, output_path
 from ..workdir import RunLock, WorkDir
 from .cluster import TaskCall, run_tasks
 from .device import resolve_device
 from .gpu import select_gpus, visible_gpus
 from .options import RunOptions
-from .paths import check_not_an_input, check_output_location
-from .report import save_report
+from .paths import (
+    UserPath,
+    check_output_argument,
+    check_path_argument,
+    check_paths,
+    check_writable_location,
+)
 
 Progress = Callable[[str, dict], None]
 
@@ -40,6 +46,8 @@ class Session:
     work: WorkDir
     emit: Progress = _no_progress
     started: float = field(default_factory=time.time)
+    given_output: str = ""  # --output as typed (absolute), before the suffix rule
+    _discard: bool = False
 
     @classmethod
     def open(
@@ -53,26 +61,39 @@ class Session:
         """Resolve and check the output location and the device: the checks that need no
         input, so a bad option fails before any checkpoint is opened."""
         started = time.time()
+        check_output_argument(output)
+        check_path_argument(run.report, "--report")
+        check_path_argument(run.work_dir, "--work-dir")
+        given = os.path.abspath(os.path.expanduser(output))
         output = output_path(output, output_format)
-        check_output_location(output)
+        check_writable_location(output, "--output")
         device = resolve_device(run.device, scheduler=run.scheduler, gpus=run.gpus)
         gpus = select_gpus(run.gpus, visible_gpus()) if run.gpus else None
         work = WorkDir(run.work_dir or output + ".work")
-        return cls(command, run, output, device, gpus, work, progress or _no_progress, started)
+        session = cls(command, run, output, device, gpus, work, progress or _no_progress, started)
+        session.given_output = given
+        check_writable_location(session.report_path, "--report")
+        return session
 
     @property
     def report_path(self) -> str:
         return os.path.abspath(self.run.report or os.path.splitext(self.output)[0] + ".report.json")
 
-    def check_outputs(self, outputs: Iterable[str], inputs: Iterable[str]) -> None:
-        """Refuse outputs that would overwrite an input file."""
-        check_not_an_input(outputs, inputs)
+    def check_paths(self, inputs: Iterable[UserPath]) -> None:
+        """Before any work: no path this run writes (output, its index and shards, report,
+        work directory) is an input or another written path."""
+        written = [UserPath("--output", file) for file in output_candidates(self.output)]
+        if self.given_output != self.output:  # the path as typed, before the suffix rule
+            written.append(UserPath("--output", self.given_output))
+        written.append(UserPath("--report", self.report_path))
+        check_paths(written, inputs, UserPath("--work-dir", self.work.path))
 
     @contextmanager
     def locked(self) -> Iterator[dict | None]:
         """Hold the work directory's lock for the block; yields the manifest of the run that
         used it last (None for a new directory). A directory left by another command is
         refused: its intermediates mean something else."""
+        self.work.check_usable()
         lock = RunLock(self.work.path)
         lock.acquire()
         try:
@@ -87,6 +108,13 @@ class Session:
             yield previous
         finally:
             lock.release()
+            if self._discard:
+                self.work.remove()
+
+    def discard_work(self) -> None:
+        """Remove the work directory when the lock is released: nothing in it can serve a
+        rerun (a failure that needs other inputs)."""
+        self._discard = True
 
     def start(
         self, *, tensors: int, total_bytes: int, done: int, done_bytes: int, changes: list[str]
@@ -117,8 +145,40 @@ class Session:
             on_cluster=lambda link: self.emit("cluster", {"dashboard": link}),
         )
 
-    def finish(self, report: dict) -> dict:
-        """Save ``report`` (its summary learns where) and return it."""
+    def write_manifest(self, manifest: dict) -> None:
+        """``run.json``: what the run depends on, plus its command and output (so ``clean``
+        finds the temporary output a killed run left)."""
+        self.work.write_manifest({**manifest, "command": self.command, "output": self.output})
+
+    def publish(self, writer, report: dict) -> dict:
+        """Make the output and the report appear together: the output's temporaries are
+        sealed, the report written under a temporary name, then all are renamed into place
+        (output files first, report last). Before that nothing at the output changed."""
+        writer.seal()
+        report["summary"]["files"] = writer.final_files
         report["summary"]["report"] = self.report_path
-        save_report(self.report_path, report)
+        pending = temporary_name(self.report_path)
+        try:
+            write_json_to(pending, report)
+            writer.publish()
+        except BaseException:
+            remove_quietly(pending)
+            raise
+        os.replace(pending, self.report_path)
         return report
+
+    def save_report(self, report: dict) -> None:
+        """The report alone, for a run refused after its checks (``merge --strict``)."""
+        report["summary"]["report"] = self.report_path
+        write_json(self.report_path, report)
+
+    def keep_for_resume(self, temporaries: list[str]) -> None:
+        """Say where a failed run left what a rerun resumes from, and how to remove it."""
+        where = ", ".join([*temporaries, self.work.path])
+        self.emit(
+            "note",
+            {
+                "message": f"kept to resume: {where}; rerun the same command to finish, or "
+                f"`loraforge clean {self.work.path}` to remove them"
+            },
+        )

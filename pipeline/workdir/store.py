@@ -8,6 +8,7 @@ Layout::
                              fingerprint of what produced them; no marker = not finished
     <work>/run.json          the last run's options and input fingerprints
     <work>/lock.json         pid and host of the run using the directory (``lock.py``)
+    <work>/loraforge-work-dir.json   says loraforge made the directory
 
 One task owns one tensor's group, so no two tasks write the same chunk.
 """
@@ -25,6 +26,8 @@ import zarr
 import zarr.api.asynchronous as zarr_async
 import zarr.storage
 
+from .. import __version__
+from ..errors import WorkDirConflict
 from ..io.atomic import remove_quietly, write_json
 from . import zarr_direct
 
@@ -47,14 +50,55 @@ def _chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (max(1, min(shape[0], _CHUNK_BYTES // max(row, 1))), *shape[1:])
 
 
+# The file that says loraforge made a directory: only such a directory (or an empty one) is used
+# as a work directory, and only what loraforge writes in it is ever deleted.
+OWNER_FILE = "loraforge-work-dir.json"
+# What loraforge writes in a work directory (an older loraforge wrote the same, less OWNER_FILE).
+OWN_ENTRIES = ("tensors", "done", "run.json", "lock.json", OWNER_FILE)
+
+
 class WorkDir:
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
         self.tensors = os.path.join(self.path, "tensors")
         self.done = os.path.join(self.path, "done")
 
+    def is_loraforges(self) -> bool:
+        """Whether the directory exists and loraforge made it: it has the owner file, or holds
+        nothing but loraforge's own entries (left by an older loraforge, or by a run killed
+        between taking the lock and writing the owner file)."""
+        try:
+            names = set(os.listdir(self.path))
+        except OSError:
+            return False
+        return OWNER_FILE in names or bool(names and names <= set(OWN_ENTRIES))
+
+    def check_usable(self) -> None:
+        """Refuse a path that is not a new, empty or loraforge-made directory: a run writes
+        there, and ``--no-keep-work`` / ``clean`` delete there."""
+        if not os.path.lexists(self.path):
+            return
+        if not os.path.isdir(self.path):
+            raise WorkDirConflict(
+                "exists and is not a directory",
+                path=self.path,
+                hint="pass a new or empty directory as --work-dir",
+            )
+        names = sorted(os.listdir(self.path))
+        if names and not self.is_loraforges():
+            foreign = [n for n in names if n not in OWN_ENTRIES] or names
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise WorkDirConflict(
+                f"exists and was not made by loraforge (it holds {foreign[0]}{more})",
+                path=self.path,
+                hint="pass a new or empty directory as --work-dir",
+            )
+
     def create(self) -> None:
         os.makedirs(self.done, exist_ok=True)
+        owner = os.path.join(self.path, OWNER_FILE)
+        if not os.path.exists(owner):
+            write_json(owner, {"created_by": "loraforge", "version": __version__})
         zarr.open_group(zarr.storage.LocalStore(self.tensors), mode="a")
 
     def marker_path(self, key: str) -> str:
@@ -142,6 +186,7 @@ class WorkDir:
         itself if nothing else is left in it: a user's own files are never deleted."""
         self.clear()
         remove_quietly(self.manifest_path)
+        remove_quietly(os.path.join(self.path, OWNER_FILE))
         try:
             os.rmdir(self.path)
         except OSError:

@@ -226,6 +226,11 @@ def test_output_naming_an_input_is_refused_and_the_input_kept(tmp_path, pair_fil
         target,
         "--quiet",
     )
-    one_line(result, 2, f"{target}: the output would overwrite an input (choose another --output)")
+    one_line(
+        result,
+        2,
+        f"{target}: --output would overwrite the input --target-model {target} "
+        "(choose another --output)",
+    )
     assert target.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["target.safetensors"]

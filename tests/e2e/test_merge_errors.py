@@ -205,9 +205,18 @@ def test_strict_refuses_unmatched_keys_which_are_otherwise_listed(files):
         merge_cli(files, "--lora-model", lora, "--strict"),
         1,
         f"{lora}: 1 of its 3 keys would not be merged, e.g. 'blocks.7.x.diff': targets no base "
-        "tensor (without --strict they are skipped and listed in the report)",
+        "tensor (every key is listed in the report; without --strict they are skipped)",
     )
-    assert_nothing_written(files)
+    # Refused before any work: no output, no work directory, but the report says why.
+    assert sorted(os.listdir(files["dir"] / "out")) == ["m.report.json"]
+    with open(files["dir"] / "out" / "m.report.json") as f:
+        report = json.load(f)
+    assert report["tensors"] == {} and report["summary"]["files"] == []
+    assert report["summary"]["refused"].startswith(f"{lora}: 1 of its 3 keys would not be")
+    assert report["summary"]["loras"][0]["unmatched"] == {
+        "blocks.7.x.diff": "targets no base tensor"
+    }
+    os.unlink(files["dir"] / "out" / "m.report.json")
     result = merge_cli(files, "--lora-model", lora)
     assert result.exit_code == 0, result.output
     assert result.stdout == ""
@@ -229,7 +238,8 @@ def test_output_problems(files):
     assert_one_line(
         merge_cli(files, "--lora-model", files["lora"]),
         2,
-        f"{files['base']}: the output would overwrite an input (choose another --output)",
+        f"{files['base']}: --output would overwrite the input --source-model {files['base']} "
+        "(choose another --output)",
     )
 
 

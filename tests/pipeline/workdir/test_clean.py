@@ -20,8 +20,27 @@ def filled(path) -> WorkDir:
 
 def test_clean_removes_the_directory_loraforge_made(tmp_path):
     work = filled(tmp_path / "w")
-    path, size = clean_work_dir(work.path)
-    assert path == work.path and size > 64 and not os.path.exists(work.path)
+    cleaned = clean_work_dir(work.path)
+    assert cleaned.path == work.path and cleaned.size > 64 and cleaned.temporaries == []
+    assert not os.path.exists(work.path)
+
+
+def test_clean_follows_a_symlink_and_removes_the_runs_temporary_output(tmp_path):
+    work = filled(tmp_path / "w")
+    output = tmp_path / "out" / "lora.safetensors"
+    output.parent.mkdir()
+    work.write_manifest({"command": "merge", "output": str(output)})
+    partial = [output.parent / ".lora.safetensors.partial"]
+    partial.append(output.parent / ".lora-00002-of-00002.safetensors.partial")
+    for file in partial:
+        file.write_bytes(b"x" * 10)
+    (output.parent / ".other.safetensors.partial").write_bytes(b"y")  # another run's
+    os.symlink(tmp_path / "w", tmp_path / "link")
+    cleaned = clean_work_dir(str(tmp_path / "link"))
+    assert cleaned.path == str(tmp_path / "w")
+    assert cleaned.temporaries == sorted(str(f) for f in partial)
+    assert not (tmp_path / "w").exists() and os.path.islink(tmp_path / "link")
+    assert os.listdir(output.parent) == [".other.safetensors.partial"]
 
 
 def test_clean_and_remove_keep_a_users_own_files(tmp_path):
@@ -39,5 +58,8 @@ def test_a_directory_without_markers_is_not_a_work_directory(tmp_path):
     (tmp_path / "plain" / "model.safetensors").write_bytes(b"x")
     with pytest.raises(UsageError) as caught:
         clean_work_dir(str(tmp_path / "plain"))
-    assert str(caught.value) == f"{tmp_path / 'plain'}: not a loraforge work directory"
+    assert str(caught.value) == (
+        f"{tmp_path / 'plain'}: not a loraforge work directory "
+        "(give the --work-dir of a run; the default is <output>.work)"
+    )
     assert os.listdir(tmp_path / "plain") == ["model.safetensors"]

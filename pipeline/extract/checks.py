@@ -1,0 +1,73 @@
+"""Surprising plans made loud: nothing to extract is an error; tensors the LoRA will not hold
+although they differ (a shape mismatch, a changed tensor LightX2V's naming cannot carry) are
+warnings naming the first and the count."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ModelMismatch
+from ..io.reader import CheckpointIndex, TensorInfo, mapped
+from .plan import ExtractionPlan
+
+
+def check_something_to_extract(
+    plan: ExtractionPlan, source: CheckpointIndex, target: CheckpointIndex
+) -> None:
+    if plan.tasks:
+        return
+    if not plan.skipped:
+        raise ModelMismatch(
+            f"shares no tensor name with the base {source.path} "
+            f"(base has e.g. '{_first(source)}', this one '{_first(target)}')",
+            path=target.path,
+            hint="check --source-model and --target-model",
+        )
+    first = plan.skipped[0]
+    raise ModelMismatch(
+        f"none of the {len(plan.skipped)} tensors it shares with the base can be extracted, "
+        f"e.g. '{first.key}': {first.reason}",
+        path=target.path,
+        hint="check --source-model and --target-model",
+    )
+
+
+def surprises(plan: ExtractionPlan, source: CheckpointIndex, target: CheckpointIndex) -> list[str]:
+    """Warnings for tensors that differ between the models but are not in the LoRA."""
+    shapes = [s for s in plan.skipped if s.reason.startswith("shape mismatch")]
+    changed = [
+        s
+        for s in plan.skipped
+        if s not in shapes and _differ(source.tensors[s.key], target.tensors[s.key])
+    ]
+    warnings = []
+    if shapes:
+        warnings.append(
+            f"{_count(len(shapes))} differ in shape between the models and are not in the LoRA, "
+            f"e.g. '{shapes[0].key}': {shapes[0].reason}"
+        )
+    if changed:
+        warnings.append(
+            f"{_count(len(changed))} changed but cannot be stored and are not in the LoRA, "
+            f"e.g. '{changed[0].key}': {changed[0].reason}"
+        )
+    return warnings
+
+
+def _differ(a: TensorInfo, b: TensorInfo) -> bool:
+    """Whether two stored tensors hold different bytes (read through the memory map; the
+    tensors skipped this way are few and small)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return True
+    with mapped(a) as x, mapped(b) as y:
+        return x.numel() > 0 and not torch.equal(
+            x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)
+        )
+
+
+def _count(n: int) -> str:
+    return f"{n} tensor{'s' if n != 1 else ''}"
+
+
+def _first(index: CheckpointIndex) -> str:
+    return min(index.tensors) if index.tensors else "nothing"
