@@ -43,12 +43,12 @@ def surprises(plan: ExtractionPlan, source: CheckpointIndex, target: CheckpointI
     warnings = []
     if shapes:
         warnings.append(
-            f"{_count(len(shapes))} differ in shape between the models and are not in the LoRA, "
-            f"e.g. '{shapes[0].key}': {shapes[0].reason}"
+            f"{_count(len(shapes))} not in the LoRA because the shape differs between the "
+            f"models, e.g. '{shapes[0].key}': {shapes[0].reason}"
         )
     if changed:
         warnings.append(
-            f"{_count(len(changed))} changed but cannot be stored and are not in the LoRA, "
+            f"{_count(len(changed))} changed but not in the LoRA, "
             f"e.g. '{changed[0].key}': {changed[0].reason}"
         )
     return warnings
