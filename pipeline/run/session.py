@@ -70,8 +70,9 @@ class Session:
         device = resolve_device(run.device, scheduler=run.scheduler, gpus=run.gpus)
         gpus = select_gpus(run.gpus, visible_gpus()) if run.gpus else None
         work = WorkDir(run.work_dir or output + ".work")
-        session = cls(command, run, output, device, gpus, work, progress or _no_progress, started)
-        session.given_output = given
+        session = cls(
+            command, run, output, device, gpus, work, progress or _no_progress, started, given
+        )
         check_writable_location(session.report_path, "--report")
         return session
 
@@ -91,8 +92,8 @@ class Session:
     @contextmanager
     def locked(self) -> Iterator[dict | None]:
         """Hold the work directory's lock for the block; yields the manifest of the run that
-        used it last (None for a new directory). A directory left by another command is
-        refused: its intermediates mean something else."""
+        used it last (None for a new directory). A directory loraforge did not make, or one
+        left by another command, is refused: a run writes and deletes there."""
         self.work.check_usable()
         lock = RunLock(self.work.path)
         lock.acquire()
