@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 
-from ..errors import ClusterError, LoraforgeError, LoraMismatch, ShapeMismatch
+from ..errors import ClusterError, LoraforgeError, LoraMismatch
 from ..io.reader import index_checkpoint
 from ..io.writer import open_output
 from ..lora.config import MergeConfig
 from ..lora.inputs import LoraInput, open_lora
+from ..lora.patches import refusal
 from ..run.cluster import TaskCall
 from ..run.faults import maybe_crash
 from ..run.options import RunOptions
@@ -129,28 +130,11 @@ def _refuse_unmatched(base, opened: list[LoraInput], plan: MergePlan, session: S
         if lora.warnings:
             error = LoraMismatch(lora.warnings[0], path=lora.label, hint="--strict refuses it")
         elif unmatched:
-            error = _refusal(lora, unmatched)
+            error = refusal(lora, unmatched)
         else:
             continue
         _save_refusal_report(base, opened, plan, session, str(error))
         raise error
-
-
-def _refusal(lora: LoraInput, unmatched: list) -> LoraMismatch:
-    by_cause: dict[str, list] = {}
-    for u in unmatched:
-        by_cause.setdefault(u.reason.split(":")[0], []).append(u)
-    causes = sorted(by_cause, key=lambda c: (not c.startswith("shape mismatch"), c))
-    first = by_cause[causes[0]][0]
-    counts = ", ".join(f"{len(by_cause[c])} {c}" for c in causes)
-    counts = f" ({counts})" if len(causes) > 1 else ""
-    error = ShapeMismatch if causes[0].startswith("shape mismatch") else LoraMismatch
-    return error(
-        f"{len(unmatched)} of its {len(lora.index.tensors)} keys would not be merged{counts}, "
-        f"e.g. '{first.lora_key}': {first.reason}",
-        path=lora.file,
-        hint="every key is listed in the report; without --strict they are skipped",
-    )
 
 
 def _save_refusal_report(base, opened, plan, session: Session, message: str) -> None:

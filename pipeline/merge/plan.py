@@ -15,21 +15,8 @@ from ..io.layout import OutputEntry
 from ..io.reader import CheckpointIndex, TensorInfo
 from ..lora.inputs import LoraInput
 from ..lora.keys import Unmatched
+from ..lora.patches import PatchRef, collect_patches
 from .options import MergeOptions
-
-
-@dataclass(frozen=True)
-class PatchRef:
-    lora: int  # position of the LoRA in the merge's list
-    kind: str  # "lowrank" | "diff"
-    factor: float  # strength · global alpha · the LoRA's scale for this module
-    up: TensorInfo | None = None
-    down: TensorInfo | None = None
-    diff: TensorInfo | None = None
-
-    @property
-    def tensors(self) -> list[TensorInfo]:
-        return [t for t in (self.up, self.down, self.diff) if t is not None]
 
 
 @dataclass(frozen=True)
@@ -76,23 +63,7 @@ def plan_merge(
     base: CheckpointIndex, loras: Sequence[LoraInput], options: MergeOptions
 ) -> MergePlan:
     out_code = stf.CODE_BY_DTYPE[options.torch_dtype]
-    patches: dict[str, list[PatchRef]] = {}
-    unmatched: list[list[Unmatched]] = []
-    for i, lora in enumerate(loras):
-        left = list(lora.mapping.unmatched)
-        for patch in lora.mapping.patches:
-            roles = {"up": patch.up_key, "down": patch.down_key, "diff": patch.diff_key}
-            tensors = {r: lora.index.tensors[k] for r, k in roles.items() if k is not None}
-            target = base.tensors[patch.base_key]
-            reason = _unusable(target, tensors.values())
-            if reason:
-                left += [Unmatched(info.key, reason) for info in tensors.values()]
-                continue
-            factor = lora.strength * options.alpha * patch.scale
-            patches.setdefault(patch.base_key, []).append(
-                PatchRef(i, patch.kind, factor, **tensors)
-            )
-        unmatched.append(sorted(left, key=lambda u: u.lora_key))
+    patches, unmatched = collect_patches(base.tensors, loras, options.alpha)
 
     tasks = []
     for key in sorted(base.tensors):
@@ -106,12 +77,3 @@ def plan_merge(
             kind = "cast"
         tasks.append(MergeTask(key, kind, info, code, tuple(patches.get(key, ()))))
     return MergePlan(options, tasks, unmatched)
-
-
-def _unusable(target: TensorInfo, tensors) -> str:
-    if not target.is_float:
-        return f"targets {target.key}, which is {target.dtype} and cannot be patched"
-    for info in tensors:
-        if not info.is_float:
-            return f"{info.key} is {info.dtype}, not a float tensor"
-    return ""

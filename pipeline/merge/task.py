@@ -7,45 +7,20 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 
 import torch
 
 from loraforge.stages.cast import cast, needs_cast
-from loraforge.stages.merge import Delta, merge_weight
+from loraforge.stages.merge import merge_weight
 
-from ..errors import NonFiniteTensor
 from ..io import safetensors_format as stf
 from ..io.layout import Slot
-from ..io.reader import TensorInfo, load_tensor, mapped
+from ..io.reader import mapped
 from ..io.slots import write_at
+from ..lora.patches import load_deltas
 from ..run.staging import device_lock, stage, thread_buffer
 from ..workdir import WorkDir
-from .plan import MergeTask, PatchRef
-
-
-def _finite(tensor: torch.Tensor, info: TensorInfo, allow: bool) -> None:
-    if not allow and not bool(torch.isfinite(tensor).all()):
-        raise NonFiniteTensor(
-            "holds NaN or Inf",
-            path=info.file,
-            key=info.key,
-            hint="fix the LoRA, or pass --allow-nonfinite to merge it anyway",
-        )
-
-
-def _deltas(patches: tuple[PatchRef, ...], dev: torch.device, allow: bool) -> Iterator[Delta]:
-    """Each patch's tensors, loaded only when the stage asks for them."""
-    for patch in patches:
-        if patch.diff is not None:
-            with mapped(patch.diff) as diff:
-                _finite(diff, patch.diff, allow)
-                yield Delta(patch.factor, diff=diff.to(dev))
-            continue
-        up, down = load_tensor(patch.up), load_tensor(patch.down)
-        _finite(up, patch.up, allow)
-        _finite(down, patch.down, allow)
-        yield Delta(patch.factor, up=up.to(dev), down=down.to(dev))
+from .plan import MergeTask
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -79,7 +54,7 @@ def run_merge_task(
             with device_lock(dev):
                 out = thread_buffer(task.base.shape, torch.float32, dev, "merged")
                 merged = merge_weight(
-                    base.to(dev), _deltas(task.patches, dev, allow_nonfinite), out=out
+                    base.to(dev), load_deltas(task.patches, dev, allow_nonfinite), out=out
                 )
                 if dev.type != "cpu":
                     on_device = _cast(merged, dtype)

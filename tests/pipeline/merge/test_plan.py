@@ -4,8 +4,9 @@ from loraforge.pipeline.io.layout import OutputEntry
 from loraforge.pipeline.io.reader import CheckpointIndex, TensorInfo
 from loraforge.pipeline.lora.inputs import LoraInput
 from loraforge.pipeline.lora.keys import LoraMapping, LoraPatch, PeftConfig, Unmatched, map_lora
+from loraforge.pipeline.lora.patches import PatchRef
 from loraforge.pipeline.merge.options import MergeOptions
-from loraforge.pipeline.merge.plan import PatchRef, plan_merge
+from loraforge.pipeline.merge.plan import plan_merge
 
 
 def index(path, tensors: dict[str, tuple[str, tuple[int, ...]]]) -> CheckpointIndex:

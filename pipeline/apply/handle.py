@@ -1,0 +1,206 @@
+"""``apply``: LoRAs patched into a live model in place, and the handle that changes or removes
+them. Each touched weight becomes the cast of W₀ + Σ sᵢ·scaleᵢ·upᵢ·downᵢ computed in fp32 on the
+weight's own device, exactly as ``loraforge merge`` computes it, so the bytes are the same.
+
+Originals: only touched weights are remembered, as copies (on their device, or on the CPU), or,
+when ``checkpoint`` names the file the model was loaded from and it holds the same bytes, as
+addresses in that file, re-read through the memory map when needed: then nothing is held."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from loraforge.stages.merge import merge_weight
+
+from ..errors import UsageError
+from ..io import safetensors_format as stf
+from ..io.reader import CheckpointIndex, TensorInfo, index_checkpoint, load_tensor
+from ..lora.inputs import LoraInput, open_lora
+from ..lora.keys import Unmatched
+from ..lora.patches import PatchRef, collect_patches, load_deltas, refusal
+from ..run.staging import thread_buffer
+from .loraset import LoraSet
+
+ORIGINALS = ("device", "cpu")
+
+
+def apply(
+    target: torch.nn.Module | Mapping[str, torch.Tensor],
+    loras: LoraSet | Iterable,
+    *,
+    strict: bool = False,
+    originals: str = "device",
+    checkpoint: str | os.PathLike | None = None,
+    allow_nonfinite: bool = False,
+) -> AppliedLoras:
+    """Patch ``target`` (a module, through its ``state_dict`` names, or a state dict) in place
+    with ``loras``; return the handle that changes strengths, adds or removes LoRAs and
+    restores the original bytes. LoRA keys are matched with ``loraforge merge``'s rules; keys
+    that patch nothing are listed in ``handle.unmatched`` (``strict`` refuses them).
+
+    ``originals``: where copies of the touched weights' originals are kept, ``"device"`` (the
+    weight's) or ``"cpu"``. ``checkpoint``: the safetensors file or shard directory the model
+    was loaded from; a touched weight whose bytes equal the stored tensor is re-read from it on
+    removal instead of being copied."""
+    handle = AppliedLoras(
+        _tensors(target), originals=originals, checkpoint=checkpoint, strict=strict
+    )
+    handle.allow_nonfinite = allow_nonfinite
+    loras = loras if isinstance(loras, LoraSet) else LoraSet(loras)
+    for spec in loras.specs:
+        handle._open(spec)
+    handle._update(set())
+    return handle
+
+
+class AppliedLoras:
+    """What ``apply`` returns. ``held_bytes`` is what it keeps to restore the originals."""
+
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        *,
+        originals: str = "device",
+        checkpoint: str | os.PathLike | None = None,
+        strict: bool = False,
+    ):
+        if originals not in ORIGINALS:
+            raise UsageError(f"originals={originals!r}; valid: {', '.join(ORIGINALS)}")
+        self.tensors = tensors
+        self.strict = strict
+        self.allow_nonfinite = False
+        self._keep_on = originals
+        self._checkpoint: CheckpointIndex | None = (
+            index_checkpoint(os.fspath(checkpoint)) if checkpoint is not None else None
+        )
+        self._infos = {key: _info(key, t) for key, t in tensors.items() if _info(key, t)}
+        self._loras: list[LoraInput] = []
+        self._patches: dict[str, list[PatchRef]] = {}
+        self._originals: dict[str, torch.Tensor | TensorInfo] = {}
+        self.unmatched: list[list[Unmatched]] = []
+
+    # ---- what is applied ----
+    @property
+    def loras(self) -> list[str]:
+        return [lora.label for lora in self._loras]
+
+    @property
+    def strengths(self) -> list[float]:
+        return [lora.strength for lora in self._loras]
+
+    @property
+    def touched(self) -> list[str]:
+        """The weights now patched, sorted."""
+        return sorted(self._patches)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes held to restore originals: copies of touched weights (0 for those re-read
+        from ``checkpoint``)."""
+        return sum(o.nbytes for o in self._originals.values() if isinstance(o, torch.Tensor))
+
+    # ---- changes ----
+    def set_strengths(self, strengths: Iterable[float]) -> None:
+        strengths = [float(s) for s in strengths]
+        if len(strengths) != len(self._loras):
+            raise UsageError(f"{len(strengths)} strengths for {len(self._loras)} LoRAs")
+        before = set(self._patches)
+        pairs = zip(self._loras, strengths, strict=True)
+        self._loras = [dataclasses.replace(lora, strength=s) for lora, s in pairs]
+        self._update(before)
+
+    def add(self, lora, strength: float = 1.0) -> None:
+        """Apply one more LoRA (a path, or a ``LoraSet`` entry) on top of the others."""
+        before = set(self._patches)
+        (spec,) = LoraSet([(lora, strength)]).specs
+        self._open(spec)
+        self._update(before)
+
+    def remove_lora(self, which: int | str) -> None:
+        """Take one LoRA off (by position, or by the path it was given as)."""
+        labels = self.loras
+        index = which if isinstance(which, int) else labels.index(os.path.abspath(which))
+        before = set(self._patches)
+        del self._loras[index]
+        self._update(before)
+
+    def remove(self) -> None:
+        """Restore every touched weight's original bytes and forget every LoRA."""
+        before = set(self._patches)
+        self._loras = []
+        self._update(before)
+
+    # ---- internals ----
+    def _open(self, spec) -> None:
+        shapes = {key: info.shape for key, info in self._infos.items()}
+        lora = open_lora(spec, shapes, None, self.allow_nonfinite)
+        self._loras.append(lora)
+
+    def _update(self, before: set[str]) -> None:
+        """Recompute every weight whose patches may have changed: those touched before and
+        those touched now; a weight no longer touched gets its original back."""
+        patches, unmatched = collect_patches(self._infos, self._loras)
+        if self.strict:
+            for lora, left in zip(self._loras, unmatched, strict=True):
+                if lora.warnings or left:
+                    self._loras.pop()  # the LoRA just opened is refused, not half-applied
+                    raise refusal(lora, left) if left else UsageError(lora.warnings[0])
+        self._patches, self.unmatched = patches, unmatched
+        for key in sorted(before | set(patches)):
+            self._refresh(key)
+
+    def _refresh(self, key: str) -> None:
+        weight = self.tensors[key]
+        patches = self._patches.get(key)
+        if patches is None:
+            if key in self._originals:
+                with torch.no_grad():
+                    weight.copy_(self._original(key))
+                del self._originals[key]
+            return
+        self._remember(key)
+        original = self._original(key)
+        out = thread_buffer(tuple(weight.shape), torch.float32, weight.device, "apply")
+        deltas = load_deltas(patches, weight.device, self.allow_nonfinite)
+        merged = merge_weight(original, deltas, out=out)
+        with torch.no_grad():
+            weight.copy_(merged)  # the same rounding as merge's cast
+
+    def _remember(self, key: str) -> None:
+        if key in self._originals:
+            return
+        weight = self.tensors[key]
+        stored = self._checkpoint.tensors.get(key) if self._checkpoint else None
+        if stored is not None and _same(load_tensor(stored), weight):
+            self._originals[key] = stored
+            return
+        device = "cpu" if self._keep_on == "cpu" else weight.device
+        self._originals[key] = weight.detach().to(device, copy=True)
+
+    def _original(self, key: str) -> torch.Tensor:
+        kept = self._originals[key]
+        device = self.tensors[key].device
+        return (load_tensor(kept) if isinstance(kept, TensorInfo) else kept).to(device)
+
+
+def _tensors(target) -> dict[str, torch.Tensor]:
+    if isinstance(target, torch.nn.Module):
+        return dict(target.state_dict(keep_vars=True))
+    if isinstance(target, Mapping):
+        return dict(target)
+    raise UsageError(
+        f"apply() takes a torch.nn.Module or a state dict, got {type(target).__name__}"
+    )
+
+
+def _info(key: str, tensor: torch.Tensor) -> TensorInfo | None:
+    code = stf.CODE_BY_DTYPE.get(tensor.dtype)
+    return TensorInfo(key, "<model>", code, tuple(tensor.shape)) if code else None
+
+
+def _same(stored: torch.Tensor, weight: torch.Tensor) -> bool:
+    return stored.dtype == weight.dtype and torch.equal(stored, weight.detach().cpu())

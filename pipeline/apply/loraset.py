@@ -1,0 +1,53 @@
+"""A list of LoRAs and their strengths, from the sources the CLI takes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ..errors import UsageError
+from ..lora.config import LoraSpec, load_merge_config
+
+
+@dataclass(frozen=True)
+class LoraSet:
+    """LoRAs in order, each a file, shard directory or PEFT adapter directory in any naming
+    ``loraforge merge`` reads, with its strength.
+
+    ``LoraSet([("a.safetensors", 0.8), "peft_dir/"])`` (a bare path has strength 1.0), or
+    ``LoraSet.from_config("lora.json")`` for LightX2V's ``lora_configs`` and
+    ``lora_path`` + ``strength_model`` shapes."""
+
+    specs: tuple[LoraSpec, ...]
+
+    def __init__(self, loras: Iterable[str | os.PathLike | tuple | LoraSpec] = ()):
+        object.__setattr__(self, "specs", tuple(_spec(item) for item in loras))
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike) -> LoraSet:
+        return cls(load_merge_config(str(path)).loras)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    @property
+    def strengths(self) -> list[float]:
+        return [spec.strength for spec in self.specs]
+
+
+def _spec(item) -> LoraSpec:
+    if isinstance(item, LoraSpec):
+        return item
+    if isinstance(item, (str, os.PathLike)):
+        return LoraSpec(_absolute(item))
+    if isinstance(item, tuple) and len(item) == 2:
+        path, strength = item
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)):
+            raise UsageError(f"strength of {path} must be a number, got {strength!r}")
+        return LoraSpec(_absolute(path), float(strength))
+    raise UsageError(f"a LoRA is a path or (path, strength), got {item!r}")
+
+
+def _absolute(path) -> str:
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))

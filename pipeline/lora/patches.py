@@ -1,0 +1,111 @@
+"""Which LoRA tensors patch which weight, with what factor, and loading them: shared by every
+consumer of LoRAs (``merge`` writes a new checkpoint, ``apply`` patches a live model).
+
+A patch names its LoRA tensors by address (``TensorInfo``), never by data, with its factor
+strength · global alpha · the LoRA's scale for that module."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from loraforge.stages.merge import Delta
+
+from ..errors import LoraMismatch, NonFiniteTensor, ShapeMismatch
+from ..io.reader import TensorInfo, load_tensor, mapped
+from .inputs import LoraInput
+from .keys import Unmatched
+
+
+@dataclass(frozen=True)
+class PatchRef:
+    lora: int  # position of the LoRA in its list
+    kind: str  # "lowrank" | "diff"
+    factor: float  # strength · global alpha · the LoRA's scale for this module
+    up: TensorInfo | None = None
+    down: TensorInfo | None = None
+    diff: TensorInfo | None = None
+
+    @property
+    def tensors(self) -> list[TensorInfo]:
+        return [t for t in (self.up, self.down, self.diff) if t is not None]
+
+
+def collect_patches(
+    targets: Mapping[str, TensorInfo], loras: Sequence[LoraInput], alpha: float = 1.0
+) -> tuple[dict[str, list[PatchRef]], list[list[Unmatched]]]:
+    """Per target key, the patches of every LoRA in order; per LoRA, the keys left out (its
+    mapping's, plus patches that cannot apply: a non-float target or LoRA tensor)."""
+    patches: dict[str, list[PatchRef]] = {}
+    unmatched: list[list[Unmatched]] = []
+    for i, lora in enumerate(loras):
+        left = list(lora.mapping.unmatched)
+        for patch in lora.mapping.patches:
+            roles = {"up": patch.up_key, "down": patch.down_key, "diff": patch.diff_key}
+            tensors = {r: lora.index.tensors[k] for r, k in roles.items() if k is not None}
+            reason = _unusable(targets[patch.base_key], tensors.values())
+            if reason:
+                left += [Unmatched(info.key, reason) for info in tensors.values()]
+                continue
+            factor = lora.strength * alpha * patch.scale
+            patches.setdefault(patch.base_key, []).append(
+                PatchRef(i, patch.kind, factor, **tensors)
+            )
+        unmatched.append(sorted(left, key=lambda u: u.lora_key))
+    return patches, unmatched
+
+
+def _unusable(target: TensorInfo, tensors) -> str:
+    if not target.is_float:
+        return f"targets {target.key}, which is {target.dtype} and cannot be patched"
+    for info in tensors:
+        if not info.is_float:
+            return f"{info.key} is {info.dtype}, not a float tensor"
+    return ""
+
+
+def _finite(tensor: torch.Tensor, info: TensorInfo, allow: bool) -> None:
+    if not allow and not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteTensor(
+            "holds NaN or Inf",
+            path=info.file,
+            key=info.key,
+            hint="fix the LoRA, or pass --allow-nonfinite to merge it anyway",
+        )
+
+
+def load_deltas(
+    patches: Sequence[PatchRef], device: torch.device, allow_nonfinite: bool = False
+) -> Iterator[Delta]:
+    """Each patch's tensors on ``device``, loaded only when the merge stage asks for them."""
+    for patch in patches:
+        if patch.diff is not None:
+            with mapped(patch.diff) as diff:
+                _finite(diff, patch.diff, allow_nonfinite)
+                yield Delta(patch.factor, diff=diff.to(device))
+            continue
+        up, down = load_tensor(patch.up), load_tensor(patch.down)
+        _finite(up, patch.up, allow_nonfinite)
+        _finite(down, patch.down, allow_nonfinite)
+        yield Delta(patch.factor, up=up.to(device), down=down.to(device))
+
+
+def refusal(lora: LoraInput, unmatched: list[Unmatched]) -> LoraMismatch:
+    """The ``--strict`` error for ``lora``'s keys left out: the count per cause, a shape
+    mismatch first (the likeliest sign of a LoRA made for another model), one example."""
+    by_cause: dict[str, list] = {}
+    for u in unmatched:
+        by_cause.setdefault(u.reason.split(":")[0], []).append(u)
+    causes = sorted(by_cause, key=lambda c: (not c.startswith("shape mismatch"), c))
+    first = by_cause[causes[0]][0]
+    counts = ", ".join(f"{len(by_cause[c])} {c}" for c in causes)
+    counts = f" ({counts})" if len(causes) > 1 else ""
+    error = ShapeMismatch if causes[0].startswith("shape mismatch") else LoraMismatch
+    return error(
+        f"{len(unmatched)} of its {len(lora.index.tensors)} keys would not be merged{counts}, "
+        f"e.g. '{first.lora_key}': {first.reason}",
+        path=lora.file,
+        hint="every key is listed in the report; without --strict they are skipped",
+    )
