@@ -3,7 +3,6 @@ console (``console.py``) for everything shown. No logic of its own beyond parsin
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from typing import Annotated
@@ -29,7 +28,7 @@ from .cli_options import (
     WorkDirOpt,
     Workers,
 )
-from .console import Failed, JsonLog, err, print_error, run_command, user_errors
+from .console import Failed, JsonLog, print_cleaned, print_error, run_command, user_errors
 from .errors import UsageError
 from .io.dtypes import parse_dtype, parse_size
 from .run.options import RunOptions
@@ -57,7 +56,7 @@ class _OneLineErrors(TyperGroup):
         except _CLICK_ERROR as e:
             command = e.ctx.command_path if getattr(e, "ctx", None) else "loraforge"
             message = f"{e.format_message()} (see {command} --help)"
-            log = JsonLog(argv[0]) if "--json" in argv and argv else None
+            log = JsonLog(argv[0]) if argv and "--json" in argv else None
             print_error(message, e.exit_code, log)
             sys.exit(e.exit_code)
         except typer.Abort:
@@ -316,20 +315,7 @@ def clean(work_dir: Annotated[str, typer.Argument(help="Work directory to remove
 
     def body() -> None:
         with user_errors():
-            cleaned = clean_work_dir(work_dir)
-            for file in cleaned.temporaries:
-                err.print(f"removed the temporary output {file} left to resume", markup=False)
-            freed = f"{cleaned.size / 1e9:.2f} GB"
-            if os.path.exists(cleaned.path):
-                others = sorted(os.listdir(cleaned.path))
-                more = f" and {len(others) - 1} more" if len(others) > 1 else ""
-                err.print(
-                    f"removed loraforge's files from {cleaned.path} ({freed}); the directory "
-                    f"is kept: it holds {others[0] if others else 'files of yours'}{more}",
-                    markup=False,
-                )
-            else:
-                err.print(f"removed {cleaned.path} ({freed})", markup=False)
+            print_cleaned(clean_work_dir(work_dir))
 
     _exit_on_failure(body)
 

@@ -252,6 +252,23 @@ def print_summary(report: dict) -> None:
         err.print(f"wrote {file}", markup=False)
 
 
+def print_cleaned(cleaned) -> None:
+    """What ``loraforge clean`` removed (``workdir.clean.Cleaned``), and what it kept."""
+    for file in cleaned.temporaries:
+        err.print(f"removed the temporary output {file} left to resume", markup=False)
+    freed = f"{cleaned.size / 1e9:.2f} GB"
+    if not os.path.exists(cleaned.path):
+        err.print(f"removed {cleaned.path} ({freed})", markup=False)
+        return
+    others = sorted(os.listdir(cleaned.path))
+    more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+    err.print(
+        f"removed loraforge's files from {cleaned.path} ({freed}); the directory is kept: it "
+        f"holds {others[0] if others else 'files of yours'}{more}",
+        markup=False,
+    )
+
+
 def run_command(command: str, run: RunOptions, body: Callable[[Callable], dict]) -> None:
     """Run ``body(progress)`` (a command returning its report) under the console: a bar or JSON
     events, one-line errors (``Failed``), then the summary."""
