@@ -21,7 +21,7 @@ from rich.table import Table
 from .errors import Interrupted, LoraforgeError
 from .run.options import RunOptions
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, emoji=False)  # ":x:" in a path stays text
 
 # The machine's state, not a bug: a full disk or quota, a read-only or forbidden location.
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}

@@ -6,6 +6,7 @@ import time
 
 from ..io.reader import index_checkpoint
 from ..run.cluster import TaskCall
+from ..run.device import device_type
 from ..run.faults import maybe_crash
 from ..run.options import RunOptions
 from ..run.paths import checkpoint_paths
@@ -51,6 +52,7 @@ def extract(
         work.create()
         manifest = {
             "kernel": options.kernel.to_dict(),
+            "device": device_type(session.device),
             "inputs": {"source": source.fingerprint(), "target": target.fingerprint()},
         }
         changes = input_changes(previous, manifest)
@@ -76,7 +78,7 @@ def _run(
     work, dev, started = session.work, session.device, session.started
     kernel = plan.options.kernel
     phases = {"prepare": time.time() - started}
-    fingerprints, decisions, markers = resume_decisions(plan, work)
+    fingerprints, decisions, markers = resume_decisions(plan, work, dev)
     pending = [t for t in plan.tasks if not decisions[t.key].reuse]
     session.start(
         tensors=len(plan.tasks),
@@ -86,8 +88,10 @@ def _run(
         changes=changes,
     )
 
-    def compute_here(task) -> dict:
-        return run_extract_task(task, work.path, dev, kernel, fingerprints[task.key])
+    def recompute(task) -> dict:
+        # Where the tasks run (a --gpus worker, the cluster), not in this process: the client
+        # may be a head node without the workers' device.
+        return _compute_one(session, task, kernel, fingerprints[task.key])
 
     phases["resume_check"] = time.time() - started - sum(phases.values())
     _compute(session, pending, kernel, fingerprints, markers)
@@ -95,7 +99,7 @@ def _run(
     session.emit("write", {"tensors": len(plan.tasks)})
     writer = open_export(plan, markers, session.output)
     try:
-        stored = export(plan, markers, work, writer, compute_here)
+        stored = export(plan, markers, work, writer, recompute)
     except BaseException:
         writer.abort()
         raise
@@ -163,17 +167,25 @@ def _status(decision: Decision, note: str | None) -> str:
     return "computed"
 
 
+def _call(session: Session, task, kernel, fingerprint: dict) -> TaskCall:
+    dev = session.device
+    return TaskCall(
+        task.name,
+        run_extract_task,
+        (task, session.work.path, dev, kernel, fingerprint),
+        uses_gpu=dev.startswith("cuda"),  # every task uses the device
+    )
+
+
+def _compute_one(session: Session, task, kernel, fingerprint: dict) -> dict:
+    """One task run through the session (as ``_compute`` runs them); its marker."""
+    results = {}
+    session.compute([_call(session, task, kernel, fingerprint)], results.__setitem__)
+    return results[task.name]
+
+
 def _compute(session: Session, pending: list, kernel, fingerprints: dict, markers: dict) -> None:
-    work, dev = session.work, session.device
-    calls = [
-        TaskCall(
-            task.name,
-            run_extract_task,
-            (task, work.path, dev, kernel, fingerprints[task.key]),
-            uses_gpu=dev.startswith("cuda"),  # every task uses the device
-        )
-        for task in pending
-    ]
+    calls = [_call(session, task, kernel, fingerprints[task.key]) for task in pending]
     by_key = {task.name: task for task in pending}
 
     def finished(key: str, marker: dict) -> None:

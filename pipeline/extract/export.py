@@ -114,7 +114,9 @@ def export(
     """Write every finished result into ``writer`` (which the caller publishes); return, per
     key, (stored error, kernel error, note).
 
-    An intermediate that cannot be read back intact is recomputed through ``recompute``."""
+    An intermediate that cannot be read back intact is recomputed through ``recompute``, which
+    runs the task where the run's tasks run (the session's workers or cluster, with their
+    device), not in this process, and returns its new marker."""
     dtype = plan.options.torch_dtype
     errors: dict[str, tuple[float, float, str | None]] = {}
     stored = [t for t in plan.tasks if markers[t.key]["kind"] != "unchanged"]

@@ -1,11 +1,12 @@
 """Fingerprints of what produced an intermediate, and the reuse decision for each task.
 
 A finished tensor's marker holds two things: the fingerprint of what decides its numbers (the
-tensors' names, dtypes and shapes, the planned kind, the kernel, the loraforge version) and,
-per side, what the task read: the file's stat (size, mtime_ns, inode) taken before the read and
-the CRC-32C of the tensor's stored bytes. A resume reuses the tensor when the fingerprint
-matches and each file's stat is unchanged; when a stat changed, it re-hashes that tensor's
-bytes in that file and reuses it only if the CRC-32C still matches."""
+tensors' names, dtypes and shapes, the planned kind, the loraforge version, and for a low-rank
+tensor the kernel and the device type it ran on) and, per side, what the task read: the file's
+stat (size, mtime_ns, inode) taken before the read and the CRC-32C of the tensor's stored
+bytes. A resume reuses the tensor when the fingerprint matches and each file's stat is
+unchanged; when a stat changed, it re-hashes that tensor's bytes in that file and reuses it
+only if the CRC-32C still matches."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 
 from .. import __version__
 from ..io.reader import TensorInfo, mapped, prefault
+from ..run.device import device_type
 from .options import KernelOptions
 from .plan import ExtractTask
 
@@ -59,7 +61,15 @@ def tensor_fingerprint(info: TensorInfo) -> dict:
     return {"file": os.path.basename(info.file), "dtype": info.dtype, "shape": list(info.shape)}
 
 
-def extract_fingerprint(task: ExtractTask, kernel: KernelOptions) -> dict:
+def extract_fingerprint(task: ExtractTask, kernel: KernelOptions, device: str) -> dict:
+    """What decides a task's numbers. ``device`` (cpu, cuda or cuda:N) counts for low-rank
+    tensors only, and only by its type: the randomized kernel draws its test matrix from the
+    device's own generator (a CPU and a CUDA stream differ for the same seed) and the device's
+    GEMM/QR round differently, so factors from a CPU run and a GPU run must not be mixed in one
+    output. The GPU index is left out: every GPU of one type is assumed to give the same
+    stream and the same bytes (the tests compare ``--gpus all`` with one GPU), so a resume on
+    another GPU, or ``cuda`` after ``cuda:0``, reuses them. A diff (and an unchanged tensor) is
+    exact fp32 subtraction, the same bits on any device, so it stays reusable across devices."""
     fingerprint = {
         "loraforge": __version__,
         "key": task.key,
@@ -73,6 +83,7 @@ def extract_fingerprint(task: ExtractTask, kernel: KernelOptions) -> dict:
             "oversample": kernel.oversample,
             "n_iter": kernel.n_iter,
         }
+        fingerprint["device"] = device_type(device)
     return fingerprint
 
 
@@ -91,6 +102,12 @@ _WHAT = {
     "loraforge": "loraforge version changed",
     "kind": "planned kind changed",
 }
+
+
+def _device_change(old: str | None, new: str) -> str:
+    if old is None:  # a marker from before the device was recorded: where it ran is unknown
+        return f"device not recorded (older loraforge), this run uses {new}"
+    return f"computed on {old}, this run uses {new}"
 
 
 @dataclass(frozen=True)
@@ -118,7 +135,15 @@ def decide(
     if not isinstance(inputs, dict):  # older markers hashed three sampled windows instead
         return Decision(False, "written by an older loraforge")
     old = marker.get("fingerprint", {})
-    changed = [_WHAT.get(k, f"{k} changed") for k in fingerprint if old.get(k) != fingerprint[k]]
+    changed = []
+    for k in fingerprint:
+        if old.get(k) == fingerprint[k]:
+            continue
+        if k == "device":
+            if marker.get("kind") != "unchanged":  # "unchanged" was an exact test: any device
+                changed.append(_device_change(old.get(k), fingerprint[k]))
+        else:
+            changed.append(_WHAT.get(k, f"{k} changed"))
     if changed:
         return Decision(False, ", ".join(changed))
     stored = int(marker.get("rank") or 0)
@@ -180,13 +205,16 @@ def input_changes(previous: dict | None, manifest: dict) -> list[str]:
             notes.append(f"{side} model changed ({', '.join(noted) or old.get('path')})")
     if previous.get("kernel") != manifest["kernel"]:
         notes.append(f"kernel parameters changed: {previous.get('kernel')} → {manifest['kernel']}")
+    old_device, new_device = previous.get("device"), manifest.get("device")
+    if old_device and new_device and old_device != new_device:
+        notes.append(f"device changed: {old_device} → {new_device} (low-rank tensors recomputed)")
     return notes
 
 
-def resume_decisions(plan, work) -> tuple[dict, dict[str, Decision], dict]:
-    """Per task of ``plan``: its fingerprint, its ``Decision`` against the marker in ``work``,
-    and (for reused tasks) the marker. A tensor reused after a re-hash gets its marker
-    refreshed with the current stats, so the next resume trusts them again."""
+def resume_decisions(plan, work, device: str) -> tuple[dict, dict[str, Decision], dict]:
+    """Per task of ``plan`` run on ``device``: its fingerprint, its ``Decision`` against the
+    marker in ``work``, and (for reused tasks) the marker. A tensor reused after a re-hash gets
+    its marker refreshed with the current stats, so the next resume trusts them again."""
     kernel = plan.options.kernel
     fingerprints, decisions, markers = {}, {}, {}
     # Every input file's stat, taken before any of its tensors is re-hashed.
@@ -194,7 +222,7 @@ def resume_decisions(plan, work) -> tuple[dict, dict[str, Decision], dict]:
     stats = {file: file_stat(file) for file in sorted(files)}
 
     def resume_decision(task) -> tuple[dict, dict | None, Decision]:
-        fingerprint = extract_fingerprint(task, kernel)
+        fingerprint = extract_fingerprint(task, kernel, device)
         marker = work.read_marker(task.key)
         now = {side: stats[getattr(task, side).file] for side in SIDES}
         decision = decide(

@@ -14,7 +14,7 @@ from loraforge.stages.lowrank import lowrank
 
 from ..errors import NonFiniteTensor
 from ..io.reader import mapped
-from ..run.staging import device_lock, stage, thread_buffer
+from ..run.staging import device_lock, stage, staging_size, thread_buffer
 from ..workdir import WorkDir
 from .options import KernelOptions
 from .plan import ExtractTask
@@ -42,17 +42,24 @@ def _delta(
     return delta, largest
 
 
+def stage_bytes(task: ExtractTask, *_args) -> int:
+    """Pinned staging a GPU task of ``task`` needs (both tensors, stored dtype). ``run_tasks``
+    passes the largest over the plan to every GPU task as ``stage_nbytes``."""
+    return staging_size([task.source.nbytes, task.target.nbytes])
+
+
 @contextmanager
-def _read(task: ExtractTask, device: torch.device, read: dict):
+def _read(task: ExtractTask, device: torch.device, read: dict, stage_nbytes: int | None = None):
     """Both tensors, read: the mapped views on the CPU (the diff reads them), copies in pinned
     host memory for a GPU task, made here so the read overlaps another thread's kernel.
 
     ``read`` gains, per side, the file's stat taken before the read and the CRC-32C of the
-    bytes the diff uses (hashed from the mapped view, or from the pinned copy)."""
+    bytes the diff uses (hashed from the mapped view, or from the pinned copy). ``stage_nbytes``:
+    the pinned staging this thread reserves once (the plan's largest task)."""
     before = {side: file_stat(getattr(task, side).file) for side in SIDES}
     with mapped(task.source) as base, mapped(task.target) as target:
         if device.type != "cpu":
-            base, target = stage(base, "source", device), stage(target, "target", device)
+            base, target = stage([base, target], device, stage_nbytes)
         read["source"] = before["source"], tensor_crc32c(base)
         read["target"] = before["target"], tensor_crc32c(target)
         if device.type == "cpu":
@@ -62,9 +69,16 @@ def _read(task: ExtractTask, device: torch.device, read: dict):
 
 
 def run_extract_task(
-    task: ExtractTask, work_dir: str, device: str, kernel: KernelOptions, fingerprint: dict
+    task: ExtractTask,
+    work_dir: str,
+    device: str,
+    kernel: KernelOptions,
+    fingerprint: dict,
+    stage_nbytes: int | None = None,
 ) -> dict:
     """Diff, factor or keep, and store one tensor's fp32 result in the work directory.
+    ``stage_nbytes`` (GPU only): the pinned staging to reserve, the plan's largest
+    ``stage_bytes``, so this thread's buffer is allocated once (default: this task's own).
 
     Returns the completion marker (also written to disk after the arrays)."""
     start = time.perf_counter()
@@ -77,7 +91,7 @@ def run_extract_task(
     # Read first, then hold the device for diff, kernel and the copy back: one kernel per GPU
     # at a time while another thread reads (see run/gpu.py); the save comes after.
     read = {}
-    with _read(task, dev, read) as (base, target), device_lock(dev):
+    with _read(task, dev, read, stage_nbytes) as (base, target), device_lock(dev):
         arrays, attributes = _factor(task, dev, kernel, base, target, marker)
     # A file that changed between the stat and now is not vouched for: a resume recomputes.
     marker["inputs"] = {
@@ -127,3 +141,6 @@ def _factor(
         marker.update(kind="diff")
     del delta
     return {name: a.cpu().numpy() for name, a in arrays.items()}, attributes
+
+
+run_extract_task.stage_bytes = stage_bytes  # how run_tasks sizes pinned staging from the plan

@@ -18,6 +18,7 @@ from ..io.layout import Slot
 from ..io.reader import CheckpointIndex
 from ..io.slots import slot_crc32
 from ..lora.inputs import LoraInput
+from ..run.device import device_type
 from .plan import MergePlan
 
 
@@ -39,14 +40,21 @@ def _files(index: CheckpointIndex) -> dict:
 def merge_components(
     plan: MergePlan, base: CheckpointIndex, loras: list[LoraInput], dev: str
 ) -> dict:
-    """Everything the output bytes depend on, grouped so a change can be named."""
+    """Everything the output bytes depend on, grouped so a change can be named. The device
+    counts by its type (cpu or cuda: the merge's matmuls round differently on each), not its
+    index: every GPU of one type is assumed to give the same bytes, so ``cuda:0`` and ``cuda``
+    on the same GPU keep a merge's temporary output."""
     tasks = [
         [t.key, t.kind, t.out_dtype, [[p.lora, p.kind, repr(p.factor)] for p in t.patches]]
         for t in plan.tasks
     ]
     options = plan.options
     return {
-        "versions": {"loraforge": __version__, "torch": torch.__version__, "device": dev},
+        "versions": {
+            "loraforge": __version__,
+            "torch": torch.__version__,
+            "device": device_type(dev),
+        },
         "base": {"path": base.path, "files": _files(base)},
         "loras": [
             {"file": lora.file, "files": _files(lora.index), "strength": lora.strength}

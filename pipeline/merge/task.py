@@ -18,7 +18,7 @@ from ..io.layout import Slot
 from ..io.reader import mapped
 from ..io.slots import write_at
 from ..lora.patches import load_deltas
-from ..run.staging import device_lock, stage, thread_buffer
+from ..run.staging import device_lock, stage, staging_size, thread_buffer
 from ..workdir import WorkDir
 from .plan import MergeTask
 
@@ -31,6 +31,13 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return cast(tensor, dtype, out=out)
 
 
+def stage_bytes(task: MergeTask, *_args) -> int:
+    """Pinned staging a GPU task of ``task`` needs: the base tensor of a merged one (cast and
+    copied tensors are not staged). ``run_tasks`` passes the plan's largest as
+    ``stage_nbytes``."""
+    return staging_size([task.base.nbytes]) if task.kind == "merged" else 0
+
+
 def run_merge_task(
     task: MergeTask,
     slot: Slot,
@@ -38,9 +45,12 @@ def run_merge_task(
     device: str,
     stamp: dict,
     allow_nonfinite: bool = False,
+    stage_nbytes: int | None = None,
 ) -> dict:
     """Merge or cast one tensor into its slot; return the completion marker (also written to
-    ``work_dir`` once the bytes are written). ``stamp`` is the plan's fingerprint."""
+    ``work_dir`` once the bytes are written). ``stamp`` is the plan's fingerprint;
+    ``stage_nbytes`` (GPU only) the pinned staging to reserve, the plan's largest
+    ``stage_bytes`` (default: this task's own)."""
     start = time.perf_counter()
     dtype = stf.DTYPE_BY_CODE[task.out_dtype]
     with mapped(task.base) as view:
@@ -50,7 +60,7 @@ def run_merge_task(
             dev = torch.device(device)
             # GPU: read the base into pinned memory, then hold the device for the merge, the
             # cast and the copy back (run/gpu.py); LoRA factors are small, read inside.
-            base = stage(view, "base", dev)
+            (base,) = stage([view], dev, stage_nbytes)
             with device_lock(dev):
                 out = thread_buffer(task.base.shape, torch.float32, dev, "merged")
                 merged = merge_weight(
@@ -74,3 +84,6 @@ def run_merge_task(
     }
     WorkDir(work_dir).write_marker(task.key, marker)
     return marker
+
+
+run_merge_task.stage_bytes = stage_bytes  # how run_tasks sizes pinned staging from the plan

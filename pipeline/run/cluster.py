@@ -5,9 +5,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import ClusterError, UsageError
 from .gpu import GPU, GPU_THREADS, gpu_cluster, task_resources
@@ -15,6 +16,12 @@ from .gpu import GPU, GPU_THREADS, gpu_cluster, task_resources
 
 def default_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 16))
+
+
+def _print_warning(message: str) -> None:
+    """Where a warning goes when the caller gave no ``on_warning``: one line on stderr, as the
+    CLI prints its warnings."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _quiet_logs() -> None:
@@ -116,12 +123,14 @@ def dask_client(
     device: str,
     scheduler: str | None = None,
     gpus: Sequence[str] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ):
     """A client for ``scheduler`` (an address or a scheduler file); or, with ``gpus`` (their
     ``CUDA_VISIBLE_DEVICES`` entries), a local cluster of one worker process per GPU with
     ``workers`` threads each (default 2, see gpu.py); or an in-process local cluster
     of ``workers`` threads. Threads, not processes, by default: torch releases the GIL in its
-    kernels, and the process tree then holds one copy of torch, not one per worker."""
+    kernels, and the process tree then holds one copy of torch, not one per worker.
+    ``on_warning`` gets a line when the GPU cluster is not the one asked for (dask-cuda's)."""
     from distributed import Client, LocalCluster
 
     _quiet_logs()
@@ -134,7 +143,9 @@ def dask_client(
             client.close()
         return
     if gpus:
-        cluster = gpu_cluster(gpus, workers or GPU_THREADS)
+        cluster, note = gpu_cluster(gpus, workers or GPU_THREADS)
+        if note:
+            (on_warning or _print_warning)(note)
     else:
         cluster = LocalCluster(
             n_workers=1,
@@ -171,19 +182,28 @@ def run_tasks(
     scheduler: str | None = None,
     gpus: Sequence[str] | None = None,
     on_cluster: Callable[[str | None], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> None:
     """Run every call on Dask, handing each result to ``on_done(key, result)`` in this thread
     as it finishes; the first failing task's error is raised.
 
     With ``scheduler`` or ``gpus``: distributed futures on that cluster (``on_cluster`` gets
-    its dashboard). Otherwise Dask's threaded scheduler on ``workers`` threads in this
+    its dashboard; ``on_warning`` a line when ``--gpus`` falls back from dask-cuda, printed on
+    stderr when not given). Otherwise Dask's threaded scheduler on ``workers`` threads in this
     process: every task spends its time in torch, numpy and file I/O, which release the GIL,
     and an in-process distributed cluster's event loops cost 2 s more of a 17 s extraction on
     two cores."""
     if not calls:
         return
+    calls = with_staging(calls)
     if scheduler or gpus:
-        with dask_client(workers=workers, device=device, scheduler=scheduler, gpus=gpus) as client:
+        with dask_client(
+            workers=workers,
+            device=device,
+            scheduler=scheduler,
+            gpus=gpus,
+            on_warning=on_warning,
+        ) as client:
             if on_cluster:
                 on_cluster(dashboard_link(client))
             _run_distributed(client, calls, on_done)
@@ -191,6 +211,21 @@ def run_tasks(
     if on_cluster:
         on_cluster(None)
     _run_threaded(calls, on_done, workers or local_threads(device))
+
+
+def with_staging(calls: list[TaskCall]) -> list[TaskCall]:
+    """GPU calls whose function declares ``stage_bytes(*args)`` (its task's pinned staging)
+    get the largest over all the calls as the keyword ``stage_nbytes``: each worker thread
+    then allocates its pinned buffer once, at that size, whatever order the tasks come in."""
+    sized = [c for c in calls if c.uses_gpu and callable(getattr(c.fn, "stage_bytes", None))]
+    if not sized:
+        return calls
+    nbytes = max(c.fn.stage_bytes(*c.args) for c in sized)
+    staged = {id(c) for c in sized}
+    return [
+        replace(c, fn=functools.partial(c.fn, stage_nbytes=nbytes)) if id(c) in staged else c
+        for c in calls
+    ]
 
 
 def local_threads(device: str) -> int:

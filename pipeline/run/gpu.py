@@ -87,14 +87,14 @@ def gpu_worker_specs(devices: Sequence[str], threads: int = GPU_THREADS) -> dict
 
 
 def gpu_cluster(devices: Sequence[str], threads: int = GPU_THREADS):
-    """A local cluster of one worker process per GPU: dask-cuda's ``LocalCUDACluster`` when
-    the ``gpu`` extra is installed, else a ``SpecCluster`` of ``gpu_worker_specs``."""
+    """A local cluster of one worker process per GPU and a note: dask-cuda's
+    ``LocalCUDACluster`` when it imports and starts (note ``None``), else a ``SpecCluster`` of
+    ``gpu_worker_specs`` and one line saying what fell back and why (``run_tasks`` shows it as
+    a warning: a broken dask-cuda must not pass silently for the plain cluster)."""
     try:
         from dask_cuda import LocalCUDACluster
-    except ImportError:
-        LocalCUDACluster = None
-    if LocalCUDACluster is not None:
-        return LocalCUDACluster(
+
+        cluster = LocalCUDACluster(
             CUDA_VISIBLE_DEVICES=list(devices),
             threads_per_worker=threads,
             resources={GPU: 1},
@@ -102,9 +102,12 @@ def gpu_cluster(devices: Sequence[str], threads: int = GPU_THREADS):
             dashboard_address=":0",
             silence_logs=logging.CRITICAL,
         )
+        return cluster, None
+    except Exception as e:  # noqa: BLE001 - any failure: say which, then the plain cluster
+        note = fallback_note(e)
     from distributed import SpecCluster
 
-    return SpecCluster(
+    cluster = SpecCluster(
         workers=gpu_worker_specs(devices, threads),
         scheduler={
             "cls": "distributed.Scheduler",
@@ -113,6 +116,19 @@ def gpu_cluster(devices: Sequence[str], threads: int = GPU_THREADS):
         silence_logs=logging.CRITICAL,
         name="loraforge-gpus",
     )
+    return cluster, note
+
+
+def fallback_note(error: BaseException) -> str:
+    """One line: why dask-cuda's cluster was not used, and what runs instead."""
+    if isinstance(error, ModuleNotFoundError) and error.name == "dask_cuda":
+        why = "dask-cuda is not installed (pip install 'loraforge[gpu]')"
+    elif isinstance(error, ImportError):
+        why = f"dask-cuda failed to import ({type(error).__name__}: {error})"
+    else:
+        why = f"dask-cuda's LocalCUDACluster failed to start ({type(error).__name__}: {error})"
+    why = " ".join(why.split())  # one line, whatever the message held
+    return f"--gpus: {why}; running one nanny worker per GPU instead"
 
 
 def task_resources(uses_gpu: bool) -> dict[str, float] | None:

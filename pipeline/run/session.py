@@ -144,6 +144,7 @@ class Session:
             scheduler=self.run.scheduler,
             gpus=self.gpus,
             on_cluster=lambda link: self.emit("cluster", {"dashboard": link}),
+            on_warning=lambda message: self.emit("warning", {"message": message}),
         )
 
     def write_manifest(self, manifest: dict) -> None:

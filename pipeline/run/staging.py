@@ -5,13 +5,15 @@ is in ``gpu.py``).
 Filling fresh pages costs more than the arithmetic on them (page faults: ~1 GB/s into new
 memory against 10+ GB/s into a reused buffer), so each worker thread keeps, per role, the
 largest buffer it has needed and hands out views of it. Memory stays bounded by the largest
-tensor per thread and role."""
+tensor per thread and role. Pinned staging is sized once per thread from the plan instead
+(``reserve_staging``)."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import threading
+from collections.abc import Sequence
 
 import torch
 
@@ -23,21 +25,19 @@ def thread_buffer(
     dtype: torch.dtype,
     device: torch.device | str,
     role: str,
-    *,
-    pinned: bool = False,
 ) -> torch.Tensor:
-    """An uninitialised ``shape`` view of this thread's ``role`` buffer (``pinned``: page-locked
-    host memory, for fast copies to a GPU). Two views of one role alias each other: give each
-    live buffer its own role."""
+    """An uninitialised ``shape`` view of this thread's ``role`` buffer. Two views of one role
+    alias each other: give each live buffer its own role. (Pinned staging is not one of these:
+    see ``reserve_staging``.)"""
     buffers = getattr(_local, "buffers", None)
     if buffers is None:
         buffers = _local.buffers = {}
-    key = (role, dtype, torch.device(device), pinned)
+    key = (role, dtype, torch.device(device))
     numel = math.prod(shape)
     buf = buffers.get(key)
     if buf is None or buf.numel() < numel:
         buffers[key] = None  # free the smaller one first
-        buf = buffers[key] = torch.empty(numel, dtype=dtype, device=device, pin_memory=pinned)
+        buf = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel].view(shape)
 
 
@@ -55,12 +55,53 @@ def device_lock(device: torch.device) -> contextlib.AbstractContextManager:
         return _locks.setdefault(name, threading.Lock())
 
 
-def stage(view: torch.Tensor, slot: str, device: torch.device) -> torch.Tensor:
-    """For a GPU task, copy a mapped tensor into this thread's pinned host buffer ``slot``:
-    this is the read (page faults from disk), done before ``device_lock`` so it overlaps
-    another thread's kernel, and the later host → device copy is a fast DMA. On the CPU the
-    mapped view itself is returned: nothing to overlap."""
-    if device.type == "cpu" or view.numel() == 0:
-        return view
-    staged = thread_buffer(tuple(view.shape), view.dtype, "cpu", f"stage-{slot}", pinned=True)
-    return staged.copy_(view)
+# ---- pinned staging: one page-locked buffer per worker thread, sized once from the plan ----
+# torch's pinned allocator rounds a block up to a power of two and caches freed blocks, so a
+# buffer grown tensor by tensor (free, allocate larger) could hold about twice the pinned memory
+# of its last size. Instead each thread allocates one byte buffer, at the size of the largest
+# task of the plan (``reserve_staging``, called by the task with the size ``run_tasks`` passes
+# it), and stages every tensor of every task into it, back to back.
+STAGE_ALIGN = 64  # bytes: each staged tensor starts on a cache-line boundary
+
+
+def staging_size(nbytes: Sequence[int]) -> int:
+    """Bytes of pinned staging a task needs for tensors of ``nbytes`` bytes, staged together."""
+    return sum(-(-n // STAGE_ALIGN) * STAGE_ALIGN for n in nbytes)
+
+
+def _allocate_pinned(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of page-locked host memory (a seam: tests fake it without CUDA)."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+def reserve_staging(nbytes: int) -> torch.Tensor:
+    """This thread's pinned staging buffer, at least ``nbytes`` long: allocated on the first
+    call, at ``nbytes``, and kept for the thread's life. Called with the plan's largest size
+    before any tensor is staged, so it is never regrown during a run; only a later run with
+    a larger plan (a long-lived cluster worker) replaces it, once."""
+    buf = getattr(_local, "pinned", None)
+    if buf is None or buf.numel() < nbytes:
+        _local.pinned = None  # free the smaller one first
+        buf = _local.pinned = _allocate_pinned(nbytes)
+    return buf
+
+
+def stage(
+    views: Sequence[torch.Tensor], device: torch.device, nbytes: int | None = None
+) -> list[torch.Tensor]:
+    """For a GPU task, copy mapped tensors back to back into this thread's pinned buffer
+    (reserved at ``nbytes``, the plan's largest ``staging_size``; this task's own size when
+    not given): this is the read (page faults from disk), done before ``device_lock`` so it
+    overlaps another thread's kernel, and the later host → device copy is a fast DMA. On the
+    CPU the mapped views themselves are returned: nothing to overlap, the bytes unchanged."""
+    views = list(views)
+    if device.type == "cpu" or all(v.numel() == 0 for v in views):
+        return views
+    sizes = [v.numel() * v.element_size() for v in views]
+    buf = reserve_staging(max(nbytes or 0, staging_size(sizes)))
+    staged, offset = [], 0
+    for view, size in zip(views, sizes, strict=True):
+        part = buf[offset : offset + size].view(view.dtype).view(view.shape)
+        staged.append(part.copy_(view))
+        offset += staging_size([size])
+    return staged

@@ -33,7 +33,13 @@ def test_gpu_cluster_starts_pinned_worker_processes(monkeypatch):
     from distributed import Client
 
     monkeypatch.setitem(sys.modules, "dask_cuda", None)  # import fails: the SpecCluster path
-    with gpu_cluster(["0", "1"]) as cluster, Client(cluster) as client:
+    cluster, note = gpu_cluster(["0", "1"])
+    assert type(cluster).__name__ == "SpecCluster"
+    assert note == (
+        "--gpus: dask-cuda is not installed (pip install 'loraforge[gpu]'); "
+        "running one nanny worker per GPU instead"
+    )
+    with cluster, Client(cluster) as client:
         client.wait_for_workers(2, timeout=60)
         pinned = client.run(_pinned_device)
         assert sorted(pinned.values()) == ["0", "1"]
@@ -190,6 +196,15 @@ def test_gpus_all_gives_the_bytes_of_one_gpu(pair_files, tmp_path):
     events = [json.loads(line) for line in result.stdout.splitlines()]
     (cluster,) = [e for e in events if e["event"] == "cluster"]
     assert cluster["dashboard"]  # worker processes: a distributed cluster
+    # which cluster ran: dask-cuda's when it imports, else the fallback, said in one line
+    fallback = [line for line in result.stderr.splitlines() if line.startswith("warning: --gpus:")]
+    try:
+        import dask_cuda  # noqa: F401
+    except Exception:  # noqa: BLE001 - broken or missing: --gpus must have said so
+        assert len(fallback) == 1, result.stderr
+        assert fallback[0].endswith("; running one nanny worker per GPU instead")
+    else:
+        assert fallback == [], result.stderr
     assert every.read_bytes() == one.read_bytes()
     first = tmp_path / "gpu0" / "lora.safetensors"
     _extract(pair_files, first, "--gpus", "0")

@@ -170,6 +170,67 @@ def notes(path):
     return {k: e.get("note", "") for k, e in read_report(path)["tensors"].items()}
 
 
+def test_an_unreadable_intermediate_is_recomputed_where_the_tasks_run(many, tmp_path, monkeypatch):
+    """The export's recompute goes through the session's task execution (the --gpus workers
+    or the cluster, with their device), not a call in the client process."""
+    from loraforge.pipeline.extract.task import run_extract_task
+    from loraforge.pipeline.run.session import Session
+
+    work = str(tmp_path / "work")
+    first = tmp_path / "a.safetensors"
+    assert run_cli(*extract_args(many, first, "--work-dir", work)).exit_code == 0
+    key = "extra.3.weight"
+    corrupt_chunk(work, key)
+    calls = []
+    compute = Session.compute
+
+    def recorded(self, task_calls, on_done):
+        calls.append([(c.key, c.fn, c.args[2], c.uses_gpu) for c in task_calls])
+        return compute(self, task_calls, on_done)
+
+    monkeypatch.setattr(Session, "compute", recorded)
+    second = tmp_path / "b.safetensors"
+    result = run_cli(*extract_args(many, second, "--work-dir", work, "--device", "cpu"))
+    assert result.exit_code == 0, result.output
+    # Nothing pending after the resume check; then the one recompute, during the write.
+    assert calls == [[], [(f"lowrank-{key}", run_extract_task, "cpu", False)]]
+    status = statuses(str(tmp_path / "b.report.json"))
+    assert {k for k, s in status.items() if s != "reused"} == {key}
+    assert status[key] == "recomputed"
+    assert "intermediate was unreadable" in notes(str(tmp_path / "b.report.json"))[key]
+    assert first.read_bytes() == second.read_bytes()
+
+
+def test_lowrank_factors_from_another_device_are_recomputed_diffs_reused(many, tmp_path):
+    """Markers as a GPU run would leave them (device type cuda in a low-rank fingerprint): a
+    CPU resume recomputes the low-rank tensors, says why, and reuses the exact diffs."""
+    work = tmp_path / "work"
+    first = tmp_path / "a.safetensors"
+    assert run_cli(*extract_args(many, first, "--work-dir", work)).exit_code == 0
+    assert json.loads((work / "run.json").read_text())["device"] == "cpu"
+    lowrank = set()
+    for path in (work / "done").iterdir():
+        marker = json.loads(path.read_text())
+        if "device" in marker["fingerprint"]:
+            assert marker["fingerprint"]["device"] == "cpu"
+            marker["fingerprint"]["device"] = "cuda"
+            path.write_text(json.dumps(marker))
+            lowrank.add(marker["key"])
+        else:
+            assert marker["fingerprint"]["kind"] == "diff"
+    assert lowrank and len(lowrank) < len(list((work / "done").iterdir()))
+    second = tmp_path / "b.safetensors"
+    result = run_cli(*extract_args(many, second, "--work-dir", work))
+    assert result.exit_code == 0, result.output
+    status, note = statuses(str(tmp_path / "b.report.json")), notes(str(tmp_path / "b.report.json"))
+    unchanged = {k for k in lowrank if status[k] == "reused"}  # found unchanged: exact too
+    assert {k for k, s in status.items() if s != "reused"} == lowrank - unchanged
+    for key in lowrank - unchanged:
+        assert status[key] == "computed"
+        assert "recomputed: computed on cuda, this run uses cpu" in note[key]
+    assert first.read_bytes() == second.read_bytes()
+
+
 def test_in_place_edit_of_one_tensor_recomputes_exactly_it(many, tmp_path):
     """Bytes of one tensor overwritten at its offset, the file's size unchanged: the stat
     changed, so every tensor of the file is re-hashed; only the edited one is recomputed."""

@@ -46,6 +46,7 @@ def fingerprint(task_kind="lowrank", **changes) -> dict:
     fp = {"loraforge": "0.1.0", "key": KEY, "kind": task_kind, "source": side(), "target": side()}
     if task_kind == "lowrank":
         fp["kernel"] = {"method": "randomized", "oversample": 16, "n_iter": 2}
+        fp["device"] = "cpu"
     fp.update(changes)
     return fp
 
@@ -129,7 +130,57 @@ def test_marker_without_a_fingerprint_changed_everything():
     assert check(task(), stored, fingerprint()) == Decision(
         False,
         "loraforge version changed, key changed, planned kind changed, source tensor changed, "
-        "target tensor changed, kernel parameters changed",
+        "target tensor changed, kernel parameters changed, "
+        "device not recorded (older loraforge), this run uses cpu",
+    )
+
+
+def test_lowrank_fingerprint_records_the_device_type_diffs_do_not():
+    kernel = KernelOptions()
+    for device in ("cpu", "cuda", "cuda:0", "cuda:3"):
+        fp = extract_fingerprint(task(), kernel, device)
+        assert fp["device"] == device.split(":")[0]
+        assert "device" not in extract_fingerprint(task("diff"), kernel, device)
+    assert extract_fingerprint(task(), kernel, "cuda:1") == extract_fingerprint(
+        task(), kernel, "cuda"
+    )
+
+
+@pytest.mark.parametrize(
+    "stored, now, reason",
+    [
+        ("cpu", "cuda", "computed on cpu, this run uses cuda"),
+        ("cuda", "cpu", "computed on cuda, this run uses cpu"),
+        (None, "cpu", "device not recorded (older loraforge), this run uses cpu"),
+    ],
+)
+def test_lowrank_factors_from_another_device_are_recomputed(stored, now, reason):
+    """The randomized kernel's test matrix comes from the device's generator: factors from a
+    CPU and a GPU run must not be mixed in one output."""
+    fp = fingerprint()
+    if stored is None:
+        del fp["device"]
+    else:
+        fp["device"] = stored
+    assert check(task(), marker(fp), fingerprint(device=now)) == Decision(False, reason)
+    # Named with any other change, in fingerprint order; a larger stored rank is not sliced.
+    assert check(
+        task(rank=8), marker({**fp, "loraforge": "0"}), fingerprint(device=now)
+    ) == Decision(False, f"loraforge version changed, {reason}")
+
+
+def test_results_exact_on_any_device_are_reused_across_devices():
+    """A diff is exact fp32 subtraction (no device in its fingerprint); a planned low-rank
+    tensor found unchanged was an exact test too: both are reused on another device."""
+    kernel = KernelOptions()
+    gpu_diff = extract_fingerprint(task("diff"), kernel, "cuda")
+    cpu_diff = extract_fingerprint(task("diff"), kernel, "cpu")
+    assert check(task("diff"), marker(gpu_diff, "diff"), cpu_diff) == Decision(True)
+    stored = marker(fingerprint(device="cuda"), "unchanged")
+    assert check(task(), stored, fingerprint(device="cpu")) == Decision(True)
+    # The same device type is reused, whichever GPU index computed it.
+    assert check(task(), marker(fingerprint(device="cuda")), fingerprint(device="cuda")) == (
+        Decision(True)
     )
 
 
@@ -305,22 +356,22 @@ def test_the_task_records_stats_and_crcs_taken_before_the_read(tmp_path, monkeyp
     (t,) = plan.tasks
     work = tmp_path / "work"
     WorkDir(str(work)).create()
-    marker = run_extract_task(t, str(work), "cpu", kernel, extract_fingerprint(t, kernel))
+    marker = run_extract_task(t, str(work), "cpu", kernel, extract_fingerprint(t, kernel, "cpu"))
     for side, info in (("source", t.source), ("target", t.target)):
         assert marker["inputs"][side] == {**file_stat(info.file), "crc32c": stored_crc32c(info)}
     now = {s: file_stat(getattr(t, s).file) for s in ("source", "target")}
-    assert decide(t, marker, extract_fingerprint(t, kernel), now, never) == Decision(True)
+    assert decide(t, marker, extract_fingerprint(t, kernel, "cpu"), now, never) == Decision(True)
 
     # A file that changes while the task reads it is not vouched for.
     edited = {**now["target"], "mtime_ns": now["target"]["mtime_ns"] + 1}
     calls = iter([now["source"], now["target"], now["source"], edited])  # before, after
     monkeypatch.setattr(task_module, "file_stat", lambda path: next(calls))
-    marker = run_extract_task(t, str(work), "cpu", kernel, extract_fingerprint(t, kernel))
+    marker = run_extract_task(t, str(work), "cpu", kernel, extract_fingerprint(t, kernel, "cpu"))
     assert marker["inputs"] == {
         "source": {**now["source"], "crc32c": stored_crc32c(t.source)},
         "target": {"changed_while_read": True},
     }
-    assert decide(t, marker, extract_fingerprint(t, kernel), now, never) == Decision(
+    assert decide(t, marker, extract_fingerprint(t, kernel, "cpu"), now, never) == Decision(
         False, "target file changed while it was read"
     )
 
@@ -332,9 +383,12 @@ def test_a_gpu_task_hashes_its_staged_copies(tmp_path, monkeypatch):
     save_file({KEY: torch.randn(8, 4, generator=g).bfloat16()}, tmp_path / "t.safetensors")
     source, target = (index_checkpoint(str(tmp_path / f"{n}.safetensors")) for n in "st")
     staged = []
-    monkeypatch.setattr(
-        task_module, "stage", lambda view, slot, device: staged.append(view.clone()) or staged[-1]
-    )
+
+    def stage(views, device, nbytes=None):
+        staged.extend(view.clone() for view in views)
+        return staged[-len(views) :]
+
+    monkeypatch.setattr(task_module, "stage", stage)
     t = ExtractTask(KEY, "diff", (8, 4), 0, source.tensors[KEY], target.tensors[KEY], {})
     read = {}
     with task_module._read(t, torch.device("cuda"), read) as (base, tuned):
@@ -421,6 +475,18 @@ def test_kernel_change_is_shown_before_and_after():
         "kernel parameters changed: {'method': 'randomized', 'rank': 8} → "
         "{'method': 'full', 'rank': 8}"
     ]
+
+
+def test_a_device_change_is_noted_unless_the_previous_run_did_not_record_one():
+    before, after = manifest(), manifest()
+    after["device"] = "cuda"
+    assert input_changes(before, after) == []  # run.json from before the device was recorded
+    before["device"] = "cpu"
+    assert input_changes(before, after) == [
+        "device changed: cpu → cuda (low-rank tensors recomputed)"
+    ]
+    before["device"] = "cuda"
+    assert input_changes(before, after) == []
 
 
 def test_every_note_in_order():
