@@ -17,7 +17,7 @@ from .export import export, open_export
 from .options import ExtractOptions
 from .plan import ExtractionPlan, plan_extraction
 from .resume import Decision, input_changes, resume_decisions
-from .task import run_extract_task
+from .task import run_extract_task, stage_bytes
 
 
 def extract(
@@ -174,6 +174,7 @@ def _call(session: Session, task, kernel, fingerprint: dict) -> TaskCall:
         run_extract_task,
         (task, session.work.path, dev, kernel, fingerprint),
         uses_gpu=dev.startswith("cuda"),  # every task uses the device
+        stage_bytes=stage_bytes(task),
     )
 
 

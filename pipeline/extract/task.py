@@ -42,7 +42,7 @@ def _delta(
     return delta, largest
 
 
-def stage_bytes(task: ExtractTask, *_args) -> int:
+def stage_bytes(task: ExtractTask) -> int:
     """Pinned staging a GPU task of ``task`` needs (both tensors, stored dtype). ``run_tasks``
     passes the largest over the plan to every GPU task as ``stage_nbytes``."""
     return staging_size([task.source.nbytes, task.target.nbytes])
@@ -141,6 +141,3 @@ def _factor(
         marker.update(kind="diff")
     del delta
     return {name: a.cpu().numpy() for name, a in arrays.items()}, attributes
-
-
-run_extract_task.stage_bytes = stage_bytes  # how run_tasks sizes pinned staging from the plan

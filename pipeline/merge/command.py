@@ -23,7 +23,7 @@ from ..run.session import Progress, Session
 from .options import MergeOptions
 from .plan import MergePlan, MergeTask, plan_merge
 from .resume import changes_since, components_digest, marker_valid, merge_components
-from .task import run_merge_task
+from .task import run_merge_task, stage_bytes
 
 METADATA = {"format": "pt", "producer": "loraforge"}
 
@@ -190,6 +190,7 @@ def _compute(
                 options.allow_nonfinite,
             ),
             uses_gpu=dev.startswith("cuda") and task.kind == "merged",
+            stage_bytes=stage_bytes(task),
         )
         for task in pending
     ]

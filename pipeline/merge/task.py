@@ -31,7 +31,7 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return cast(tensor, dtype, out=out)
 
 
-def stage_bytes(task: MergeTask, *_args) -> int:
+def stage_bytes(task: MergeTask) -> int:
     """Pinned staging a GPU task of ``task`` needs: the base tensor of a merged one (cast and
     copied tensors are not staged). ``run_tasks`` passes the plan's largest as
     ``stage_nbytes``."""
@@ -84,6 +84,3 @@ def run_merge_task(
     }
     WorkDir(work_dir).write_marker(task.key, marker)
     return marker
-
-
-run_merge_task.stage_bytes = stage_bytes  # how run_tasks sizes pinned staging from the plan

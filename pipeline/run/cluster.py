@@ -165,12 +165,14 @@ def dask_client(
 @dataclass(frozen=True)
 class TaskCall:
     """One Dask task: a readable, stable key, the function and its arguments (addresses and
-    small option values, never tensors), and whether it uses the device."""
+    small option values, never tensors), whether it uses the device, and for a GPU task the
+    pinned staging it needs (bytes; ``fn`` then takes the keyword ``stage_nbytes``)."""
 
     key: str
     fn: Callable
     args: tuple
     uses_gpu: bool = False
+    stage_bytes: int = 0
 
 
 def run_tasks(
@@ -214,13 +216,13 @@ def run_tasks(
 
 
 def with_staging(calls: list[TaskCall]) -> list[TaskCall]:
-    """GPU calls whose function declares ``stage_bytes(*args)`` (its task's pinned staging)
-    get the largest over all the calls as the keyword ``stage_nbytes``: each worker thread
-    then allocates its pinned buffer once, at that size, whatever order the tasks come in."""
-    sized = [c for c in calls if c.uses_gpu and callable(getattr(c.fn, "stage_bytes", None))]
+    """GPU calls that declare ``stage_bytes`` get the largest over all the calls as the
+    keyword ``stage_nbytes``: each worker thread then allocates its pinned buffer once, at that
+    size, whatever order the tasks come in."""
+    sized = [c for c in calls if c.uses_gpu and c.stage_bytes]
     if not sized:
         return calls
-    nbytes = max(c.fn.stage_bytes(*c.args) for c in sized)
+    nbytes = max(c.stage_bytes for c in sized)
     staged = {id(c) for c in sized}
     return [
         replace(c, fn=functools.partial(c.fn, stage_nbytes=nbytes)) if id(c) in staged else c

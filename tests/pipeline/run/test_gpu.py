@@ -11,9 +11,7 @@ import pytest
 import torch
 
 from loraforge.pipeline.errors import UsageError
-from loraforge.pipeline.extract.task import run_extract_task
 from loraforge.pipeline.extract.task import stage_bytes as extract_stage_bytes
-from loraforge.pipeline.merge.task import run_merge_task
 from loraforge.pipeline.merge.task import stage_bytes as merge_stage_bytes
 from loraforge.pipeline.run import cluster as cluster_mod
 from loraforge.pipeline.run import gpu, staging
@@ -307,23 +305,18 @@ def test_stage_on_cpu_allocates_nothing(fake_pinned):
 def test_tasks_state_what_they_stage():
     info = types.SimpleNamespace
     extract = info(source=info(nbytes=100), target=info(nbytes=64))
-    assert extract_stage_bytes(extract, "work", "cuda") == 128 + 64
-    assert run_extract_task.stage_bytes is extract_stage_bytes
+    assert extract_stage_bytes(extract) == 128 + 64
     assert merge_stage_bytes(info(kind="merged", base=info(nbytes=65))) == 128
     assert merge_stage_bytes(info(kind="cast", base=info(nbytes=65))) == 0
-    assert run_merge_task.stage_bytes is merge_stage_bytes
 
 
 def _staged_fn(size, stage_nbytes=None):
     return size, stage_nbytes
 
 
-_staged_fn.stage_bytes = lambda size: size
-
-
 def test_run_tasks_gives_every_gpu_task_the_plans_largest_staging():
     calls = [
-        cluster_mod.TaskCall(f"t{i}", _staged_fn, (size,), uses_gpu=gpu_task)
+        cluster_mod.TaskCall(f"t{i}", _staged_fn, (size,), uses_gpu=gpu_task, stage_bytes=size)
         for i, (size, gpu_task) in enumerate([(10, True), (500, True), (7, True), (9000, False)])
     ]
     staged = cluster_mod.with_staging(calls)
