@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -248,8 +249,14 @@ def _run_threaded(calls: list[TaskCall], on_done, threads: int) -> None:
 
     # functools.partial keeps Dask from walking the arguments for keys.
     graph = {c.key: (functools.partial(c.fn, *c.args),) for c in calls}
-    with Finished():
-        get(graph, list(graph), num_workers=threads)
+    # Our own pool, so a failing task (or Ctrl-C) returns only once the tasks already running
+    # have finished: none may still write to the work directory after its lock is released.
+    pool = ThreadPoolExecutor(threads)
+    try:
+        with Finished():
+            get(graph, list(graph), pool=pool)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _run_distributed(client, calls: list[TaskCall], on_done) -> None:

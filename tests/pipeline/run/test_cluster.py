@@ -5,6 +5,7 @@ one line; an in-process cluster shows no dashboard, a distributed one does."""
 from __future__ import annotations
 
 import threading
+import time
 from types import SimpleNamespace
 
 import dask
@@ -121,3 +122,30 @@ def test_in_process_cluster_has_no_dashboard_link():
     with dask_client(workers=2, device="cpu") as client:
         assert dashboard_link(client) is None
         assert sum(client.nthreads().values()) == 2
+
+
+def _slow_then_flag(flags: list, event):
+    event.wait(5)  # started before the failing task raises, still running when it does
+    time.sleep(0.3)
+    flags.append("finished")
+    return "slow"
+
+
+def _fail_after_start(event):
+    event.set()
+    raise RuntimeError("bad tensor")
+
+
+def test_a_failing_task_returns_only_after_the_running_tasks_finish():
+    import threading
+
+    from loraforge.pipeline.run.cluster import TaskCall, run_tasks
+
+    flags, started = [], threading.Event()
+    calls = [
+        TaskCall("slow", _slow_then_flag, (flags, started)),
+        TaskCall("bad", _fail_after_start, (started,)),
+    ]
+    with pytest.raises(RuntimeError, match="bad tensor"):
+        run_tasks(calls, lambda key, result: None, workers=2, device="cpu")
+    assert flags == ["finished"]  # nothing still writes once run_tasks has returned
