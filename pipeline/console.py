@@ -142,8 +142,9 @@ class Bar:
         if event == "loras":
             self._loras(info["loras"])
         elif event in ("warning", "note"):  # shown even when quiet: never dropped silently
-            self._interrupt_bar()
-            err.print(f"{event}: {info['message']}", markup=False, soft_wrap=True)
+            # through the bar's console while it runs: printed above it, the bar goes on
+            console = self.progress.console if self.progress else err
+            console.print(f"{event}: {info['message']}", markup=False, soft_wrap=True)
         if self.quiet:
             return
         if event == "start":
@@ -198,11 +199,6 @@ class Bar:
                 )
             if unmatched or not self.quiet:
                 err.print(line, markup=False, soft_wrap=True)
-
-    def _interrupt_bar(self) -> None:
-        if self.progress:
-            self.progress.stop()
-            self.progress = None
 
     def _gb(self) -> str:
         return f"{self.bytes_done / 1e9:.2f}/{self.bytes_total / 1e9:.2f} GB read"

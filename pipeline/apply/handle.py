@@ -47,9 +47,12 @@ def apply(
     was loaded from; a touched weight whose bytes equal the stored tensor is re-read from it on
     removal instead of being copied."""
     handle = AppliedLoras(
-        _tensors(target), originals=originals, checkpoint=checkpoint, strict=strict
+        _tensors(target),
+        originals=originals,
+        checkpoint=checkpoint,
+        strict=strict,
+        allow_nonfinite=allow_nonfinite,
     )
-    handle.allow_nonfinite = allow_nonfinite
     loras = loras if isinstance(loras, LoraSet) else LoraSet(loras)
     for spec in loras.specs:
         handle._open(spec)
@@ -67,17 +70,19 @@ class AppliedLoras:
         originals: str = "device",
         checkpoint: str | os.PathLike | None = None,
         strict: bool = False,
+        allow_nonfinite: bool = False,
     ):
         if originals not in ORIGINALS:
             raise UsageError(f"originals={originals!r}; valid: {', '.join(ORIGINALS)}")
         self.tensors = tensors
         self.strict = strict
-        self.allow_nonfinite = False
+        self.allow_nonfinite = allow_nonfinite
         self._keep_on = originals
         self._checkpoint: CheckpointIndex | None = (
             index_checkpoint(os.fspath(checkpoint)) if checkpoint is not None else None
         )
-        self._infos = {key: _info(key, t) for key, t in tensors.items() if _info(key, t)}
+        infos = {key: _info(key, t) for key, t in tensors.items()}
+        self._infos = {key: info for key, info in infos.items() if info is not None}
         self._loras: list[LoraInput] = []
         self._patches: dict[str, list[PatchRef]] = {}
         self._originals: dict[str, torch.Tensor | TensorInfo] = {}
@@ -136,19 +141,22 @@ class AppliedLoras:
 
     # ---- internals ----
     def _open(self, spec) -> None:
+        """Open one LoRA and add it to the list; with ``strict``, one that would leave keys
+        out (or needs an assumption) is refused before anything is patched."""
         shapes = {key: info.shape for key, info in self._infos.items()}
         lora = open_lora(spec, shapes, None, self.allow_nonfinite)
+        if self.strict:
+            (left,) = collect_patches(self._infos, [lora])[1]
+            if left:
+                raise refusal(lora, left)
+            if lora.warnings:
+                raise UsageError(lora.warnings[0], path=lora.label)
         self._loras.append(lora)
 
     def _update(self, before: set[str]) -> None:
         """Recompute every weight whose patches may have changed: those touched before and
         those touched now; a weight no longer touched gets its original back."""
         patches, unmatched = collect_patches(self._infos, self._loras)
-        if self.strict:
-            for lora, left in zip(self._loras, unmatched, strict=True):
-                if lora.warnings or left:
-                    self._loras.pop()  # the LoRA just opened is refused, not half-applied
-                    raise refusal(lora, left) if left else UsageError(lora.warnings[0])
         self._patches, self.unmatched = patches, unmatched
         for key in sorted(before | set(patches)):
             self._refresh(key)

@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass
 
 from ..errors import UsageError
-from ..io.atomic import remove_quietly, temporary_name
-from ..io.layout import output_candidates, shard_pattern
+from ..io.atomic import remove_quietly
+from ..io.layout import index_file_name, shard_pattern
 from .lock import RunLock
 from .store import WorkDir
 
@@ -21,23 +21,26 @@ class Cleaned:
 
 
 def leftover_temporaries(manifest: dict | None) -> list[str]:
-    """The temporary output files (``.<name>.partial``) the run of ``manifest`` may have left
-    beside its output: the file, its index and its shards."""
+    """The temporary output files (``.<name>.partial``) the run of ``manifest`` left beside
+    its output: those of the file, its index and its shards."""
     output = (manifest or {}).get("output")
     if not output:
         return []
     directory = os.path.dirname(output)
-    candidates = output_candidates(output)
-    try:  # shards that were never renamed exist only under their temporary names
+    try:
         names = os.listdir(directory)
     except OSError:
-        names = []
-    pattern = shard_pattern(output)
-    for name in sorted(names):
-        if name.startswith(".") and name.endswith(".partial") and pattern.fullmatch(name[1:-8]):
-            candidates.append(os.path.join(directory, name[1:-8]))
-    found = {temporary_name(c) for c in candidates}
-    return sorted(t for t in found if os.path.isfile(t))
+        return []
+    own = {os.path.basename(output), os.path.basename(index_file_name(output))}
+    shards = shard_pattern(output)
+    return sorted(
+        os.path.join(directory, name)
+        for name in names
+        if name.startswith(".")
+        and name.endswith(".partial")
+        and (name[1:-8] in own or shards.fullmatch(name[1:-8]))
+        and os.path.isfile(os.path.join(directory, name))
+    )
 
 
 def clean_work_dir(path: str) -> Cleaned:
