@@ -1,14 +1,22 @@
-"""Numeric kernels: truncated SVD of a weight delta, randomized (default) or full.
+"""Numeric kernels: truncated SVD of a weight delta, randomized (default, with adaptive power
+iterations) or full, on a dense matrix or a row-blocked operator; the exact SVD of a sum of
+LoRA products (``refactor_sum``); rank selection from stored spectra (``RankRule``).
 
-``SVD_METHODS`` is the one table of the methods users choose with ``--svd``: the CLI's help and
-choices, option validation and the ``lowrank`` stage all read it."""
+``SVD_METHODS`` is the one table of the methods users choose with ``--svd``, ``RANK_MODES`` of
+the ``--rank-mode`` rules: the CLI's help and choices, option validation and dispatch read them."""
 
+from .blocked import RowBlocks
 from .methods import SVD_METHODS, SvdMethod
+from .ranks import RANK_MODES, RankMode, RankRule, Spectrum, kept_energy
+from .stacked import refactor_sum
 from .svd import (
+    DenseOperator,
     LowRank,
+    MatrixOperator,
     full_svd,
     product_distance_sq,
     randomized_svd,
+    randomized_svd_op,
     relative_error,
     residual_sq,
     seed_for,
@@ -17,12 +25,22 @@ from .svd import (
 )
 
 __all__ = [
+    "RANK_MODES",
     "SVD_METHODS",
+    "DenseOperator",
     "LowRank",
+    "MatrixOperator",
+    "RankMode",
+    "RankRule",
+    "RowBlocks",
+    "Spectrum",
     "SvdMethod",
     "full_svd",
+    "kept_energy",
     "product_distance_sq",
     "randomized_svd",
+    "randomized_svd_op",
+    "refactor_sum",
     "relative_error",
     "residual_sq",
     "seed_for",

@@ -1,5 +1,7 @@
 """The SVD methods a user can name (``--svd``), each with its help text and one calling
-convention: ``factor(delta, rank, *, seed, oversample, n_iter) -> LowRank``."""
+convention: ``factor(delta, rank, *, seed, oversample, n_iter, tol, max_iter) -> LowRank``
+(``n_iter`` None: power iterations until the captured energy settles, see
+``randomized_svd_op``)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .svd import LowRank, full_svd, randomized_svd
+from .svd import DEFAULT_MAX_ITER, DEFAULT_TOL, LowRank, full_svd, randomized_svd
 
 
 @dataclass(frozen=True)
@@ -19,14 +21,38 @@ class SvdMethod:
 
 
 def _randomized(
-    delta: torch.Tensor, rank: int, *, seed: int, oversample: int, n_iter: int
+    delta: torch.Tensor,
+    rank: int,
+    *,
+    seed: int,
+    oversample: int,
+    n_iter: int | None,
+    tol: float = DEFAULT_TOL,
+    max_iter: int = DEFAULT_MAX_ITER,
 ) -> LowRank:
     generator = torch.Generator(device=delta.device).manual_seed(seed)
-    return randomized_svd(delta, rank, oversample=oversample, n_iter=n_iter, generator=generator)
+    return randomized_svd(
+        delta,
+        rank,
+        oversample=oversample,
+        n_iter=n_iter,
+        tol=tol,
+        max_iter=max_iter,
+        generator=generator,
+    )
 
 
-def _full(delta: torch.Tensor, rank: int, *, seed: int, oversample: int, n_iter: int) -> LowRank:
-    return full_svd(delta, rank)  # exact: no test matrix, so seed and sketch sizes do not apply
+def _full(
+    delta: torch.Tensor,
+    rank: int,
+    *,
+    seed: int,
+    oversample: int,
+    n_iter: int | None,
+    tol: float = DEFAULT_TOL,
+    max_iter: int = DEFAULT_MAX_ITER,
+) -> LowRank:
+    return full_svd(delta, rank)  # exact: no test matrix, sketch or iterations apply
 
 
 SVD_METHODS: dict[str, SvdMethod] = {
@@ -34,7 +60,7 @@ SVD_METHODS: dict[str, SvdMethod] = {
     for m in (
         SvdMethod(
             "randomized",
-            "randomized SVD (Halko et al.), within 1% of optimal at the defaults; fast",
+            "randomized SVD (Halko et al.), iterates until its error settles; fast",
             _randomized,
         ),
         SvdMethod("full", "exact SVD of each delta (LightX2V's method); the reference", _full),

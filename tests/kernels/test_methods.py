@@ -96,3 +96,30 @@ def test_cli_refuses_an_unknown_svd_method(tmp_path):
     assert "Invalid value for '--svd'" in result.output
     assert "'qr' is not one of 'randomized', 'full'" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["randomized", "full"])
+def test_each_factor_takes_the_adaptive_arguments(name):
+    delta = torch.randn(80, 50, generator=torch.Generator().manual_seed(4))
+    result = SVD_METHODS[name].factor(
+        delta, 4, seed=0, oversample=4, n_iter=None, tol=1e-12, max_iter=3
+    )
+    assert result.iterations == (3 if name == "randomized" else 0)
+
+
+def test_the_lowrank_stage_iterates_adaptively_by_default():
+    delta = torch.randn(80, 50, generator=torch.Generator().manual_seed(4))
+    assert lowrank(delta, 4, name="x", oversample=4, tol=1e-12, max_iter=3).iterations == 3
+    assert lowrank(delta, 4, name="x", oversample=4, n_iter=1).iterations == 1
+
+
+def test_kernel_options_default_to_adaptive_iterations_and_check_them():
+    kernel = KernelOptions()
+    assert (kernel.n_iter, kernel.tol, kernel.max_iter) == (None, 0.003, 4)
+    assert KernelOptions.from_dict(kernel.to_dict()) == kernel
+    with pytest.raises(UsageError) as info:
+        KernelOptions(tol=0.0)
+    assert str(info.value) == "--svd-tol must be > 0, got 0.0"
+    with pytest.raises(UsageError) as info:
+        KernelOptions(max_iter=0)
+    assert str(info.value) == "--max-power-iterations must be >= 1, got 0"

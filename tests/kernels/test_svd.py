@@ -4,12 +4,15 @@ import pytest
 import torch
 
 from loraforge.kernels import (
+    DenseOperator,
     full_svd,
     product_distance_sq,
     randomized_svd,
+    randomized_svd_op,
     seed_for,
     squared_norm,
 )
+from loraforge.kernels.svd import DEFAULT_MAX_ITER, DEFAULT_TOL, MIN_AUTO_ITER
 
 
 def spectrum_matrix(m: int, n: int, singular_values: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -85,6 +88,105 @@ def test_product_distance_matches_the_dense_product():
     ub, db = ua.bfloat16().float(), da.bfloat16().float()
     dense = float(((ua.double() @ da.double()) - (ub.double() @ db.double())).norm() ** 2)
     assert product_distance_sq(ua, da, ub, db) == pytest.approx(dense, rel=1e-6)
+
+
+def power_law(n: int, p: float) -> torch.Tensor:
+    return torch.arange(1, n + 1, dtype=torch.float32) ** -p
+
+
+def todays_randomized_svd(a: torch.Tensor, rank: int, oversample: int, n_iter: int, generator):
+    """The fixed-iteration kernel as it was before adaptive iterations, op for op."""
+    m, n = a.shape
+    k = min(rank, m, n)
+    q = min(k + oversample, m, n)
+    omega = torch.randn(n, q, generator=generator, device=a.device, dtype=torch.float32)
+    basis = torch.linalg.qr(a @ omega).Q
+    for _ in range(n_iter):
+        basis = torch.linalg.qr(a.T @ basis).Q
+        basis = torch.linalg.qr(a @ basis).Q
+    small_u, s, vh = torch.linalg.svd(basis.T @ a, full_matrices=False)
+    u = basis @ small_u[:, :k]
+    root = s[:k].sqrt()
+    return (u * root.unsqueeze(0)).contiguous(), (root.unsqueeze(1) * vh[:k]).contiguous(), s[:k]
+
+
+@pytest.mark.parametrize("n_iter", [0, 1, 2, 3])
+def test_fixed_iterations_keep_todays_bytes(n_iter):
+    a = spectrum_matrix(300, 200, slowly_decaying(200))
+    up, down, s = todays_randomized_svd(a, 16, 16, n_iter, torch.Generator().manual_seed(5))
+    dense = randomized_svd(a, 16, n_iter=n_iter, generator=torch.Generator().manual_seed(5))
+    op = randomized_svd_op(
+        DenseOperator(a), 16, n_iter=n_iter, generator=torch.Generator().manual_seed(5)
+    )
+    for result in (dense, op):
+        assert torch.equal(result.up, up) and torch.equal(result.down, down)
+        assert torch.equal(result.singular_values, s)
+        assert result.iterations == n_iter
+
+
+def test_adaptive_defaults():
+    assert (DEFAULT_TOL, DEFAULT_MAX_ITER, MIN_AUTO_ITER) == (0.003, 4, 2)
+
+
+@pytest.mark.parametrize(
+    ("name", "p", "iterations"), [("fast", 2.0, 2.0), ("i^-1", 1.0, 2.0), ("i^-0.3", 0.3, 2.5)]
+)
+def test_adaptive_iterates_as_long_as_the_spectrum_needs(name, p, iterations):
+    a = spectrum_matrix(600, 400, power_law(400, p))
+    optimal = full_svd(a, 16).rel_error()
+    fixed = randomized_svd(a, 16, n_iter=2, generator=torch.Generator().manual_seed(1))
+    auto = randomized_svd(a, 16, n_iter=None, generator=torch.Generator().manual_seed(1))
+    assert auto.iterations == iterations
+    assert auto.rel_error() <= 1.002 * optimal
+    assert auto.rel_error() <= fixed.rel_error() * (1 + 1e-5)  # same basis at 2.0, rounding
+
+
+def test_adaptive_fixes_what_two_iterations_miss():
+    a = spectrum_matrix(600, 400, power_law(400, 0.3))
+    optimal = full_svd(a, 16).rel_error()
+    fixed = randomized_svd(a, 16, n_iter=2, generator=torch.Generator().manual_seed(0))
+    auto = randomized_svd(a, 16, n_iter=None, generator=torch.Generator().manual_seed(0))
+    assert fixed.rel_error() > 1.002 * optimal
+    assert auto.rel_error() < 1.0015 * optimal
+
+
+def test_adaptive_can_stop_half_way_through_an_iteration():
+    """At 2.5 iterations the factors come from A·P = Q·R (the right basis P): still an
+    orthogonal projection of A, so the reported error is the actual one."""
+    a = spectrum_matrix(600, 400, power_law(400, 0.3))
+    approx = randomized_svd(a, 16, n_iter=None, generator=torch.Generator().manual_seed(0))
+    assert approx.iterations == 2.5
+    actual = float((a - approx.up @ approx.down).double().norm() / a.double().norm())
+    assert approx.rel_error() == pytest.approx(actual, rel=1e-5)
+    assert torch.allclose(approx.up.T @ approx.up, torch.diag(approx.singular_values), atol=1e-4)
+
+
+def test_adaptive_reports_its_actual_error_and_respects_the_cap():
+    a = spectrum_matrix(300, 200, power_law(200, 0.3))
+    capped = randomized_svd(a, 8, n_iter=None, tol=1e-12, max_iter=5)
+    assert capped.iterations == 5
+    once = randomized_svd(a, 8, n_iter=None, max_iter=1)
+    assert once.iterations == 1
+    actual = float((a - capped.up @ capped.down).double().norm() / a.double().norm())
+    assert capped.rel_error() == pytest.approx(actual, rel=1e-4)
+
+
+def test_adaptive_stops_at_the_minimum_on_an_exactly_low_rank_matrix():
+    a = spectrum_matrix(400, 300, torch.tensor([3.0, 2.0, 1.0, 0.5]))
+    approx = randomized_svd(a, 8, n_iter=None, generator=torch.Generator().manual_seed(0))
+    assert approx.iterations == MIN_AUTO_ITER
+    assert torch.allclose(approx.up @ approx.down, a, atol=1e-5)
+
+
+def test_iteration_arguments_are_checked():
+    a = torch.randn(60, 40)
+    with pytest.raises(ValueError, match="tol must be > 0, got 0.0"):
+        randomized_svd(a, 4, n_iter=None, tol=0.0)
+    with pytest.raises(ValueError, match="max_iter must be >= 1, got 0"):
+        randomized_svd(a, 4, n_iter=None, max_iter=0)
+    with pytest.raises(ValueError, match="oversample and n_iter must be >= 0"):
+        randomized_svd(a, 4, n_iter=-1)
+    assert full_svd(a, 4).iterations == 0
 
 
 @pytest.mark.gpu
