@@ -16,16 +16,18 @@ def check_something_to_extract(
 ) -> None:
     if plan.tasks:
         return
-    if not plan.skipped:
+    scales = {**source.fp8.companions, **target.fp8.companions}  # not weights: not counted
+    skipped = [s for s in plan.skipped if s.key not in scales]
+    if not skipped:
         raise ModelMismatch(
             f"shares no tensor name with the base {source.path} "
             f"(base has e.g. '{_first(source)}', this one '{_first(target)}')",
             path=target.path,
             hint="check --source-model and --target-model",
         )
-    first = plan.skipped[0]
+    first = skipped[0]
     raise ModelMismatch(
-        f"none of the {len(plan.skipped)} tensors it shares with the base can be extracted, "
+        f"none of the {len(skipped)} tensors it shares with the base can be extracted, "
         f"e.g. '{first.key}': {first.reason}",
         path=target.path,
         hint="check --source-model and --target-model",
@@ -35,10 +37,13 @@ def check_something_to_extract(
 def surprises(plan: ExtractionPlan, source: CheckpointIndex, target: CheckpointIndex) -> list[str]:
     """Warnings for tensors that differ between the models but are not in the LoRA."""
     shapes = [s for s in plan.skipped if s.reason.startswith("shape mismatch")]
+    scales = {**source.fp8.companions, **target.fp8.companions}  # applied with their weights
     changed = [
         s
         for s in plan.skipped
-        if s not in shapes and _differ(source.tensors[s.key], target.tensors[s.key])
+        if s not in shapes
+        and s.key not in scales
+        and _differ(source.tensors[s.key], target.tensors[s.key])
     ]
     warnings = []
     if shapes:

@@ -16,6 +16,13 @@ OUTPUT_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
+# merge only: a scaled-fp8 checkpoint (fp8 weights, fp32 scales) in the base's own convention.
+# e4m3fn only: ComfyUI's scaled_fp8 loader labels every legacy layer float8_e4m3fn
+# (comfy/utils.py convert_old_quants) and LightX2V's converter writes e4m3fn alone.
+FP8_OUTPUT_DTYPES: dict[str, torch.dtype] = {
+    "fp8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+}
 OUTPUT_FORMATS = ("safetensors", "pytorch")
 _SIZE_UNITS = {
     "": 1,
@@ -31,11 +38,14 @@ _SIZE_UNITS = {
 }
 
 
-def parse_dtype(name: str) -> torch.dtype:
+def parse_dtype(name: str, fp8: bool = False) -> torch.dtype:
+    """An ``--output-dtype`` value; ``fp8`` also accepts the scaled-fp8 names (merge)."""
+    names = {**OUTPUT_DTYPES, **FP8_OUTPUT_DTYPES} if fp8 else OUTPUT_DTYPES
     try:
-        return OUTPUT_DTYPES[name.lower()]
+        return names[name.lower()]
     except KeyError:
-        raise UsageError(f"unknown dtype {name!r}; valid: {', '.join(OUTPUT_DTYPES)}") from None
+        hint = "" if fp8 or name.lower() not in FP8_OUTPUT_DTYPES else " (fp8 output: merge only)"
+        raise UsageError(f"unknown dtype {name!r}{hint}; valid: {', '.join(names)}") from None
 
 
 def parse_size(text: str | int | None) -> int | None:

@@ -25,12 +25,15 @@ import threading
 import warnings
 import zipfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from loraforge.stages.quantize import dequantize
+
 from ..errors import CheckpointFormatError, CheckpointNotFound, UnsafePickle
 from . import safetensors_format as stf
+from .fp8 import Fp8Layout, find_layout
 
 FORMATS = ("safetensors", "pytorch")
 PYTORCH_SUFFIXES = (".pt", ".pth", ".bin")  # .bin: Hugging Face / PEFT torch.save zips
@@ -39,13 +42,16 @@ _PAGE = mmap.PAGESIZE
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor lives. ``offset`` is the absolute byte offset (safetensors only)."""
+    """Where one tensor lives. ``offset`` is the absolute byte offset (safetensors only);
+    ``scale``: for a scaled-fp8 weight, where its scale lives (``W = W_fp8 · scale``, io/fp8.py),
+    so a task opens both."""
 
     key: str
     file: str
     dtype: str
     shape: tuple[int, ...]
     offset: int | None = None
+    scale: TensorInfo | None = None
 
     @property
     def numel(self) -> int:
@@ -65,12 +71,14 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class CheckpointIndex:
-    """Headers of a whole checkpoint: tensors by key, and a cheap fingerprint per file."""
+    """Headers of a whole checkpoint: tensors by key, and a cheap fingerprint per file;
+    ``fp8``: its scaled-fp8 bookkeeping (which tensor scales which weight)."""
 
     path: str
     format: str
     tensors: dict[str, TensorInfo]
     files: dict[str, dict]  # file name -> {"size": int, "header_sha256": str}
+    fp8: Fp8Layout = field(default_factory=Fp8Layout)
 
     def fingerprint(self) -> dict:
         return {"path": self.path, "format": self.format, "files": self.files}
@@ -199,8 +207,10 @@ def _shard_name(index_path: str, key: str, shard: object) -> str:
 def _index_safetensors_files(root: str, files: list[str]) -> CheckpointIndex:
     tensors: dict[str, TensorInfo] = {}
     fingerprints: dict[str, dict] = {}
+    metadata: dict[str, str] = {}
     for file in files:
-        _, _, entries, head = stf.read_header(file)
+        _, file_metadata, entries, head = stf.read_header(file)
+        metadata.update(file_metadata)
         fingerprints[os.path.basename(file)] = {
             "size": os.path.getsize(file),
             "header_sha256": hashlib.sha256(head).hexdigest(),
@@ -214,7 +224,19 @@ def _index_safetensors_files(root: str, files: list[str]) -> CheckpointIndex:
                     hint="remove the duplicate shard",
                 )
             tensors[key] = TensorInfo(key, file, code, shape, begin)
-    return CheckpointIndex(root, "safetensors", tensors, fingerprints)
+    return with_scales(CheckpointIndex(root, "safetensors", tensors, fingerprints), metadata)
+
+
+def with_scales(index: CheckpointIndex, metadata: dict[str, str]) -> CheckpointIndex:
+    """``index`` with its scaled-fp8 layout found and each scaled weight pointing at its
+    scale (shards: the metadata of all files together)."""
+    layout = find_layout(index.path, index.tensors, metadata)
+    if layout.convention is None:
+        return index
+    tensors = dict(index.tensors)
+    for weight, scale in layout.scales.items():
+        tensors[weight] = replace(tensors[weight], scale=tensors[scale])
+    return replace(index, tensors=tensors, fp8=layout)
 
 
 def _index_pytorch(path: str) -> CheckpointIndex:
@@ -228,7 +250,7 @@ def _index_pytorch(path: str) -> CheckpointIndex:
         pickle_name = next(n for n in z.namelist() if n.endswith("data.pkl"))
         digest = hashlib.sha256(z.read(pickle_name)).hexdigest()
     files = {os.path.basename(path): {"size": os.path.getsize(path), "header_sha256": digest}}
-    return CheckpointIndex(path, "pytorch", tensors, files)
+    return with_scales(CheckpointIndex(path, "pytorch", tensors, files), {})
 
 
 # ---- per-process caches of open maps; every Dask worker fills its own ----
@@ -332,18 +354,38 @@ def _view(info: TensorInfo) -> torch.Tensor:
     return flat.view(info.shape)
 
 
-def _release(view: torch.Tensor) -> None:
-    if view.numel() == 0:
+def release(view: torch.Tensor) -> None:
+    """Drop a mapped view's pages from the process (a row block read, say); reading it again
+    faults them back in from the page cache."""
+    if view.numel() == 0 or view.device.type != "cpu":
         return
     if view.is_contiguous():
         _drop_pages(view.data_ptr(), view.numel() * view.element_size())
 
 
 def load_tensor(info: TensorInfo, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Copy one tensor out of its checkpoint, converted to ``dtype`` (default: as stored)."""
+    """Copy one tensor out of its checkpoint, converted to ``dtype`` (default: as stored). A
+    scaled-fp8 weight comes back as stored: ``load_weight`` applies its scale."""
     with mapped(info) as view:
         result = torch.empty(view.shape, dtype=view.dtype if dtype is None else dtype)
         return result.copy_(view)
+
+
+def load_weight(info: TensorInfo) -> torch.Tensor:
+    """One weight's value in fp32: a scaled-fp8 weight dequantized (``W_fp8 · scale``), any
+    other float tensor upcast exactly."""
+    if info.scale is None:
+        return load_tensor(info, torch.float32)
+    with mapped(info) as view:
+        return dequantize(view, load_tensor(info.scale))
+
+
+def dequantized(info: TensorInfo, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (``info``'s values, read) as its weight's value: dequantized into ``out``
+    (fp32) when ``info`` is a scaled-fp8 weight, else ``tensor`` itself."""
+    if info.scale is None:
+        return tensor
+    return dequantize(tensor, load_tensor(info.scale), out=out)
 
 
 @contextmanager
@@ -354,7 +396,7 @@ def mapped(info: TensorInfo):
     try:
         yield view
     finally:
-        _release(view)
+        release(view)
 
 
 _MADV_POPULATE_READ = 22  # Linux 5.14+

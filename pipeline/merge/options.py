@@ -15,7 +15,7 @@ from ..io.dtypes import check_output_format, parse_dtype
 @dataclass(frozen=True)
 class MergeOptions:
     alpha: float = 1.0  # global multiplier of every LoRA's delta (LightX2V's --alpha)
-    output_dtype: str = "bf16"
+    output_dtype: str = "bf16"  # or fp8_e4m3fn: scaled fp8 in the base's convention (plan.py)
     output_format: str = "safetensors"
     max_shard_size: int | None = None
     strict: bool = False
@@ -26,12 +26,12 @@ class MergeOptions:
             raise UsageError(f"--alpha must be a number, got {self.alpha!r}")
         if not math.isfinite(self.alpha):
             raise UsageError(f"--alpha must be finite, got {self.alpha}")
-        parse_dtype(self.output_dtype)
+        parse_dtype(self.output_dtype, fp8=True)
         check_output_format(self.output_format, self.max_shard_size)
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return parse_dtype(self.output_dtype)
+        return parse_dtype(self.output_dtype, fp8=True)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -7,10 +7,12 @@ shapes, so its header(s) are fixed before the first tensor is computed."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..io import safetensors_format as stf
+from ..io.fp8 import MARKER, QUANT_METADATA, is_fp8, is_marker, retarget
 from ..io.layout import OutputEntry
 from ..io.reader import CheckpointIndex, TensorInfo
 from ..lora.inputs import LoraInput
@@ -26,6 +28,11 @@ class MergeTask:
     base: TensorInfo
     out_dtype: str  # safetensors code
     patches: tuple[PatchRef, ...] = ()
+    # Scaled-fp8 output (fp8.py): "value" is the tensor itself; "scale" writes the scale of the
+    # weight ``base`` (computed as its value task computes it); "marker" the empty marker.
+    part: str = "value"
+    quantized: bool = False  # the value is written as fp8 with a scale of its own
+    out_shape: tuple[int, ...] | None = None  # a scale's or marker's shape (else the base's)
 
     @property
     def name(self) -> str:
@@ -34,11 +41,14 @@ class MergeTask:
 
     @property
     def read_bytes(self) -> int:
+        if self.part == "marker":
+            return 0
         return self.base.nbytes + sum(t.nbytes for p in self.patches for t in p.tensors)
 
     @property
     def entry(self) -> OutputEntry:
-        return OutputEntry(self.key, self.out_dtype, self.base.shape)
+        shape = self.base.shape if self.out_shape is None else self.out_shape
+        return OutputEntry(self.key, self.out_dtype, shape)
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,8 @@ class MergePlan:
     options: MergeOptions
     tasks: list[MergeTask]  # sorted by key: the output's order
     unmatched: list[list[Unmatched]]  # per LoRA, in the merge's order
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)  # output header's own
+    dropped: dict[str, str] = dataclasses.field(default_factory=dict)  # base key -> why
 
     @property
     def entries(self) -> list[OutputEntry]:
@@ -64,16 +76,97 @@ def plan_merge(
 ) -> MergePlan:
     out_code = stf.CODE_BY_DTYPE[options.torch_dtype]
     patches, unmatched = collect_patches(base.tensors, loras, options.alpha)
+    if is_fp8(out_code):
+        tasks, metadata = plan_fp8(base, patches, out_code)
+        return MergePlan(options, tasks, unmatched, metadata)
 
+    # A scaled-fp8 base's scales and markers would rescale the dequantized output: dropped.
+    dropped = {k: f"{why}; the output is not fp8" for k, why in base.fp8.companions.items()}
     tasks = []
-    for key in sorted(base.tensors):
+    for key in sorted(set(base.tensors) - set(dropped)):
         info = base.tensors[key]
         code = out_code if info.is_float else info.dtype
         if key in patches:
             kind = "merged"
-        elif code == info.dtype:
+        elif code == info.dtype and info.scale is None:
             kind = "copied"
         else:
             kind = "cast"
         tasks.append(MergeTask(key, kind, info, code, tuple(patches.get(key, ()))))
-    return MergePlan(options, tasks, unmatched)
+    return MergePlan(options, tasks, unmatched, dropped=dropped)
+
+
+# Linear layers of a transformer: 2-D weights inside numbered blocks (``blocks.3.``,
+# ``transformer_blocks.0.``, ``layers.11.``), norms and embeddings aside. LightX2V's converter
+# quantizes the same (tools/convert/converter.py quantize_model: 2-D weights of the blocks'
+# attention and feed-forward layers; the rest kept in a float dtype).
+_BLOCK_LINEAR = re.compile(r"(?:^|\.)\w*(?:blocks|layers)\.\d+\.")
+
+
+def block_linear(key: str, info: TensorInfo) -> bool:
+    return (
+        len(info.shape) == 2
+        and key.endswith(".weight")
+        and _BLOCK_LINEAR.search(key) is not None
+        and "norm" not in key
+        and "emb" not in key
+    )
+
+
+def _quantized(key: str, info: TensorInfo, convention: str | None, fp8_base: bool) -> bool:
+    if info.scale is not None:
+        return True
+    if convention is not None:  # a scaled base: its scaled weights, no others
+        return False
+    if fp8_base:  # fp8 without scales: its fp8 matrices gain scales
+        return is_fp8(info.dtype) and len(info.shape) == 2 and key.endswith(".weight")
+    return block_linear(key, info)
+
+
+def plan_fp8(
+    base: CheckpointIndex, patches: dict[str, list[PatchRef]], out_code: str
+) -> tuple[list[MergeTask], dict[str, str]]:
+    """Tasks writing a scaled-fp8 checkpoint in the base's convention (io/fp8.py; the
+    ``scaled_fp8`` one for a base without scales), and the header metadata it needs.
+
+    Quantized: the base's scaled weights (and, in a base without scales, its fp8 2-D
+    ``.weight`` tensors), or for a base without fp8 the linear layers (``block_linear``). Each gets
+    an fp32 scale, per tensor (per row where the base's scale is per row); an unpatched weight
+    already in ``out_code`` keeps its bytes and its scale. Every other tensor keeps its dtype."""
+    layout = base.fp8
+    fp8_base = any(is_fp8(i.dtype) for i in base.tensors.values())
+    scaled_by = {scale: weight for weight, scale in layout.scales.items()}
+    tasks: list[MergeTask] = []
+    for key, info in sorted(base.tensors.items()):
+        refs = tuple(patches.get(key, ()))
+        kind = "merged" if refs else "cast"
+        if key in scaled_by:
+            weight = base.tensors[scaled_by[key]]
+            wrefs = tuple(patches.get(weight.key, ()))
+            if wrefs or weight.dtype != out_code:
+                wkind = "merged" if wrefs else "cast"
+                tasks.append(MergeTask(key, wkind, weight, "F32", wrefs, "scale", True, info.shape))
+                continue
+        if is_marker(key) and info.dtype != out_code:  # the marker names the fp8 dtype
+            tasks.append(MergeTask(key, "cast", info, out_code, (), "marker", out_shape=info.shape))
+        elif key in layout.companions:
+            tasks.append(MergeTask(key, "copied", info, info.dtype))
+        elif _quantized(key, info, layout.convention, fp8_base):
+            if not refs and info.dtype == out_code:
+                kind = "copied"
+            tasks.append(MergeTask(key, kind, info, out_code, refs, quantized=kind != "copied"))
+            if info.scale is None:  # a scale of its own; 1 for fp8 bytes kept as they are
+                scale, kept = layout.scale_key(key), kind == "copied"
+                skind = "cast" if kept else kind
+                tasks.append(MergeTask(scale, skind, info, "F32", refs, "scale", not kept, ()))
+        else:
+            kind = kind if refs else "copied"
+            tasks.append(MergeTask(key, kind, info, info.dtype, refs))
+    quantized = any(t.part == "scale" for t in tasks)
+    if layout.convention is None and quantized and MARKER not in base.tensors:
+        first = next(t.base for t in tasks if t.part == "scale")
+        tasks.append(MergeTask(MARKER, "cast", first, out_code, (), "marker", out_shape=(0,)))
+    metadata = {
+        k: retarget(v, out_code) if k == QUANT_METADATA else v for k, v in layout.metadata.items()
+    }
+    return sorted(tasks, key=lambda t: t.key), metadata

@@ -87,7 +87,8 @@ def test_missing_lora(files):
         (["--alpha", "x"], "--alpha 'x' is not a number"),
         (
             ["--output-dtype", "fp8"],
-            "unknown dtype 'fp8'; valid: float32, fp32, float16, fp16, bfloat16, bf16",
+            "unknown dtype 'fp8'; valid: float32, fp32, float16, fp16, bfloat16, bf16, "
+            "fp8_e4m3fn, float8_e4m3fn",
         ),
         (["--max-shard-size", "lots"], "cannot read size 'lots'; write e.g. 5GB, 500MB or 2GiB"),
         (
@@ -124,10 +125,9 @@ def test_no_lora_and_both_sources(files):
             "line 1 column 2 (char 1))",
         ),
         (
-            {"lora_path": ["lora.safetensors"], "infer_steps": 4},
+            {"lora_configs": [{"path": "lora.safetensors", "strenght": 1}], "infer_steps": 4},
             2,
-            "unknown field(s) infer_steps; valid: lora_path, strength_model (loraforge merge "
-            "reads only the LoRA part of a LightX2V config)",
+            "lora_configs[0]: unknown field(s) strenght; valid: name, path, strength, alpha",
         ),
         (
             {"lora_configs": [{"path": "lora.safetensors", "strength": "high"}]},
@@ -137,17 +137,18 @@ def test_no_lora_and_both_sources(files):
         (
             {"lora_configs": [{"path": "lora.safetensors", "name": "high_noise"}]},
             2,
-            "lora_configs[0]: unknown field(s) name; valid: path, strength, alpha",
+            "the LoRAs are named (high_noise): choose one with --config-name NAME",
         ),
         ({"lora_configs": []}, 2, "the config names no LoRA"),
         (
             {"lora_path": ["lora.safetensors", "missing/x.safetensors"]},
             1,
             "names a LoRA that does not exist: {dir}/missing/x.safetensors (fix the path; "
-            "relative paths are read from the config's directory)",
+            "relative paths are read from the config's directory, then from the working "
+            "directory)",
         ),
     ],
-    ids=["json", "unknown-field", "strength", "entry-field", "empty", "missing-file"],
+    ids=["json", "entry-typo", "strength", "named-entries", "empty", "missing-file"],
 )
 def test_bad_configs(files, data, code, message):
     path = config(files, data)
