@@ -35,18 +35,20 @@ def file_stat(path: str) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
 
 
-def tensor_crc32c(tensor: torch.Tensor) -> int:
+def tensor_crc32c(tensor: torch.Tensor, crc: int | None = None) -> int:
     """CRC-32C of a host tensor's bytes in C order; a contiguous one (a mapped view) is hashed in
-    place, without a copy. An empty tensor has the CRC of ``b""``.
+    place, without a copy. An empty tensor has the CRC of ``b""``. With ``crc`` (that of the
+    bytes before these), the CRC of both together: a tensor can be hashed block by block.
 
     google_crc32c holds the GIL over anything but ``bytes``, so a mapped view's pages are
     faulted in first, outside it (``prefault``): the GIL is then held only while hashing at
     memory speed, not while reading from the page cache or the disk."""
     if tensor.numel() == 0:
-        return google_crc32c.value(b"")
+        return google_crc32c.value(b"") if crc is None else crc
     tensor = tensor.contiguous()
     prefault(tensor)
-    return google_crc32c.value(tensor.reshape(-1).view(torch.uint8).numpy())
+    data = tensor.reshape(-1).view(torch.uint8).numpy()
+    return google_crc32c.value(data) if crc is None else google_crc32c.extend(crc, data)
 
 
 def stored_crc32c(info: TensorInfo) -> int:
@@ -83,6 +85,8 @@ def extract_fingerprint(task: ExtractTask, kernel: KernelOptions, device: str) -
             "oversample": kernel.oversample,
             "n_iter": kernel.n_iter,
         }
+        if kernel.n_iter is None:  # adaptive iterations: the stopping rule decides the numbers
+            fingerprint["kernel"].update(tol=kernel.tol, max_iter=kernel.max_iter)
         fingerprint["device"] = device_type(device)
     return fingerprint
 

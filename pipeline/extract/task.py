@@ -12,12 +12,13 @@ import torch
 from loraforge.stages.diff import is_unchanged, max_abs, weight_delta
 from loraforge.stages.lowrank import lowrank
 
-from ..errors import NonFiniteTensor
-from ..io.reader import mapped
+from ..io.reader import dequantized, load_weight, mapped
 from ..run.staging import device_lock, stage, staging_size, thread_buffer
 from ..workdir import WorkDir
+from .blocked import device_block_rows, run_blocked
 from .options import KernelOptions
 from .plan import ExtractTask
+from .result import lowrank_result, nonfinite
 from .resume import SIDES, file_stat, read_record, tensor_crc32c
 
 
@@ -29,16 +30,12 @@ def _delta(
     if device.type != "cpu":
         base, target = base.to(device), target.to(device)
     scratch = thread_buffer(task.shape, torch.float32, device, "base")
+    # A scaled-fp8 side is W_fp8 · scale (io/fp8.py), dequantized into the buffers first.
+    base, target = dequantized(task.source, base, scratch), dequantized(task.target, target, out)
     delta = weight_delta(base, target, out=out, scratch=scratch)
     largest = max_abs(delta)
     if not math.isfinite(largest):
-        bad = task.target if not math.isfinite(max_abs(target.float())) else task.source
-        raise NonFiniteTensor(
-            "holds NaN or Inf, so the delta is not finite",
-            path=bad.file,
-            key=task.key,
-            hint="fix or re-save the checkpoint",
-        )
+        raise nonfinite(task, math.isfinite(max_abs(load_weight(task.target))))
     return delta, largest
 
 
@@ -74,9 +71,11 @@ def run_extract_task(
     device: str,
     kernel: KernelOptions,
     fingerprint: dict,
+    block_rows: int | None = None,
     stage_nbytes: int | None = None,
 ) -> dict:
     """Diff, factor or keep, and store one tensor's fp32 result in the work directory.
+    ``block_rows``: read the delta in blocks of that many rows, never whole (blocked.py).
     ``stage_nbytes`` (GPU only): the pinned staging to reserve, the plan's largest
     ``stage_bytes``, so this thread's buffer is allocated once (default: this task's own).
 
@@ -91,14 +90,23 @@ def run_extract_task(
     # Read first, then hold the device for diff, kernel and the copy back: one kernel per GPU
     # at a time while another thread reads (see run/gpu.py); the save comes after.
     read = {}
-    with _read(task, dev, read, stage_nbytes) as (base, target), device_lock(dev):
-        arrays, attributes = _factor(task, dev, kernel, base, target, marker)
+    if block_rows is None and dev.type == "cuda":
+        block_rows = device_block_rows(task, kernel, dev)
+    if block_rows is not None:
+        work = WorkDir(work_dir)
+        arrays, attributes = run_blocked(task, dev, kernel, block_rows, marker, read, work)
+    else:
+        with _read(task, dev, read, stage_nbytes) as (base, target), device_lock(dev):
+            arrays, attributes = _factor(task, dev, kernel, base, target, marker)
     # A file that changed between the stat and now is not vouched for: a resume recomputes.
     marker["inputs"] = {
         side: read_record(*read[side], file_stat(getattr(task, side).file)) for side in SIDES
     }
-    marker["array_shapes"] = {name: list(a.shape) for name, a in arrays.items()}
     marker["seconds"] = round(time.perf_counter() - start, 4)
+    if arrays is None:  # a blocked diff, stored block by block: only the marker is left
+        WorkDir(work_dir).write_marker(task.key, marker)
+        return marker
+    marker["array_shapes"] = {name: list(a.shape) for name, a in arrays.items()}
     WorkDir(work_dir).save(task.key, arrays, marker, attributes)
     return marker
 
@@ -125,17 +133,10 @@ def _factor(
             method=kernel.method,
             oversample=kernel.oversample,
             n_iter=kernel.n_iter,
+            tol=kernel.tol,
+            max_iter=kernel.max_iter,
         )
-        arrays = {"up": factors.up, "down": factors.down}
-        # Singular values ride on the up array's zarr attributes: one file fewer per tensor.
-        attributes["up"] = {"singular_values": factors.singular_values.cpu().tolist()}
-        marker.update(
-            kind="lowrank",
-            rank=factors.rank,
-            sq_norm=factors.sq_norm,
-            residual_sq=factors.residual_sq,
-            kernel=kernel.to_dict(),
-        )
+        arrays, attributes = lowrank_result(factors, kernel, marker)
     else:
         arrays = {"diff": delta}
         marker.update(kind="diff")

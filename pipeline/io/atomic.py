@@ -12,8 +12,15 @@ def temporary_name(path: str) -> str:
     return os.path.join(directory, f".{name}.partial")
 
 
+def make_parent(path: str) -> None:
+    """Create ``path``'s directory if needed: outputs may go to a directory that does not exist
+    yet (the checks before a run only make sure it can be created)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+
+
 def write_text(path: str, text: str) -> None:
     """``text`` at ``path``, which holds either its old contents or all of ``text``."""
+    make_parent(path)
     tmp = temporary_name(path)
     with open(tmp, "w") as f:
         f.write(text)
@@ -31,6 +38,7 @@ def write_json(path: str, data: object) -> None:
 
 def write_json_to(path: str, data: object) -> None:
     """``data`` as ``write_json`` formats it, straight into ``path`` (itself a temporary)."""
+    make_parent(path)
     with open(path, "w") as f:
         f.write(json_text(data))
 

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import OutputError
 from . import safetensors_format as stf
-from .atomic import remove_quietly, temporary_name
+from .atomic import make_parent, remove_quietly, temporary_name
 from .layout import OutputEntry, Slot
 from .slots import Slots
 
@@ -35,6 +35,7 @@ class PytorchOutput:
                 e.name: torch.empty(e.shape, dtype=stf.DTYPE_BY_CODE[e.dtype]) for e in entries
             }
             try:
+                make_parent(self._tmp)
                 with skip_data():
                     torch.save(placeholders, self._tmp)
             except OSError as e:

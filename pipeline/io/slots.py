@@ -46,6 +46,48 @@ def write_at(slot: Slot, tensor: torch.Tensor) -> int:
     return zlib.crc32(data)
 
 
+class RowWriter:
+    """Writes one planned tensor at its ``slot`` a block of rows at a time, in order (a tensor
+    larger than memory is never whole); ``close`` checks every byte arrived and returns the
+    CRC-32 of them all, as ``write_at`` does for a whole tensor."""
+
+    def __init__(self, slot: Slot):
+        self.slot = slot
+        self.written = 0
+        self.crc = 0
+        self._fd = os.open(slot.file, os.O_WRONLY)
+
+    def write(self, rows: torch.Tensor) -> None:
+        entry = self.slot.entry
+        if stf.CODE_BY_DTYPE.get(rows.dtype) != entry.dtype or tuple(rows.shape[1:]) != tuple(
+            entry.shape[1:]
+        ):
+            raise ValueError(
+                f"{entry.name}: planned rows of {entry.dtype}{list(entry.shape[1:])}, got "
+                f"{stf.CODE_BY_DTYPE.get(rows.dtype)}{list(rows.shape[1:])}"
+            )
+        data = memoryview(rows.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        pwrite_all(self._fd, data, self.slot.offset + self.written)
+        self.written += len(data)
+        self.crc = zlib.crc32(data, self.crc)
+
+    def close(self) -> int:
+        os.close(self._fd)
+        self._fd = None
+        if self.written != self.slot.entry.nbytes:
+            raise RuntimeError(
+                f"{self.slot.entry.name}: {self.written} of {self.slot.entry.nbytes} bytes written"
+            )
+        return self.crc
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._fd is not None:
+            os.close(self._fd)
+
+
 def slot_crc32(slot: Slot) -> int | None:
     """CRC-32 of the bytes now at ``slot`` (None if the file is shorter)."""
     with open(slot.file, "rb") as f:

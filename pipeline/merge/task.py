@@ -20,6 +20,8 @@ from ..io.slots import write_at
 from ..lora.patches import load_deltas
 from ..run.staging import device_lock, stage, staging_size, thread_buffer
 from ..workdir import WorkDir
+from .blocked import merge_blocked
+from .fp8 import fp8_result, is_fp8_task
 from .plan import MergeTask
 
 
@@ -45,14 +47,24 @@ def run_merge_task(
     device: str,
     stamp: dict,
     allow_nonfinite: bool = False,
+    block_rows: int | None = None,
     stage_nbytes: int | None = None,
 ) -> dict:
     """Merge or cast one tensor into its slot; return the completion marker (also written to
     ``work_dir`` once the bytes are written). ``stamp`` is the plan's fingerprint;
+    ``block_rows``: merge a block of that many rows at a time (blocked.py), never the whole;
     ``stage_nbytes`` (GPU only) the pinned staging to reserve, the plan's largest
     ``stage_bytes`` (default: this task's own)."""
     start = time.perf_counter()
     dtype = stf.DTYPE_BY_CODE[task.out_dtype]
+    if is_fp8_task(task):  # scaled fp8 read or written (fp8.py): whole tensors, not row blocks
+        checksum = write_at(slot, fp8_result(task, device, allow_nonfinite))
+        return _finish(task, slot, work_dir, stamp, checksum, start)
+    if block_rows is not None:
+        dev = torch.device(device)
+        with device_lock(dev):
+            checksum = merge_blocked(task, slot, dev, dtype, block_rows, allow_nonfinite)
+        return _finish(task, slot, work_dir, stamp, checksum, start, block_rows)
     with mapped(task.base) as view:
         if task.kind != "merged":
             checksum = write_at(slot, _cast(view, dtype))
@@ -72,6 +84,19 @@ def run_merge_task(
                     merged.copy_(on_device)
     if task.kind == "merged":
         checksum = write_at(slot, _cast(merged, dtype))
+    return _finish(task, slot, work_dir, stamp, checksum, start)
+
+
+def _finish(
+    task: MergeTask,
+    slot: Slot,
+    work_dir: str,
+    stamp: dict,
+    checksum: int,
+    start: float,
+    block_rows: int | None = None,
+) -> dict:
+    """Write and return the completion marker of a task whose bytes are written."""
     marker = {
         **stamp,
         "key": task.key,
@@ -82,5 +107,8 @@ def run_merge_task(
         "crc": checksum,
         "seconds": round(time.perf_counter() - start, 4),
     }
+    if block_rows is not None:
+        blocks = -(-task.base.shape[0] // block_rows)
+        marker["blocked"] = {"block_rows": block_rows, "blocks": blocks}
     WorkDir(work_dir).write_marker(task.key, marker)
     return marker

@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 
 from ..errors import ClusterError, UsageError
 from .gpu import GPU, GPU_THREADS, gpu_cluster, task_resources
+from .memory import gated
+from .staging import free_dead_threads
 
 
 def default_workers() -> int:
@@ -166,14 +168,16 @@ def dask_client(
 @dataclass(frozen=True)
 class TaskCall:
     """One Dask task: a readable, stable key, the function and its arguments (addresses and
-    small option values, never tensors), whether it uses the device, and for a GPU task the
-    pinned staging it needs (bytes; ``fn`` then takes the keyword ``stage_nbytes``)."""
+    small option values, never tensors), whether it uses the device, for a GPU task the
+    pinned staging it needs (bytes; ``fn`` then takes the keyword ``stage_nbytes``), and the
+    host memory it allocates (bytes, from the plan), which the memory gate admits."""
 
     key: str
     fn: Callable
     args: tuple
     uses_gpu: bool = False
     stage_bytes: int = 0
+    memory_bytes: int = 0
 
 
 def run_tasks(
@@ -186,6 +190,7 @@ def run_tasks(
     gpus: Sequence[str] | None = None,
     on_cluster: Callable[[str | None], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
+    max_memory: int | None = None,
 ) -> None:
     """Run every call on Dask, handing each result to ``on_done(key, result)`` in this thread
     as it finishes; the first failing task's error is raised.
@@ -195,10 +200,16 @@ def run_tasks(
     stderr when not given). Otherwise Dask's threaded scheduler on ``workers`` threads in this
     process: every task spends its time in torch, numpy and file I/O, which release the GIL,
     and an in-process distributed cluster's event loops cost 2 s more of a 17 s extraction on
-    two cores."""
+    two cores.
+
+    ``max_memory``: the bytes the calls running at once may declare, together, per process
+    (split between the worker processes of ``gpus``; on a running cluster, per worker)."""
     if not calls:
         return
     calls = with_staging(calls)
+    if max_memory is not None:
+        share = max_memory // len(gpus) if gpus else max_memory
+        calls = with_memory_gate(calls, share)
     if scheduler or gpus:
         with dask_client(
             workers=workers,
@@ -231,6 +242,11 @@ def with_staging(calls: list[TaskCall]) -> list[TaskCall]:
     ]
 
 
+def with_memory_gate(calls: list[TaskCall], budget: int) -> list[TaskCall]:
+    """Each call runs once its process's memory gate admits its ``memory_bytes``."""
+    return [replace(c, fn=functools.partial(gated, c.fn, c.memory_bytes, budget)) for c in calls]
+
+
 def local_threads(device: str) -> int:
     """Default threads of the in-process scheduler: the cores on CPU; on one GPU, as many as
     keep it busy (one reads while one computes, see gpu.py)."""
@@ -257,6 +273,7 @@ def _run_threaded(calls: list[TaskCall], on_done, threads: int) -> None:
             get(graph, list(graph), pool=pool)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        free_dead_threads()  # the pool's reusable buffers go with it
 
 
 def _run_distributed(client, calls: list[TaskCall], on_done) -> None:

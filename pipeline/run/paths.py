@@ -74,32 +74,45 @@ def check_output_argument(output: str) -> None:
         )
 
 
+def _nearest_existing(path: str) -> str:
+    while not os.path.lexists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
 def check_writable_location(path: str, option: str) -> None:
-    """Fail before any work if ``path`` (a file to write) cannot be created where asked."""
+    """Fail before any work if ``path`` (a file to write) could not be created where asked:
+    its directory must exist writable, or be creatable under the nearest existing one. Nothing
+    is created here: a run refused later leaves no trace; the writers make the directories."""
     if os.path.isdir(path):
         raise OutputError("is a directory", path=path, hint=f"give a file name for {option}")
-    directory, noun = os.path.dirname(path), option.lstrip("-")
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as e:
+    directory, noun = os.path.dirname(path) or ".", option.lstrip("-")
+    existing = _nearest_existing(directory)
+    if not os.path.isdir(existing):  # a file where a directory would go: what mkdir would say
+        why = "File exists" if existing == directory else "Not a directory"
         raise OutputError(
-            f"cannot create the {noun} directory ({e.strerror})",
+            f"cannot create the {noun} directory ({why})",
             path=directory,
             hint=f"choose a writable {option} location",
-        ) from None
-    if not os.access(directory, os.W_OK):
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "directory is not writable" if existing == directory else "directory cannot be made"
         raise OutputError(
-            f"{noun} directory is not writable",
+            f"{noun} {what}",
             path=directory,
             hint=f"choose a writable {option} location",
         )
 
 
 def check_paths(
-    outputs: Iterable[UserPath], inputs: Iterable[UserPath], work_dir: UserPath
+    outputs: Iterable[UserPath], inputs: Iterable[UserPath], work_dir: UserPath | None
 ) -> None:
     """Refuse, in one line naming both paths, any written path that is an input, any two
-    written paths that coincide, and a work directory that is an output or an input file."""
+    written paths that coincide, and a work directory that is an output or an input file
+    (``work_dir`` None: a run without one)."""
     outputs, inputs = list(outputs), list(inputs)
     for written in outputs:
         for read in inputs:
@@ -117,7 +130,7 @@ def check_paths(
                     path=first.path,
                     hint=f"choose another {second.role}",
                 )
-    for other in [*outputs, *inputs]:
+    for other in [*outputs, *inputs] if work_dir is not None else []:
         if same_path(work_dir.path, other.path) or _inside(other.path, work_dir.path):
             if other in outputs and not same_path(work_dir.path, other.path):
                 continue  # an output inside the work directory is fine: never deleted

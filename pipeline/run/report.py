@@ -26,3 +26,20 @@ def build_report(
         },
         "tensors": dict(sorted(tensors.items())),
     }
+
+
+def blocked_note(blocked: dict) -> str:
+    """The report's note for a tensor that ran in row blocks (its marker's ``blocked``)."""
+    passes = f", {blocked['passes']} passes" if "passes" in blocked else ""
+    return (
+        f"ran blocked: {blocked['blocks']} blocks of {blocked['block_rows']} rows{passes} "
+        "(larger than the memory budget)"
+    )
+
+
+def memory_summary(budget: int, tensors: dict[str, dict]) -> dict:
+    """The run's memory budget and the tensors that ran blocked under it."""
+    return {
+        "budget_bytes": budget,
+        "blocked": sorted(k for k, e in tensors.items() if "ran blocked" in e.get("note", "")),
+    }

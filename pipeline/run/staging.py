@@ -17,7 +17,11 @@ from collections.abc import Sequence
 
 import torch
 
-_local = threading.local()
+_local = threading.local()  # pinned staging (see below)
+# Reusable buffers by thread ident, then (role, dtype, device). A registry rather than
+# thread-locals so the memory gate (memory.py) can count them and free an idle thread's.
+_buffers: dict[int, dict[tuple, torch.Tensor]] = {}
+_buffers_guard = threading.Lock()
 
 
 def thread_buffer(
@@ -29,9 +33,11 @@ def thread_buffer(
     """An uninitialised ``shape`` view of this thread's ``role`` buffer. Two views of one role
     alias each other: give each live buffer its own role. (Pinned staging is not one of these:
     see ``reserve_staging``.)"""
-    buffers = getattr(_local, "buffers", None)
-    if buffers is None:
-        buffers = _local.buffers = {}
+    ident = threading.get_ident()
+    if ident not in _buffers:
+        free_dead_threads()
+    with _buffers_guard:
+        buffers = _buffers.setdefault(ident, {})
     key = (role, dtype, torch.device(device))
     numel = math.prod(shape)
     buf = buffers.get(key)
@@ -39,6 +45,34 @@ def thread_buffer(
         buffers[key] = None  # free the smaller one first
         buf = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel].view(shape)
+
+
+def free_dead_threads() -> None:
+    """Drop the buffers of threads that have ended (a finished run's worker pool)."""
+    alive = {t.ident for t in threading.enumerate()}
+    with _buffers_guard:
+        for ident in [i for i in _buffers if i not in alive]:
+            del _buffers[ident]
+
+
+def buffer_threads() -> list[int]:
+    """Threads that hold reusable buffers."""
+    with _buffers_guard:
+        return [ident for ident, buffers in _buffers.items() if buffers]
+
+
+def buffer_bytes(ident: int) -> int:
+    """Host bytes of ``ident``'s reusable buffers (device buffers are not host memory)."""
+    with _buffers_guard:
+        buffers = list(_buffers.get(ident, {}).values())
+    return sum(b.numel() * b.element_size() for b in buffers if b is not None and b.is_cpu)
+
+
+def free_buffers(ident: int) -> None:
+    """Drop ``ident``'s reusable buffers: only while that thread runs no task (the memory
+    gate knows), or from the thread itself between tasks."""
+    with _buffers_guard:
+        _buffers.pop(ident, None)
 
 
 _locks: dict[str, threading.Lock] = {}

@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from urllib.parse import quote
 
 import numpy as np
@@ -120,11 +121,7 @@ class WorkDir:
     ) -> None:
         """Store ``arrays`` (with optional zarr attributes per array) for ``key``, then the
         marker that makes them count (``marker`` gains the list of array names)."""
-        remove_quietly(self.marker_path(key))
-        entry = os.path.join(self.tensors, _entry(key))
-        shutil.rmtree(entry, ignore_errors=True)
-        os.makedirs(entry)
-        zarr_direct.write_group(entry)
+        entry = self._new_entry(key)
         for name, array in arrays.items():
             zarr_direct.write_array(
                 os.path.join(entry, name),
@@ -135,9 +132,37 @@ class WorkDir:
         marker["arrays"] = sorted(arrays)
         self.write_marker(key, marker)
 
+    def _new_entry(self, key: str) -> str:
+        """``key``'s group, emptied (and its marker removed) for a new result."""
+        remove_quietly(self.marker_path(key))
+        entry = os.path.join(self.tensors, _entry(key))
+        shutil.rmtree(entry, ignore_errors=True)
+        os.makedirs(entry)
+        zarr_direct.write_group(entry)
+        return entry
+
+    def row_writer(
+        self, key: str, name: str, shape: tuple[int, ...], chunk_rows: int
+    ) -> zarr_direct.RowChunkWriter:
+        """``key``'s one array ``name``, to be written a chunk of ``chunk_rows`` rows at a time
+        (a result larger than memory); ``write_marker`` with ``arrays`` makes it count."""
+        entry = self._new_entry(key)
+        return zarr_direct.RowChunkWriter(os.path.join(entry, name), shape, chunk_rows)
+
     def write_marker(self, key: str, marker: dict) -> None:
         """The marker alone: for commands whose result lives elsewhere (merge's output)."""
         write_json(self.marker_path(key), marker)
+
+    def attributes(self, key: str, name: str) -> dict:
+        """One stored array's zarr attributes, read from its ``zarr.json`` without opening the
+        array: a rank decision reads every tensor's singular values before the output is laid
+        out. Unreadable metadata raises ``CorruptEntry``."""
+        path = os.path.join(self.tensors, _entry(key), name, "zarr.json")
+        try:
+            with open(path) as f:
+                return dict(json.load(f)["attributes"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CorruptEntry(f"{key}/{name}: {type(e).__name__}: {e}") from None
 
     def load(self, key: str, marker: dict) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
         """The arrays named by ``marker`` and their attributes; anything unreadable or
@@ -146,6 +171,21 @@ class WorkDir:
         if isinstance(result, CorruptEntry):
             raise result
         return result
+
+    def row_chunks(self, key: str, name: str, shape: list[int]) -> Iterator[np.ndarray]:
+        """``key``'s array ``name`` a stored chunk of rows at a time (a result larger than
+        memory, written by ``row_writer``); anything unreadable or of another shape raises
+        ``CorruptEntry``."""
+        store = zarr.storage.LocalStore(self.tensors, read_only=True)
+        try:
+            array = zarr.open_array(store=store, path=f"{_entry(key)}/{name}", mode="r")
+            if list(array.shape) != list(shape):
+                raise ValueError(f"expected shape {shape}, found {list(array.shape)}")
+            rows = array.chunks[0]
+            for start in range(0, array.shape[0], rows):
+                yield array[start : start + rows]
+        except Exception as e:  # zarr raises many types for missing/truncated chunks
+            raise CorruptEntry(f"{key}/{name}: {type(e).__name__}: {e}") from None
 
     def load_many(self, entries: list[tuple[str, dict]]) -> dict:
         """``load`` for several entries in one pass through zarr's event loop (each call

@@ -54,6 +54,19 @@ def _chunk_key(index: tuple[int, ...]) -> str:
     return os.path.join("c", *map(str, index)) if index else "c"
 
 
+def _write_chunk(directory: str, index: tuple[int, ...], block: np.ndarray, chunks) -> None:
+    if block.shape != tuple(chunks):  # an edge chunk: padded to the full chunk shape
+        padded = np.zeros(chunks, dtype="<f4")
+        padded[tuple(slice(0, n) for n in block.shape)] = block
+        block = padded
+    data = np.ascontiguousarray(block).tobytes()
+    path = os.path.join(directory, _chunk_key(index))
+    os.makedirs(os.path.dirname(path) or directory, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.write(google_crc32c.value(data).to_bytes(4, "little"))
+
+
 def write_array(
     directory: str, array: np.ndarray, chunks: tuple[int, ...], attributes: dict | None = None
 ) -> None:
@@ -67,14 +80,33 @@ def write_array(
             block = array[
                 tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunks, strict=True))
             ]
-            if block.shape != tuple(chunks):
-                padded = np.zeros(chunks, dtype="<f4")
-                padded[tuple(slice(0, n) for n in block.shape)] = block
-                block = padded
-            data = np.ascontiguousarray(block).tobytes()
-            path = os.path.join(directory, _chunk_key(index))
-            os.makedirs(os.path.dirname(path) or directory, exist_ok=True)
-            with open(path, "wb") as f:
-                f.write(data)
-                f.write(google_crc32c.value(data).to_bytes(4, "little"))
+            _write_chunk(directory, index, block, chunks)
     _write_metadata(directory, array_metadata(array.shape, chunks, attributes or {}))
+
+
+class RowChunkWriter:
+    """A zarr v3 array written a chunk of rows at a time (chunks span every other dimension),
+    for an array larger than memory; its metadata is written by ``close``, after every chunk,
+    so an interrupted write leaves no array zarr would open."""
+
+    def __init__(self, directory: str, shape: tuple[int, ...], chunk_rows: int):
+        self.directory, self.shape = directory, tuple(shape)
+        self.chunks = (chunk_rows, *self.shape[1:])
+        self.rows = 0
+        os.makedirs(directory, exist_ok=True)
+
+    def write(self, block: np.ndarray) -> None:
+        """The next ``chunk_rows`` rows (fewer only for the last chunk)."""
+        block = np.asarray(block, dtype="<f4", order="C")
+        if block.shape[1:] != self.shape[1:] or (
+            block.shape[0] != self.chunks[0] and self.rows + block.shape[0] != self.shape[0]
+        ):
+            raise ValueError(f"expected a chunk of {list(self.chunks)}, got {list(block.shape)}")
+        index = (self.rows // self.chunks[0],) + (0,) * (len(self.shape) - 1)
+        _write_chunk(self.directory, index, block, self.chunks)
+        self.rows += block.shape[0]
+
+    def close(self, attributes: dict | None = None) -> None:
+        if self.rows != self.shape[0]:
+            raise ValueError(f"{self.rows} of {self.shape[0]} rows written")
+        _write_metadata(self.directory, array_metadata(self.shape, self.chunks, attributes or {}))

@@ -157,7 +157,10 @@ def build_tree(root: str) -> None:
         json.dump({"r": 4, "lora_alpha": 8}, f)
     configs = {
         "loras.json": {"lora_path": ["lora.safetensors"]},
-        "unknown_key.json": {"lora_path": ["lora.safetensors"], "infer_steps": 4},
+        "unknown_key.json": {
+            "infer_steps": 4,  # a LightX2V field: listed as not used, not refused
+            "lora_configs": [{"path": "lora.safetensors", "strenght": 1.0}],
+        },
         "missing_lora.json": {"lora_path": ["gone.safetensors"]},
     }
     for name, data in configs.items():
@@ -848,8 +851,8 @@ INPUT_ROWS = [
         "mg-config-unknown-key",
         mgo("--config", "{in}/merge/unknown_key.json", lora=None),
         2,
-        "{in}/merge/unknown_key.json: unknown field(s) infer_steps; valid: lora_path, "
-        "strength_model (loraforge merge reads only the LoRA part of a LightX2V config)",
+        "{in}/merge/unknown_key.json: lora_configs[0]: unknown field(s) strenght; valid: name, "
+        "path, strength, alpha",
     ),
     row(
         "mg-config-missing-lora",
@@ -857,7 +860,7 @@ INPUT_ROWS = [
         1,
         "{in}/merge/missing_lora.json: names a LoRA that does not exist: "
         "{in}/merge/gone.safetensors (fix the path; relative paths are read from the config's "
-        "directory)",
+        "directory, then from the working directory)",
     ),
     row(
         "mg-config-not-json",
@@ -959,7 +962,8 @@ USAGE_ROWS = [
         "mg-output-dtype",
         mgo("--output-dtype", "fp8"),
         2,
-        "unknown dtype 'fp8'; valid: float32, fp32, float16, fp16, bfloat16, bf16",
+        "unknown dtype 'fp8'; valid: float32, fp32, float16, fp16, bfloat16, bf16, fp8_e4m3fn, "
+        "float8_e4m3fn",
     ),
     row(
         "mg-max-shard-size-0",

@@ -125,3 +125,26 @@ def test_a_failing_write_leaves_the_old_output_and_report_untouched(
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     assert after == before  # old LoRA and report intact, no temporary left
     assert sorted(before) == ["lora.report.json", "lora.safetensors"]
+
+
+@pytest.mark.parametrize("style", ["lightx2v", "peft"])
+def test_a_refused_run_creates_no_directory(pair_files, tmp_path, style):
+    """The output's directories are made when writing starts, not by the checks before: a run
+    refused for its input leaves nothing behind, a PEFT adapter directory included."""
+    output = tmp_path / "new" / "deeper" / "lora"
+    result = run_cli(
+        *("extract", "--source-model", pair_files[0], "--target-model", tmp_path / "missing"),
+        *("--output", output, "--key-style", style, "--rank", "2,4", "--quiet"),
+    )
+    assert result.exit_code == 1, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_directory_that_does_not_exist_yet_is_made(pair_files, tmp_path):
+    output = tmp_path / "new" / "deeper" / "lora.safetensors"
+    result = run_cli(
+        *("extract", "--source-model", pair_files[0], "--target-model", pair_files[1]),
+        *("--output", output, "--report", tmp_path / "reports" / "r.json", "--quiet"),
+    )
+    assert result.exit_code == 0, result.output
+    assert output.is_file() and (tmp_path / "reports" / "r.json").is_file()

@@ -1,0 +1,97 @@
+"""Merge tasks sized against the memory budget, and the blocked merge of a tensor larger than
+it: ``W + Σ factorᵢ·upᵢ·downᵢ (+ factor·diff)`` a block of rows at a time (the rows of the
+product are the same rows of ``up`` times all of ``down``), each block cast and written at its
+place in the output slot, so only one block is ever in memory."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from loraforge.stages.cast import cast, needs_cast
+from loraforge.stages.merge import Delta, merge_weight
+
+from ..io import safetensors_format as stf
+from ..io.layout import Slot
+from ..io.reader import mapped, release
+from ..io.slots import RowWriter
+from ..lora.patches import load_deltas
+from ..run.staging import thread_buffer
+from .fp8 import is_fp8_task
+from .plan import MergeTask
+
+SLACK = 32 * 2**20  # torch's own allocations, the LoRA factors' small copies
+BLOCK_TARGET = 256 * 2**20  # bytes of block buffers
+
+
+FP8_BYTES = 9  # an fp8 task (fp8.py, whole tensors): fp32 buffer, fp32 scaled copy, fp8 result
+
+
+def _bytes_per_element(task: MergeTask) -> int:
+    """Host bytes a task allocates per element: the fp32 merge buffer of a merged tensor, and
+    the cast result when the output dtype differs (a copied tensor is written from the map)."""
+    if is_fp8_task(task):
+        return FP8_BYTES
+    out = stf.itemsize(task.out_dtype)
+    if task.kind == "merged":
+        return 4 + out
+    return out if task.kind == "cast" else 0
+
+
+def working_bytes(task: MergeTask) -> int:
+    return _bytes_per_element(task) * task.base.numel + SLACK
+
+
+def block_rows_for(task: MergeTask, budget: int) -> int | None:
+    """Rows per block when ``task`` does not fit ``budget`` whole (None when it does, and for
+    scaled-fp8 tasks, which run whole: a per-tensor scale needs the whole merged tensor)."""
+    if working_bytes(task) <= budget or task.kind == "copied" or not task.base.shape:
+        return None
+    if is_fp8_task(task):
+        return None
+    row = _bytes_per_element(task) * math.prod(task.base.shape[1:])
+    block = min(BLOCK_TARGET, max((budget - SLACK) // 2, 0))
+    return max(1, min(task.base.shape[0], block // max(row, 1)))
+
+
+def blocked_bytes(task: MergeTask, block_rows: int) -> int:
+    return _bytes_per_element(task) * block_rows * math.prod(task.base.shape[1:]) + SLACK
+
+
+def _rows(delta: Delta, start: int, stop: int) -> Delta:
+    if delta.diff is not None:
+        return Delta(delta.factor, diff=delta.diff[start:stop])
+    return Delta(delta.factor, up=delta.up[start:stop], down=delta.down)
+
+
+def merge_blocked(
+    task: MergeTask,
+    slot: Slot,
+    device: torch.device,
+    dtype: torch.dtype,
+    block_rows: int,
+    allow_nonfinite: bool,
+) -> int:
+    """Merge (or cast) ``task`` into ``slot`` in blocks of ``block_rows`` rows on ``device``;
+    return the CRC-32 of the bytes written."""
+    deltas = list(load_deltas(task.patches, device, allow_nonfinite))
+    with mapped(task.base) as view, RowWriter(slot) as writer:
+        for start in range(0, view.shape[0], block_rows):
+            rows = view[start : start + block_rows]
+            shape = tuple(rows.shape)
+            if task.kind == "merged":
+                out = thread_buffer(shape, torch.float32, device, "merged")
+                block = [_rows(d, start, start + block_rows) for d in deltas]
+                rows_out = merge_weight(rows.to(device), block, out=out)
+            else:
+                rows_out = rows
+            buffer = None
+            if needs_cast(rows_out, dtype):
+                buffer = thread_buffer(shape, dtype, device, "cast")
+            writer.write(cast(rows_out, dtype, out=buffer))
+            release(rows)
+            for d in deltas:
+                if d.diff is not None:
+                    release(d.diff[start : start + block_rows])
+        return writer.close()
