@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from . import safetensors_format as stf
@@ -41,20 +42,46 @@ class Slot:
     entry: OutputEntry
 
 
-def split_shards(entries: list[tuple[str, int]], max_shard_size: int | None) -> list[list[str]]:
+def split_shards(
+    entries: list[tuple[str, int]],
+    max_shard_size: int | None,
+    groups: Mapping[str, str] | None = None,
+) -> list[list[str]]:
     """Greedy split in the given order: a shard is closed when the next tensor would push it past
-    ``max_shard_size``; a tensor larger than the limit gets a shard of its own."""
+    ``max_shard_size``; a tensor larger than the limit gets a shard of its own.
+
+    ``groups`` maps entry names to a group (a LoRA weight: its up, down and alpha), whose
+    entries must land in one shard: a shard is then only closed where no group has entries on
+    both sides, and a run of entries that cannot be cut larger than the limit is a shard of its
+    own. The order is never changed."""
     if not max_shard_size:
         return [[name for name, _ in entries]]
     shards: list[list[str]] = [[]]
     size = 0
-    for name, nbytes in entries:
+    for block in _uncut_runs(entries, groups or {}):
+        nbytes = sum(n for _, n in block)
         if shards[-1] and size + nbytes > max_shard_size:
             shards.append([])
             size = 0
-        shards[-1].append(name)
+        shards[-1].extend(name for name, _ in block)
         size += nbytes
     return shards
+
+
+def _uncut_runs(
+    entries: list[tuple[str, int]], groups: Mapping[str, str]
+) -> list[list[tuple[str, int]]]:
+    """``entries`` in runs that hold each group whole: a run ends only after the last entry of
+    every group it has started. Without groups, each entry is its own run."""
+    last = {groups[name]: i for i, (name, _) in enumerate(entries) if name in groups}
+    runs: list[list[tuple[str, int]]] = []
+    open_until = -1
+    for i, entry in enumerate(entries):
+        if i > open_until:
+            runs.append([])
+        runs[-1].append(entry)
+        open_until = max(open_until, last.get(groups.get(entry[0]), i))
+    return runs
 
 
 def shard_file_names(output: str, count: int) -> list[str]:
@@ -69,9 +96,14 @@ def index_file_name(output: str) -> str:
     return output + ".index.json"
 
 
-def output_files(output: str, entries: list[OutputEntry], max_shard_size: int | None) -> list[str]:
+def output_files(
+    output: str,
+    entries: list[OutputEntry],
+    max_shard_size: int | None,
+    groups: Mapping[str, str] | None = None,
+) -> list[str]:
     """Every file the output will consist of: its shards, and the index when there are several."""
-    count = len(split_shards([(e.name, e.nbytes) for e in entries], max_shard_size))
+    count = len(split_shards([(e.name, e.nbytes) for e in entries], max_shard_size, groups))
     files = shard_file_names(output, count)
     return [*files, index_file_name(output)] if count > 1 else files
 

@@ -7,6 +7,7 @@ shards, the index is renamed last. ``abort`` removes the temporaries."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import torch
 
@@ -59,9 +60,10 @@ class SafetensorsOutput:
         max_shard_size: int | None = None,
         metadata: dict[str, str] | None = None,
         reuse: bool = False,
+        groups: Mapping[str, str] | None = None,
     ):
         by_name = {e.name: e for e in entries}
-        groups = split_shards([(e.name, e.nbytes) for e in entries], max_shard_size)
+        groups = split_shards([(e.name, e.nbytes) for e in entries], max_shard_size, groups)
         self.files = shard_file_names(output, len(groups))
         self.index = index_file_name(output) if len(groups) > 1 else None
         self.total_size = sum(e.nbytes for e in entries)
@@ -180,7 +182,9 @@ def open_output(
     max_shard_size: int | None = None,
     metadata: dict[str, str] | None = None,
     reuse: bool = False,
+    groups: Mapping[str, str] | None = None,
 ):
+    """``groups``: entry name → group whose entries stay in one shard (``split_shards``)."""
     if output_format == "pytorch":
         return PytorchOutput(output, entries, reuse)
-    return SafetensorsOutput(output, entries, max_shard_size, metadata, reuse)
+    return SafetensorsOutput(output, entries, max_shard_size, metadata, reuse, groups)

@@ -109,3 +109,46 @@ def test_output_path_is_absolute_and_expands_home(monkeypatch):
 )
 def test_output_entry_nbytes(dtype, shape, nbytes):
     assert OutputEntry("k", dtype, shape).nbytes == nbytes
+
+
+# ---- groups: a LoRA weight's up, down and alpha never straddle two shards ----
+LORA = [("q.alpha", 2), ("q.diff_b", 4), ("q.lora_down", 6), ("q.lora_up", 6), ("v.alpha", 2)]
+Q_WEIGHT = {"q.alpha": "q.weight", "q.lora_down": "q.weight", "q.lora_up": "q.weight"}
+
+
+def test_without_groups_a_weight_can_be_split():
+    assert split_shards(LORA, 12) == [
+        ["q.alpha", "q.diff_b", "q.lora_down"],
+        ["q.lora_up", "v.alpha"],
+    ]
+
+
+def test_a_group_is_never_split_and_the_order_kept():
+    groups = {**Q_WEIGHT, "q.diff_b": "q.bias", "v.alpha": "v.weight"}
+    # q.diff_b sits inside q.weight's span (names sort so), so it travels with it
+    assert split_shards(LORA, 12, groups) == [
+        ["q.alpha", "q.diff_b", "q.lora_down", "q.lora_up"],
+        ["v.alpha"],
+    ]
+    assert split_shards(LORA, 100, groups) == [[name for name, _ in LORA]]
+
+
+def test_groups_pack_greedily_between_themselves():
+    entries = [("a.down", 3), ("a.up", 3), ("b.down", 3), ("b.up", 3), ("c.diff", 5)]
+    groups = {"a.down": "a", "a.up": "a", "b.down": "b", "b.up": "b"}
+    assert split_shards(entries, 6, groups) == [["a.down", "a.up"], ["b.down", "b.up"], ["c.diff"]]
+    assert split_shards(entries, 11, groups) == [["a.down", "a.up"], ["b.down", "b.up", "c.diff"]]
+    assert split_shards(entries, 12, groups) == [["a.down", "a.up", "b.down", "b.up"], ["c.diff"]]
+    assert split_shards(entries, 17, groups) == [[name for name, _ in entries]]
+
+
+def test_output_files_count_shards_with_groups():
+    entries = [OutputEntry("a.down", "F32", (2,)), OutputEntry("a.up", "F32", (2,))]  # 8 + 8
+    assert output_files("/o/x.safetensors", entries, 8) == [
+        "/o/x-00001-of-00002.safetensors",
+        "/o/x-00002-of-00002.safetensors",
+        "/o/x.safetensors.index.json",
+    ]
+    assert output_files("/o/x.safetensors", entries, 8, {"a.down": "a", "a.up": "a"}) == [
+        "/o/x.safetensors"
+    ]
