@@ -1,5 +1,6 @@
 """Every example in configs/ is loaded by the loader of the command it is for."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,10 @@ def test_there_are_examples():
 def test_example_config_loads(path):
     if not path.name.startswith("merge"):
         pytest.fail(f"{path.name}: no loader known for this config; add one to this test")
-    config = load_merge_config(str(path), check_files=False)
-    assert config.loras
-    for spec in config.loras:  # relative paths are read from the config's directory
-        assert Path(spec.path).is_absolute() and Path(spec.path).is_relative_to(path.parent)
-    assert MergeConfig.from_dict(config.to_dict()) == config
+    names = [e.get("name") for e in json.loads(path.read_text()).get("lora_configs", [])]
+    for name in dict.fromkeys(names) or [None]:  # named entries (Wan2.2 MoE): each in turn
+        config = load_merge_config(str(path), check_files=False, name=name)
+        assert config.loras and config.name == name
+        for spec in config.loras:  # relative paths: the config's directory first
+            assert Path(spec.path).is_absolute() and Path(spec.path).is_relative_to(path.parent)
+        assert MergeConfig.from_dict(config.to_dict()) == config

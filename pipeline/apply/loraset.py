@@ -17,7 +17,7 @@ class LoraSet:
 
     ``LoraSet([("a.safetensors", 0.8), "peft_dir/"])`` (a bare path has strength 1.0), or
     ``LoraSet.from_config("lora.json")`` for LightX2V's ``lora_configs`` and
-    ``lora_path`` + ``strength_model`` shapes."""
+    ``lora_path`` + ``strength_model`` shapes, a whole inference config included."""
 
     specs: tuple[LoraSpec, ...]
 
@@ -25,8 +25,10 @@ class LoraSet:
         object.__setattr__(self, "specs", tuple(_spec(item) for item in loras))
 
     @classmethod
-    def from_config(cls, path: str | os.PathLike) -> LoraSet:
-        return cls(load_merge_config(str(path)).loras)
+    def from_config(cls, path: str | os.PathLike, name: str | None = None) -> LoraSet:
+        """``name``: the entries whose ``"name"`` is ``name`` (Wan2.2 MoE's
+        ``high_noise_model`` / ``low_noise_model``); required when entries are named."""
+        return cls(load_merge_config(str(path), name=name).loras)
 
     def __len__(self) -> int:
         return len(self.specs)

@@ -1,12 +1,29 @@
 """Which LoRAs a merge applies, at which strengths: from ``--lora-model``/``--strength`` or from
-a ``--config`` JSON file in one of LightX2V's inference-config shapes::
+a ``--config`` JSON file, which may be a whole LightX2V inference config::
 
+    {"infer_steps": 4, ..., "lora_configs": [{"path": "a.safetensors", "strength": 0.8}]}
+    {"lora_configs": [{"name": "high_noise_model", "path": ..., "strength": 1.0}, ...]}
     {"lora_path": ["a.safetensors", "b.safetensors"], "strength_model": 1.0}
-    {"lora_configs": [{"path": "a.safetensors", "strength": 0.8, "alpha": null}, ...]}
 
-``alpha`` in a ``lora_configs`` entry is LightX2V's loader's: for a LoRA without ``.alpha``
-keys, its modules are scaled by alpha / rank. Relative paths are resolved against the config
-file's directory. Unknown fields are refused, never dropped.
+Only the LoRA fields are read; the other top-level fields (``infer_steps``, ...) are listed in
+``MergeConfig.unused``, for the caller to name once. Unknown fields inside an entry are refused.
+
+``name`` (Wan2.2 MoE: ``high_noise_model`` / ``low_noise_model``): one model's LoRAs are chosen
+by name, as LightX2V's ``build_wan_model_with_lora`` (lightx2v/models/runners/wan/wan_runner.py)
+keeps the entries whose ``name`` equals the model it builds; a config with names and no chosen
+name is refused.
+
+``alpha``: what LightX2V's runners that read it do (MiniMax-H3:
+lightx2v/models/networks/minimax_h3/lora.py, ``MiniMaxH3LoraAdapter._merge_file``, and the same
+rule in lightx2v/utils/lora_loader.py, ``LoRALoader.apply_lora``'s ``alpha``): a module with its
+own ``.alpha`` key keeps scale alpha_key / rank; a module without one gets entry alpha / rank
+(rank: the down factor's rows); diffs are not scaled. LightX2V's Wan, Qwen-Image and other
+runners (lightx2v/models/networks/lora_adapter.py, ``LoraAdapter.apply_lora``) read only
+``path`` and ``strength`` and never pass ``alpha`` on; their configs carry none.
+
+Relative paths: LightX2V opens them from the working directory; loraforge tries the config's
+directory first, then the working directory, and refuses a path that exists in both as two
+different files.
 """
 
 from __future__ import annotations
@@ -19,8 +36,8 @@ from dataclasses import dataclass, field
 
 from ..errors import CheckpointNotFound, UsageError
 
-_ENTRY_FIELDS = ("path", "strength", "alpha")
-_SHAPES = "{'lora_path': [...], 'strength_model': 1.0} or {'lora_configs': [{'path', 'strength'}]}"
+_ENTRY_FIELDS = ("name", "path", "strength", "alpha")
+_SHAPES = "{'lora_configs': [{'path', 'strength'}]} or {'lora_path': [...], 'strength_model': 1.0}"
 
 
 def _number(value: object, what: str, where: str | None = None) -> float:
@@ -46,6 +63,8 @@ class LoraSpec:
 class MergeConfig:
     loras: tuple[LoraSpec, ...]
     path: str | None = field(default=None, compare=False)  # the file it was read from
+    name: str | None = field(default=None, compare=False)  # the entries' chosen ``name``
+    unused: tuple[str, ...] = field(default=(), compare=False)  # top-level fields not read
 
     def to_dict(self) -> dict:
         """The ``lora_configs`` shape, which ``from_dict`` reads back to an equal config."""
@@ -53,44 +72,80 @@ class MergeConfig:
 
     @classmethod
     def from_dict(
-        cls, data: object, *, where: str | None = None, base_dir: str = "."
+        cls,
+        data: object,
+        *,
+        where: str | None = None,
+        base_dir: str = ".",
+        name: str | None = None,
     ) -> MergeConfig:
-        """Either LightX2V shape; relative paths are joined to ``base_dir``."""
+        """Either LightX2V shape; relative paths are looked up in ``base_dir``, then in the
+        working directory; ``name`` chooses the entries carrying that ``name``."""
         if not isinstance(data, dict):
             raise UsageError(f"a merge config must be a JSON object: {_SHAPES}", path=where)
         if "lora_path" not in data and "lora_configs" not in data:
             raise UsageError(f"the config names no LoRA; expected {_SHAPES}", path=where)
         if "lora_path" in data and "lora_configs" in data:
             raise UsageError("give either 'lora_path' or 'lora_configs', not both", path=where)
-        valid = ("lora_configs",) if "lora_configs" in data else ("lora_path", "strength_model")
-        unknown = sorted(set(data) - set(valid))
-        if unknown:
-            raise UsageError(
-                f"unknown field(s) {', '.join(unknown)}; valid: {', '.join(valid)}",
-                path=where,
-                hint="loraforge merge reads only the LoRA part of a LightX2V config",
-            )
+        read = ("lora_configs",) if "lora_configs" in data else ("lora_path", "strength_model")
+        unused = tuple(sorted(set(data) - set(read)))
         if "lora_configs" in data:
             entries = data["lora_configs"]
             if not isinstance(entries, list):
                 raise UsageError("'lora_configs' must be a list of objects", path=where)
-            specs = [_entry(e, i, where, base_dir) for i, e in enumerate(entries)]
+            named = _choose(entries, name, where)
+            specs = [_entry(e, i, where, base_dir) for i, e in named]
         else:
+            if name is not None:
+                raise _no_names(name, where)
             paths = data.get("lora_path")
             paths = [paths] if isinstance(paths, str) else paths
             if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
                 raise UsageError("'lora_path' must be a path or a list of paths", path=where)
             strength = _number(data.get("strength_model", 1.0), "'strength_model'", where)
-            specs = [LoraSpec(_resolve(p, base_dir), strength) for p in paths]
+            specs = [LoraSpec(_resolve(p, base_dir, where), strength) for p in paths]
         if not specs:
             raise UsageError("the config names no LoRA", path=where)
-        return cls(tuple(specs))
+        return cls(tuple(specs), name=name, unused=unused)
 
 
-def _entry(entry: object, i: int, where: str | None, base_dir: str) -> LoraSpec:
+def _choose(entries: list, name: str | None, where: str | None) -> list[tuple[int, object]]:
+    """The entries (with their positions) that ``name`` chooses: all when none is named."""
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise UsageError(
+                f"lora_configs[{i}] must be an object with 'path' and 'strength'", path=where
+            )
+    names = [e.get("name") for e in entries]
+    if all(n is None for n in names):
+        if name is not None:
+            raise _no_names(name, where)
+        return list(enumerate(entries))
+    for i, n in enumerate(names):
+        if not isinstance(n, str) or not n:
+            raise UsageError(
+                f"lora_configs[{i}]: 'name' must be a non-empty string when entries are named, "
+                f"got {n!r}",
+                path=where,
+            )
+    listed = ", ".join(dict.fromkeys(names))
+    if name is None:
+        raise UsageError(
+            f"the LoRAs are named ({listed}): choose one with --config-name NAME", path=where
+        )
+    if name not in names:
+        raise UsageError(f"no lora_configs entry is named {name!r}; names: {listed}", path=where)
+    return [(i, e) for i, e in enumerate(entries) if e["name"] == name]
+
+
+def _no_names(name: str, where: str | None) -> UsageError:
+    return UsageError(
+        f"--config-name {name!r} given, but no lora_configs entry carries a 'name'", path=where
+    )
+
+
+def _entry(entry: dict, i: int, where: str | None, base_dir: str) -> LoraSpec:
     what = f"lora_configs[{i}]"
-    if not isinstance(entry, dict):
-        raise UsageError(f"{what} must be an object with 'path' and 'strength'", path=where)
     unknown = sorted(set(entry) - set(_ENTRY_FIELDS))
     if unknown:
         raise UsageError(
@@ -103,15 +158,34 @@ def _entry(entry: object, i: int, where: str | None, base_dir: str) -> LoraSpec:
     strength = _number(entry.get("strength", 1.0), f"{what}: 'strength'", where)
     alpha = entry.get("alpha")
     alpha = None if alpha is None else _number(alpha, f"{what}: 'alpha'", where)
-    return LoraSpec(_resolve(path, base_dir), strength, alpha)
+    return LoraSpec(_resolve(path, base_dir, where), strength, alpha)
 
 
-def _resolve(path: str, base_dir: str) -> str:
-    return os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
+def _resolve(path: str, base_dir: str, where: str | None) -> str:
+    """The config's directory first, then the working directory (where LightX2V looks); the
+    config's directory when neither holds it (the missing file is reported later)."""
+    path = os.path.expanduser(path)
+    beside = os.path.normpath(os.path.join(os.path.abspath(base_dir), path))
+    here = os.path.normpath(os.path.abspath(path))
+    if os.path.isabs(path) or beside == here or not os.path.exists(here):
+        return beside
+    if not os.path.exists(beside):
+        return here
+    if os.path.samefile(beside, here):
+        return beside
+    raise UsageError(
+        f"'{path}' names two different files: {beside} (beside the config) and {here} (from "
+        "the working directory)",
+        path=where,
+        hint="write the path absolute, or run from the config's directory",
+    )
 
 
-def load_merge_config(path: str, *, check_files: bool = True) -> MergeConfig:
-    """Read ``path``; with ``check_files`` every LoRA it names must exist."""
+def load_merge_config(
+    path: str, *, check_files: bool = True, name: str | None = None
+) -> MergeConfig:
+    """Read ``path``; with ``check_files`` every LoRA it names must exist. ``name`` chooses
+    the entries carrying that ``name`` (required when entries are named)."""
     where = os.path.abspath(os.path.expanduser(path))
     try:
         with open(where, encoding="utf-8") as f:
@@ -120,7 +194,7 @@ def load_merge_config(path: str, *, check_files: bool = True) -> MergeConfig:
         raise CheckpointNotFound("merge config not found", path=where) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UsageError(f"not a readable JSON file ({e})", path=where) from None
-    config = MergeConfig.from_dict(data, where=where, base_dir=os.path.dirname(where))
+    config = MergeConfig.from_dict(data, where=where, base_dir=os.path.dirname(where), name=name)
     config = dataclasses.replace(config, path=where)
     if check_files:
         for spec in config.loras:
@@ -128,7 +202,8 @@ def load_merge_config(path: str, *, check_files: bool = True) -> MergeConfig:
                 raise CheckpointNotFound(
                     f"names a LoRA that does not exist: {spec.path}",
                     path=where,
-                    hint="fix the path; relative paths are read from the config's directory",
+                    hint="fix the path; relative paths are read from the config's directory, "
+                    "then from the working directory",
                 )
     return config
 
@@ -160,3 +235,20 @@ def parse_number(text: str, option: str) -> float:
     if not math.isfinite(value):
         raise UsageError(f"{option} must be finite, got {text!r}")
     return value
+
+
+def loras_from_arguments(
+    config: str | None,
+    config_name: str | None,
+    lora_models: list[str] | None,
+    strengths: list[str] | None,
+) -> MergeConfig:
+    """The LoRAs a command was given: ``--config`` (with ``--config-name``) or
+    ``--lora-model``/``--strength``, never both."""
+    if config and (lora_models or strengths):
+        raise UsageError("give the LoRAs with --config or with --lora-model, not both")
+    if config_name is not None and not config:
+        raise UsageError("--config-name chooses entries of a --config file; none given")
+    if config:
+        return load_merge_config(config, name=config_name)
+    return config_from_options(lora_models or [], strengths or [])

@@ -20,6 +20,7 @@ from ..errors import (
     UsageError,
 )
 from ..io.reader import CheckpointIndex, index_checkpoint, load_tensor
+from .adapter_config import header_config
 from .config import LoraSpec
 from .keys import LoraMapping, PeftConfig, load_peft_config, map_lora
 
@@ -87,30 +88,57 @@ def _alpha(index: CheckpointIndex, key: str, allow_nonfinite: bool) -> float:
     return value
 
 
+@dataclass(frozen=True)
+class OpenedLora:
+    """A LoRA's weights found and indexed, with what scales them; no base involved."""
+
+    file: str  # the weights read: a file or a shard directory
+    index: CheckpointIndex
+    peft: PeftConfig | None  # the adapter config's scaling (or a config entry's alpha)
+    config: str | None  # the adapter_config.json read, if any
+    alphas: dict[str, float]  # the values of its ``.alpha`` keys
+    warnings: tuple[str, ...] = ()  # assumptions made about it
+
+
+def read_lora(
+    path: str,
+    lora_type: str | None = None,
+    alpha: float | None = None,
+    allow_nonfinite: bool = False,
+) -> OpenedLora:
+    """Find and index the LoRA at ``path``; ``alpha``: a LightX2V config entry's (see
+    config.py), the scale alpha / rank of modules without an ``.alpha`` key."""
+    file, fmt, config = find_weights(path, lora_type)
+    index = index_checkpoint(file, fmt)
+    # a PEFT adapter's config, else the one a diffusers file keeps in its header
+    peft: PeftConfig | None = load_peft_config(config) if config else header_config(index)
+    if alpha is not None:
+        if peft is not None:
+            raise UsageError(
+                "a config 'alpha' for a PEFT adapter, which has its own lora_alpha",
+                path=path,
+                hint="drop 'alpha' from this lora_configs entry",
+            )
+        peft = PeftConfig(r=1, lora_alpha=alpha)  # scale = alpha / the tensors' rank
+    alphas = {
+        key: _alpha(index, key, allow_nonfinite) for key in index.tensors if key.endswith(".alpha")
+    }
+    unscaled = None if alpha is not None else _peft_without_config(path, file, config, alphas)
+    return OpenedLora(file, index, peft, config, alphas, (unscaled,) if unscaled else ())
+
+
 def open_lora(
     spec: LoraSpec,
     base_shapes: dict[str, tuple[int, ...]],
     lora_type: str | None = None,
     allow_nonfinite: bool = False,
 ) -> LoraInput:
-    file, fmt, config = find_weights(spec.path, lora_type)
-    index = index_checkpoint(file, fmt)
-    peft: PeftConfig | None = load_peft_config(config) if config else None
-    if spec.alpha is not None:
-        if peft is not None:
-            raise UsageError(
-                "a config 'alpha' for a PEFT adapter, which has its own lora_alpha",
-                path=spec.path,
-                hint="drop 'alpha' from this lora_configs entry",
-            )
-        peft = PeftConfig(r=1, lora_alpha=spec.alpha)  # scale = alpha / the tensors' rank
-    alphas = {
-        key: _alpha(index, key, allow_nonfinite) for key in index.tensors if key.endswith(".alpha")
-    }
+    opened = read_lora(spec.path, lora_type, spec.alpha, allow_nonfinite)
+    file, index, peft = opened.file, opened.index, opened.peft
     mapping = map_lora(
         {key: info.shape for key, info in index.tensors.items()},
         base_shapes,
-        alphas=alphas,
+        alphas=opened.alphas,
         peft_config=peft,
         source=file,
     )
@@ -125,9 +153,6 @@ def open_lora(
             path=file,
             hint="is this LoRA for another model?",
         )
-    unscaled = (
-        None if spec.alpha is not None else _peft_without_config(spec.path, file, config, alphas)
-    )
     return LoraInput(
         label=spec.path,
         file=file,
@@ -135,6 +160,6 @@ def open_lora(
         index=index,
         mapping=mapping,
         peft=dataclasses.asdict(peft) if peft else None,
-        config=config,
-        warnings=(unscaled,) if unscaled else (),
+        config=opened.config,
+        warnings=opened.warnings,
     )

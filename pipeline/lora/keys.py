@@ -17,6 +17,9 @@ file may mix them):
 ``<m>`` resolves against the base exactly, then with ``PREFIXES`` stripped from the LoRA's name
 or from the base's, then as a kohya name (``lora_unet_blocks_0_self_attn_q``) looked up among the
 base's own module paths written with ``_`` for ``.``.
+
+``group_keys`` is the one reading of those names; ``modules.py`` builds the base-less views of a
+LoRA (``group_lora``, ``own_targets``) on it and on the scale rule here (``lowrank_scale``).
 """
 
 from __future__ import annotations
@@ -45,11 +48,11 @@ _PAIRS = {
     "lora.up": (".lora.up.weight", ".lora.down.weight"),
     "diffusers": (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"),
 }
-_DIFF_LEAF = {"diff": "weight", "diff_b": "bias", "diff_m": "modulation"}
+DIFF_LEAF = {"diff": "weight", "diff_b": "bias", "diff_m": "modulation"}
 _SUFFIXES: dict[str, tuple[str, str]] = {  # suffix -> (naming, role)
     **{up: (naming, "up") for naming, (up, _) in _PAIRS.items()},
     **{down: (naming, "down") for naming, (_, down) in _PAIRS.items()},
-    **{f".{naming}": (naming, "diff") for naming in _DIFF_LEAF},
+    **{f".{naming}": (naming, "diff") for naming in DIFF_LEAF},
     ".lora_mid.weight": ("lora_up", "mid"),
     ".alpha": ("alpha", "alpha"),
 }
@@ -70,6 +73,8 @@ class LoraPatch:
     diff_key: str | None
     scale: float  # multiplies up@down (or diff); strength is applied elsewhere
     rank: int | None
+    alpha: float | None = None  # low rank: scale = alpha / rank (None: 1, or rsLoRA's)
+    alpha_key: str | None = None  # the LoRA's own <module>.alpha key, if it has one
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,13 @@ def load_peft_config(path: str | os.PathLike[str]) -> PeftConfig:
         raise CheckpointNotFound("PEFT adapter config not found", path=where) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointFormatError(f"not a readable JSON file: {e}", path=where) from e
+    return peft_config_from(raw, where)
+
+
+def peft_config_from(raw: object, where: str) -> PeftConfig:
+    """The scaling part of a PEFT LoRA config already parsed from JSON (an adapter_config.json,
+    or the ``lora_adapter_metadata`` a diffusers file carries in its header); ``where`` names
+    it in errors."""
 
     def bad(what: str) -> CheckpointFormatError:
         return CheckpointFormatError(what, path=where, hint="is this a PEFT LoRA adapter_config?")
@@ -168,7 +180,7 @@ def _is_num(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _parse(key: str) -> tuple[str, str, str] | None:
+def parse_key(key: str) -> tuple[str, str, str] | None:
     """``key`` -> (module, naming, role), or None when it is no LoRA name."""
     for suffix in _BY_LENGTH:
         if key.endswith(suffix) and len(key) > len(suffix):
@@ -176,7 +188,7 @@ def _parse(key: str) -> tuple[str, str, str] | None:
     return None
 
 
-def _strip_forms(name: str) -> list[str]:
+def strip_forms(name: str) -> list[str]:
     """``name`` and every form with known prefixes stripped, least stripped first."""
     forms = [name]
     for form in forms:  # grows while iterating: breadth first
@@ -205,7 +217,7 @@ class _Resolver:
     def stripped(self) -> dict[str, set[str]]:
         index: dict[str, set[str]] = {}
         for key in self.base:
-            for form in _strip_forms(key):
+            for form in strip_forms(key):
                 index.setdefault(form, set()).add(key)
         return index
 
@@ -214,13 +226,13 @@ class _Resolver:
         index: dict[tuple[str, str], set[str]] = {}
         for key in self.base:
             module, dot, leaf = key.rpartition(".")
-            for form in _strip_forms(module) if dot else ():
+            for form in strip_forms(module) if dot else ():
                 index.setdefault((form.replace(".", "_"), leaf), set()).add(key)
         return index
 
     def resolve(self, module: str, leaf: str) -> tuple[str | None, str]:
         """The base key ``<module>.<leaf>`` refers to, or None and why not."""
-        forms = _strip_forms(module)
+        forms = strip_forms(module)
         for form in forms:
             if f"{form}.{leaf}" in self.base:
                 return f"{form}.{leaf}", ""
@@ -234,7 +246,7 @@ class _Resolver:
         return None, "targets no base tensor"
 
 
-def _check_pair(up: tuple[int, ...], down: tuple[int, ...], base: tuple[int, ...]) -> str:
+def check_pair(up: tuple[int, ...], down: tuple[int, ...], base: tuple[int, ...]) -> str:
     """Why up@down cannot patch a base tensor of shape ``base``; "" when it can."""
     if len(up) < 2 or len(down) < 2 or math.prod(up[2:]) != 1 or down[0] == 0:
         return f"not a low-rank pair: up is {_dims(up)} and down is {_dims(down)}"
@@ -249,7 +261,7 @@ def _check_pair(up: tuple[int, ...], down: tuple[int, ...], base: tuple[int, ...
 def _plan_diff(
     module: str, naming: str, key: str, lora_shapes: Shapes, resolver: _Resolver
 ) -> tuple[LoraPatch | None, str]:
-    target, reason = resolver.resolve(module, _DIFF_LEAF[naming])
+    target, reason = resolver.resolve(module, DIFF_LEAF[naming])
     if target is None:
         return None, reason
     diff, base = tuple(lora_shapes[key]), tuple(resolver.base[target])
@@ -263,25 +275,101 @@ def _plan_lowrank(
     roles: dict[str, str],
     lora_shapes: Shapes,
     resolver: _Resolver,
+    alpha_key: str | None,
     alpha: float | None,
     peft_config: PeftConfig | None,
 ) -> tuple[LoraPatch | None, str]:
-    if "up" not in roles or "down" not in roles:
-        return None, "up without down" if "up" in roles else "down without up"
+    if reason := unpaired(roles):
+        return None, reason
     target, reason = resolver.resolve(module, "weight")
     if target is None:
         return None, reason
     up, down = tuple(lora_shapes[roles["up"]]), tuple(lora_shapes[roles["down"]])
-    if reason := _check_pair(up, down, tuple(resolver.base[target])):
+    if reason := check_pair(up, down, tuple(resolver.base[target])):
         return None, reason
     rank = down[0]
+    scale, alpha = lowrank_scale(module, rank, alpha, peft_config)
+    up, down = roles["up"], roles["down"]
+    return LoraPatch(target, "lowrank", up, down, None, scale, rank, alpha, alpha_key), ""
+
+
+@dataclass(frozen=True)
+class LoraKeys:
+    """A LoRA's key names grouped the one way ``map_lora`` and the base-less views
+    (``modules.group_lora``, ``modules.own_targets``) all read them."""
+
+    groups: dict[tuple[str, str], dict[str, str]]  # (module, naming) -> role -> key, file order
+    alpha_keys: dict[str, str]  # module -> its <module>.alpha key
+    not_lora: list[str]  # keys with no LoRA name
+
+    def unused_alphas(self, used: set[str]) -> list[Unmatched]:
+        """The ``.alpha`` keys not in ``used`` (no module took them), with why."""
+        paired = {module for module, naming in self.groups if naming not in DIFF_LEAF}
+        why = ("alpha without up/down", "alpha of an unmatched up/down pair")
+        return [
+            Unmatched(key, why[module in paired])
+            for module, key in self.alpha_keys.items()
+            if key not in used
+        ]
+
+
+def group_keys(lora_shapes: Shapes) -> LoraKeys:
+    """Every key parsed and grouped by (module, naming); names only, no checks."""
+    groups: dict[tuple[str, str], dict[str, str]] = {}
+    alpha_keys: dict[str, str] = {}
+    not_lora: list[str] = []
+    for key in lora_shapes:
+        parsed = parse_key(key)
+        if parsed is None:
+            not_lora.append(key)
+        elif parsed[2] == "alpha":
+            alpha_keys[parsed[0]] = key
+        else:
+            groups.setdefault(parsed[:2], {})[parsed[2]] = key
+    return LoraKeys(groups, alpha_keys, not_lora)
+
+
+def read_keys(lora_shapes: Shapes, alphas: Mapping[str, float], source: str) -> LoraKeys:
+    """``group_keys``, refusing a file with no LoRA key name (a full checkpoint, most likely)
+    and an ``.alpha`` key whose value the caller did not read into ``alphas``."""
+    keys = group_keys(lora_shapes)
+    for key in keys.alpha_keys.values():
+        if key not in alphas:
+            raise ValueError(f"{source}: the value of '{key}' was not passed in alphas")
+    if not keys.groups and not keys.alpha_keys:
+        head = ", ".join(list(lora_shapes)[:5]) or "the file holds no tensors"
+        raise CheckpointFormatError(f"no LoRA keys recognised ({head})", path=source, hint=_HINT)
+    return keys
+
+
+def unpaired(roles: dict[str, str]) -> str:
+    """Why a low-rank module's keys are no pair; "" when both halves are there."""
+    if "up" in roles and "down" in roles:
+        return ""
+    return "up without down" if "up" in roles else "down without up"
+
+
+def lowrank_scale(
+    module: str, rank: int, alpha: float | None, peft_config: PeftConfig | None
+) -> tuple[float, float | None]:
+    """(scale, alpha) of a low-rank module: its own ``.alpha`` / rank, else the PEFT config's
+    (alpha None with rsLoRA, whose scale is no alpha / rank), else scale 1 and no alpha."""
     if alpha is not None:
-        scale = float(alpha) / rank
-    elif peft_config is not None:
-        scale = peft_config.scale_for(module, rank)
-    else:
-        scale = 1.0
-    return LoraPatch(target, "lowrank", roles["up"], roles["down"], None, scale, rank), ""
+        return float(alpha) / rank, float(alpha)
+    if peft_config is not None:
+        alpha = None if peft_config.use_rslora else peft_config.alpha_for(module)
+        return peft_config.scale_for(module, rank), alpha
+    return 1.0, None
+
+
+LOCON_MID = "has a lora_mid (LoCon Tucker): up@down alone is not its delta"
+
+
+def split_mid(roles: dict[str, str]) -> tuple[dict[str, str], list[Unmatched]]:
+    """A module's roles without its LoCon ``lora_mid`` key, and that key as left out."""
+    rest = {role: key for role, key in roles.items() if role != "mid"}
+    mid = [Unmatched(roles["mid"], "lora_mid (LoCon mid) ignored")] if "mid" in roles else []
+    return rest, mid
 
 
 def map_lora(
@@ -298,54 +386,34 @@ def map_lora(
     ``peft_config``. When two namings target one base key, the first in file order is used.
     """
     alphas = alphas or {}
-    groups: dict[tuple[str, str], dict[str, str]] = {}  # (module, naming) -> role -> key
-    alpha_keys: dict[str, str] = {}  # module -> its alpha key
-    unmatched: list[Unmatched] = []
-    for key in lora_shapes:
-        parsed = _parse(key)
-        if parsed is None:
-            unmatched.append(Unmatched(key, "not a LoRA key name"))
-        elif parsed[2] == "alpha":
-            if key not in alphas:
-                raise ValueError(f"{source}: the value of '{key}' was not passed in alphas")
-            alpha_keys[parsed[0]] = key
-        else:
-            groups.setdefault(parsed[:2], {})[parsed[2]] = key
-    if not groups and not alpha_keys:
-        head = ", ".join(list(lora_shapes)[:5]) or "the file holds no tensors"
-        raise CheckpointFormatError(f"no LoRA keys recognised ({head})", path=source, hint=_HINT)
-
+    keys = read_keys(lora_shapes, alphas, source)
+    unmatched = [Unmatched(key, "not a LoRA key name") for key in keys.not_lora]
     resolver = _Resolver(base_shapes)
     patches: dict[str, LoraPatch] = {}
     used_alphas: set[str] = set()
-    paired_modules: set[str] = set()
-    for (module, naming), roles in groups.items():
-        mid = roles.pop("mid", None)
-        if mid is not None:
-            unmatched.append(Unmatched(mid, "lora_mid (LoCon mid) ignored"))
-        if naming in _DIFF_LEAF:
+    for (module, naming), all_roles in keys.groups.items():
+        roles, mid = split_mid(all_roles)
+        unmatched += mid
+        if naming in DIFF_LEAF:
             patch, reason = _plan_diff(module, naming, roles["diff"], lora_shapes, resolver)
-        elif mid is not None:
-            patch, reason = None, "has a lora_mid (LoCon Tucker): up@down alone is not its delta"
+        elif mid:
+            patch, reason = None, LOCON_MID
         else:
-            alpha = alphas[alpha_keys[module]] if module in alpha_keys else None
-            patch, reason = _plan_lowrank(module, roles, lora_shapes, resolver, alpha, peft_config)
-        if naming not in _DIFF_LEAF:
-            paired_modules.add(module)
+            key = keys.alpha_keys.get(module)
+            alpha = alphas[key] if key is not None else None
+            patch, reason = _plan_lowrank(
+                module, roles, lora_shapes, resolver, key, alpha, peft_config
+            )
         if patch is not None and patch.base_key in patches:
             first = patches[patch.base_key]
             by = first.up_key or first.diff_key
             reason = f"duplicate target: {patch.base_key} already patched by {by}"
         elif patch is not None:
             patches[patch.base_key] = patch
-            if patch.kind == "lowrank" and module in alpha_keys:
-                used_alphas.add(alpha_keys[module])
+            if patch.alpha_key is not None:
+                used_alphas.add(patch.alpha_key)
         unmatched.extend(Unmatched(k, reason) for k in roles.values() if reason)
-
-    for module, key in alpha_keys.items():
-        if key not in used_alphas:
-            why = "alpha of an unmatched up/down pair" if module in paired_modules else None
-            unmatched.append(Unmatched(key, why or "alpha without up/down"))
+    unmatched += keys.unused_alphas(used_alphas)
     return LoraMapping(
         patches=[patches[k] for k in sorted(patches)],
         unmatched=sorted(unmatched, key=lambda u: u.lora_key),

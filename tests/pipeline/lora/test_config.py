@@ -66,17 +66,19 @@ def test_a_single_lora_path_string(tmp_path):
     [
         ([1], "must be a JSON object"),
         ({"lora_path": ["a"], "lora_configs": []}, "not both"),
-        (
-            {"lora_path": ["a"], "seed": 1},
-            "unknown field(s) seed; valid: lora_path, strength_model",
-        ),
-        ({"lora_configs": [{"path": "a"}], "strength_model": 1}, "unknown field(s) strength_model"),
         ({"lora_path": [3]}, "'lora_path' must be a path or a list of paths"),
         ({"lora_path": ["a"], "strength_model": True}, "'strength_model' must be a finite number"),
         ({"lora_configs": {"path": "a"}}, "must be a list"),
         ({"lora_configs": ["a"]}, "lora_configs[0] must be an object"),
         ({"lora_configs": [{"strength": 1}]}, "lora_configs[0]: 'path' must be a non-empty"),
-        ({"lora_configs": [{"path": "a", "name": "low"}]}, "unknown field(s) name"),
+        (
+            {"lora_configs": [{"path": "a", "scale": 2}]},
+            "lora_configs[0]: unknown field(s) scale; valid: name, path, strength, alpha",
+        ),
+        (
+            {"lora_configs": [{"path": "a", "name": "high"}, {"path": "b"}]},
+            "lora_configs[1]: 'name' must be a non-empty string when entries are named, got None",
+        ),
         ({"lora_configs": [{"path": "a", "alpha": "x"}]}, "'alpha' must be a finite number"),
         ({}, "names no LoRA"),
     ],
@@ -112,3 +114,122 @@ def test_parse_number_refuses(text):
     with pytest.raises(UsageError) as info:
         parse_number(text, "--strength")
     assert info.value.exit_code == 2
+
+
+# A whole LightX2V inference config, fields as in its configs/distill/wan22/ Wan2.2 MoE files.
+MOE = {
+    "infer_steps": 4,
+    "target_video_length": 81,
+    "sample_guide_scale": [3.5, 3.5],
+    "enable_cfg": False,
+    "boundary_step_index": 2,
+    "denoising_step_list": [1000, 750, 500, 250],
+    "lora_configs": [
+        {"name": "high_noise_model", "path": "high.safetensors", "strength": 1.0},
+        {"name": "low_noise_model", "path": "low.safetensors", "strength": 0.5},
+        {"name": "high_noise_model", "path": "/abs/extra.safetensors", "strength": 0.25},
+    ],
+}
+UNUSED = (
+    "boundary_step_index",
+    "denoising_step_list",
+    "enable_cfg",
+    "infer_steps",
+    "sample_guide_scale",
+    "target_video_length",
+)
+
+
+def test_whole_inference_config_lists_the_fields_not_used(tmp_path):
+    data = {"infer_steps": 4, "lora_dynamic_apply": False, "lora_configs": [{"path": "/a"}]}
+    config = load_merge_config(write(tmp_path, data), check_files=False)
+    assert config.loras == (LoraSpec("/a", 1.0),)
+    assert config.unused == ("infer_steps", "lora_dynamic_apply")
+    config = load_merge_config(write(tmp_path, {"lora_path": "/a", "seed": 1}), check_files=False)
+    assert config.unused == ("seed",)
+
+
+def test_config_name_chooses_every_entry_of_that_name_in_order(tmp_path):
+    path = write(tmp_path, MOE)
+    high = load_merge_config(path, check_files=False, name="high_noise_model")
+    assert high.loras == (
+        LoraSpec(str(tmp_path / "high.safetensors"), 1.0),
+        LoraSpec("/abs/extra.safetensors", 0.25),
+    )
+    assert (high.name, high.unused) == ("high_noise_model", UNUSED)
+    low = load_merge_config(path, check_files=False, name="low_noise_model")
+    assert low.loras == (LoraSpec(str(tmp_path / "low.safetensors"), 0.5),)
+
+
+@pytest.mark.parametrize(
+    "data, name, message",
+    [
+        (
+            MOE,
+            None,
+            "the LoRAs are named (high_noise_model, low_noise_model): choose one with "
+            "--config-name NAME",
+        ),
+        (
+            MOE,
+            "mid",
+            "no lora_configs entry is named 'mid'; names: high_noise_model, low_noise_model",
+        ),
+        (
+            {"lora_configs": [{"path": "a"}]},
+            "high_noise_model",
+            "--config-name 'high_noise_model' given, but no lora_configs entry carries a 'name'",
+        ),
+        (
+            {"lora_path": "a"},
+            "x",
+            "--config-name 'x' given, but no lora_configs entry carries a 'name'",
+        ),
+    ],
+)
+def test_config_name_refusals(tmp_path, data, name, message):
+    path = write(tmp_path, data)
+    with pytest.raises(UsageError) as info:
+        load_merge_config(path, check_files=False, name=name)
+    assert str(info.value) == f"{path}: {message}"
+    assert info.value.exit_code == 2
+
+
+def test_relative_paths_config_directory_first_then_working_directory(tmp_path, monkeypatch):
+    configs, work = tmp_path / "configs", tmp_path / "work"
+    (configs / "loras").mkdir(parents=True)
+    (work / "loras").mkdir(parents=True)
+    (configs / "loras" / "beside.safetensors").write_bytes(b"1")
+    (work / "loras" / "here.safetensors").write_bytes(b"2")
+    (configs / "loras" / "both.safetensors").write_bytes(b"3")
+    (work / "loras" / "both.safetensors").write_bytes(b"4")
+    monkeypatch.chdir(work)
+    data = {
+        "lora_configs": [{"path": "loras/beside.safetensors"}, {"path": "loras/here.safetensors"}]
+    }
+    config = load_merge_config(write(configs, data))
+    assert [spec.path for spec in config.loras] == [
+        str(configs / "loras" / "beside.safetensors"),
+        str(work / "loras" / "here.safetensors"),
+    ]
+    path = write(configs, {"lora_configs": [{"path": "loras/both.safetensors"}]})
+    with pytest.raises(UsageError) as info:
+        load_merge_config(path)
+    assert str(info.value) == (
+        f"{path}: 'loras/both.safetensors' names two different files: "
+        f"{configs}/loras/both.safetensors (beside the config) and "
+        f"{work}/loras/both.safetensors (from the working directory) "
+        "(write the path absolute, or run from the config's directory)"
+    )
+    monkeypatch.chdir(configs)  # the same file both ways: no conflict
+    assert load_merge_config(path).loras == (LoraSpec(str(configs / "loras/both.safetensors")),)
+
+
+def test_missing_lora_says_where_it_was_looked_for(tmp_path):
+    path = write(tmp_path, {"lora_configs": [{"path": "gone.safetensors"}]})
+    with pytest.raises(CheckpointNotFound) as info:
+        load_merge_config(path)
+    assert str(info.value) == (
+        f"{path}: names a LoRA that does not exist: {tmp_path}/gone.safetensors (fix the path; "
+        "relative paths are read from the config's directory, then from the working directory)"
+    )

@@ -1,0 +1,1 @@
+"""``loraforge inspect``: what a LoRA holds, read-only."""
