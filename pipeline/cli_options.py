@@ -8,7 +8,9 @@ from typing import Annotated
 
 import typer
 
-from loraforge.kernels import SVD_METHODS
+from loraforge.kernels import RANK_MODES, SVD_METHODS
+
+from .lora.styles import DEFAULT_STYLE, KEY_STYLE_HELP, KEY_STYLES
 
 
 class CheckpointType(str, Enum):
@@ -17,7 +19,12 @@ class CheckpointType(str, Enum):
 
 
 SvdMethod = Enum("SvdMethod", {name: name for name in SVD_METHODS}, type=str)
+KeyStyleName = Enum("KeyStyleName", {name: name for name in KEY_STYLES}, type=str)
 SVD_HELP = "; ".join(f"{m.name}: {m.help}" for m in SVD_METHODS.values())
+RankModeName = Enum("RankModeName", {name: name for name in RANK_MODES}, type=str)
+RANK_MODE_HELP = "; ".join(
+    f"{m.name}: {m.help}" + (f" ({m.flag})" if m.flag else "") for m in RANK_MODES.values()
+)
 
 
 # ---- option aliases shared by commands ----
@@ -35,6 +42,44 @@ OutputPath = Annotated[
 OutputFormat = Annotated[CheckpointType, typer.Option("--output-format")]
 OutputDtype = Annotated[
     str, typer.Option("--output-dtype", help="float32|fp32|float16|fp16|bfloat16|bf16")
+]
+
+
+def _memory_size(value: str | None) -> int | None:
+    """``--max-memory`` in bytes, refused as a usage error (one line, exit 2) when unreadable
+    or below the smallest budget a run can work in."""
+    from .errors import UsageError
+    from .io.dtypes import parse_size
+    from .run.memory import MIN_BUDGET
+
+    try:
+        size = parse_size(value)
+    except UsageError:
+        raise typer.BadParameter(
+            f"cannot read size {value!r}; write e.g. 8GB, 500MB or 16GiB"
+        ) from None
+    if size is not None and size < MIN_BUDGET:
+        raise typer.BadParameter(f"{value} is below the smallest budget, {MIN_BUDGET // 2**20}MiB")
+    return size
+
+
+MaxMemory = Annotated[
+    int | None,
+    typer.Option(
+        "--max-memory",
+        parser=_memory_size,
+        metavar="SIZE",
+        help="e.g. 8GB: host memory the running tasks may hold together; a tensor larger than "
+        "that runs in row blocks (default: 60% of the memory available, cgroup limits included).",
+    ),
+]
+MergeOutputDtype = Annotated[
+    str,
+    typer.Option(
+        "--output-dtype",
+        help="float32|fp32|float16|fp16|bfloat16|bf16|fp8_e4m3fn (scaled fp8 in the base's "
+        "convention: its scaled weights, or a bf16 base's block linear layers, with fp32 scales)",
+    ),
 ]
 MaxShardSize = Annotated[
     str | None,
@@ -80,4 +125,78 @@ ReportPath = Annotated[
 WorkDirOpt = Annotated[
     str | None,
     typer.Option("--work-dir", help="Intermediates for resume (default: <output>.work)."),
+]
+
+# ---- rank selection (extract, resize) ----
+RankMode = Annotated[RankModeName, typer.Option("--rank-mode", help=RANK_MODE_HELP)]
+MinRank = Annotated[
+    int, typer.Option("--min-rank", help="Floor of every tensor's rank (capped by --rank).")
+]
+Energy = Annotated[
+    float | None,
+    typer.Option("--energy", metavar="F", help="energy mode: fraction in (0, 1] of ||delta||^2."),
+]
+SvRatio = Annotated[
+    float | None,
+    typer.Option("--sv-ratio", metavar="R", help="ratio mode: keep s_i with s_1/s_i <= R."),
+]
+SvThreshold = Annotated[
+    float | None,
+    typer.Option("--sv-threshold", metavar="T", help="threshold mode: keep s_i >= T."),
+]
+RankBudget = Annotated[
+    int | None,
+    typer.Option(
+        "--rank-budget",
+        metavar="N",
+        help="budget mode: N parameters in all low-rank factors together (sum of rank*(out+in)).",
+    ),
+]
+
+# ---- LoRA key names (extract, convert, resize) ----
+KeyStyleOpt = Annotated[
+    KeyStyleName,
+    typer.Option(
+        "--key-style",
+        help=f"Key names of the written LoRA (default {DEFAULT_STYLE}). {KEY_STYLE_HELP}",
+    ),
+]
+
+# ---- LoRA inputs (resize, verify) ----
+LoraModels = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--lora-model",
+        metavar="PATH",
+        help="LoRA: a .safetensors or .pt file, a shard directory, or a PEFT adapter "
+        "directory (adapter_model.* + adapter_config.json). Repeatable.",
+    ),
+]
+Strengths = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--strength",
+        metavar="FLOAT",
+        help="Strength of each --lora-model, in the same order (default 1.0). Repeatable.",
+    ),
+]
+LoraConfig = Annotated[
+    str | None,
+    typer.Option(
+        "--config",
+        metavar="FILE.json",
+        help="LoRAs from a LightX2V inference config, taken whole: its lora_configs "
+        '([{"path": ..., "strength": 0.8, "alpha": 16}]) or lora_path + strength_model are '
+        "read, its other fields listed once as not used; relative paths are looked up in "
+        "the config's directory, then in the working directory.",
+    ),
+]
+ConfigName = Annotated[
+    str | None,
+    typer.Option(
+        "--config-name",
+        metavar="NAME",
+        help='With --config: the lora_configs entries whose "name" is NAME (Wan2.2 MoE: '
+        "high_noise_model or low_noise_model); required when entries are named.",
+    ),
 ]

@@ -5,15 +5,18 @@ from __future__ import annotations
 import time
 
 from ..io.reader import index_checkpoint
+from ..lora.export import abort, export, lowrank_entry, outputs_summary, singular_values
+from ..lora.writer import beside_directory, weights_file
 from ..run.cluster import TaskCall
 from ..run.device import device_type
 from ..run.faults import maybe_crash
 from ..run.options import RunOptions
 from ..run.paths import checkpoint_paths
-from ..run.report import build_report
+from ..run.report import blocked_note, build_report, memory_summary
 from ..run.session import Progress, Session
+from .blocked import block_rows_for, blocked_bytes, working_bytes
 from .checks import check_something_to_extract, surprises
-from .export import export, open_export
+from .export import open_outputs, written_files
 from .options import ExtractOptions
 from .plan import ExtractionPlan, plan_extraction
 from .resume import Decision, input_changes, resume_decisions
@@ -33,14 +36,16 @@ def extract(
 ) -> dict:
     """Extract a LoRA of ``target_model − source_model`` into ``output``; return the report
     (also saved as JSON)."""
-    run = run or RunOptions()
+    run = beside_directory(run or RunOptions(), output, options.style)
+    output = weights_file(output, options.style)
     session = Session.open("extract", run, output, options.output_format, progress)
     source = index_checkpoint(source_model, source_type)
     target = index_checkpoint(target_model, target_type)
-    session.check_paths(
-        checkpoint_paths("--source-model", source) + checkpoint_paths("--target-model", target)
-    )
     plan = plan_extraction(source, target, options)
+    session.check_paths(
+        checkpoint_paths("--source-model", source) + checkpoint_paths("--target-model", target),
+        written_files(plan, session.output),
+    )
     check_something_to_extract(plan, source, target)
     warnings = surprises(plan, source, target)
     for warning in warnings:
@@ -57,13 +62,13 @@ def extract(
         }
         changes = input_changes(previous, manifest)
         session.write_manifest(manifest)
-        report, writer = _run(plan, source, target, session, changes)
+        report, outputs = _run(plan, source, target, session, changes)
         report["summary"]["work_dir"] = work.path if run.keep_work else None
         report["summary"]["warnings"] = warnings
         try:
-            session.publish(writer, report)
+            session.publish([output.writer for output in outputs], report)
         except BaseException:
-            writer.abort()  # nothing at the output changed; the work directory has it all
+            abort(outputs)  # nothing at the output changed; the work directory has it all
             raise
     if not run.keep_work:
         work.remove()
@@ -97,26 +102,28 @@ def _run(
     _compute(session, pending, kernel, fingerprints, markers)
     phases["compute"] = time.time() - started - sum(phases.values())
     session.emit("write", {"tensors": len(plan.tasks)})
-    writer = open_export(plan, markers, session.output)
+    values, recomputed = singular_values(plan.tasks, markers, work, recompute)
+    outputs = open_outputs(plan, markers, values, session.output)
     try:
-        stored = export(plan, markers, work, writer, recompute)
+        dtype = plan.options.torch_dtype
+        recomputed.update(export(plan.tasks, markers, work, outputs, values, dtype, recompute))
     except BaseException:
-        writer.abort()
+        abort(outputs)
         raise
     phases["write"] = time.time() - started - sum(phases.values())
     tensors = {}
     for task in plan.tasks:
         marker, decision = markers[task.key], decisions[task.key]
-        error, kernel_error, note = stored.get(task.key, (0.0, 0.0, None))
+        note = recomputed.get(task.key)
         entry = {
             "kind": "skipped" if marker["kind"] == "unchanged" else marker["kind"],
             "shape": list(task.shape),
-            "rank": task.rank if marker["kind"] == "lowrank" else None,
-            "rel_error": None if marker["kind"] == "unchanged" else error,
-            "kernel_rel_error": None if marker["kind"] == "unchanged" else kernel_error,
+            **_ranked(task.key, marker["kind"], outputs),
             "seconds": marker.get("seconds"),
             "status": _status(decision, note),
         }
+        if marker.get("iterations") is not None:  # power iterations the kernel used
+            entry["iterations"] = marker["iterations"]
         notes = [
             n
             for n in (
@@ -128,6 +135,8 @@ def _run(
         ]
         if decision.sliced_from:
             notes.append(f"sliced from stored rank {decision.sliced_from}")
+        if marker.get("blocked"):
+            notes.append(blocked_note(marker["blocked"]))
         if decision.note:
             notes.append(decision.note)
         if decision.reason:
@@ -138,7 +147,8 @@ def _run(
     for skipped in plan.skipped:
         tensors[skipped.key] = {"kind": "skipped", "note": skipped.reason, "status": "planned"}
     extra = {
-        "files": writer.final_files,
+        "files": [file for output in outputs for file in output.writer.final_files],
+        "outputs": outputs_summary(outputs),
         "output": session.output,
         "device": dev,
         "computed": sum(1 for d in decisions.values() if not d.reuse),
@@ -147,6 +157,7 @@ def _run(
         "target_only": plan.target_only,
         "input_changes": changes,
         "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
+        "memory": memory_summary(session.budget, tensors),
     }
     report = build_report(
         "extract",
@@ -156,7 +167,18 @@ def _run(
         extra,
         started,
     )
-    return report, writer
+    return report, outputs
+
+
+def _ranked(key: str, kind: str, outputs: list) -> dict:
+    """A tensor's rank and errors in the report: those of the largest cap's output, plus, for a
+    low-rank tensor, its kept energy and (with several caps) every output's under ``ranks``."""
+    if kind == "unchanged":
+        return {"rank": None, "rel_error": None, "kernel_rel_error": None}
+    if kind != "lowrank":
+        error, kernel_error = outputs[-1].errors[key]
+        return {"rank": None, "rel_error": error, "kernel_rel_error": kernel_error}
+    return lowrank_entry(key, outputs)
 
 
 def _status(decision: Decision, note: str | None) -> str:
@@ -168,13 +190,21 @@ def _status(decision: Decision, note: str | None) -> str:
 
 
 def _call(session: Session, task, kernel, fingerprint: dict) -> TaskCall:
+    """The task of ``task``: whole when its working set fits the session's memory budget,
+    else in row blocks (blocked.py), declaring the bytes it will hold either way."""
     dev = session.device
+    block_rows = block_rows_for(task, kernel, session.budget)
+    if block_rows is None:
+        memory, staging = working_bytes(task, kernel), stage_bytes(task)
+    else:  # rows go to the device block by block: no whole-tensor staging
+        memory, staging = blocked_bytes(task, kernel, block_rows), 0
     return TaskCall(
         task.name,
         run_extract_task,
-        (task, session.work.path, dev, kernel, fingerprint),
+        (task, session.work.path, dev, kernel, fingerprint, block_rows),
         uses_gpu=dev.startswith("cuda"),  # every task uses the device
-        stage_bytes=stage_bytes(task),
+        stage_bytes=staging,
+        memory_bytes=memory,
     )
 
 

@@ -8,10 +8,13 @@ from dataclasses import dataclass
 
 import torch
 
-from loraforge.kernels import SVD_METHODS
+from loraforge.kernels import SVD_METHODS, RankRule
+from loraforge.kernels.svd import DEFAULT_MAX_ITER, DEFAULT_TOL
 
 from ..errors import UsageError
 from ..io.dtypes import check_output_format, parse_dtype
+from ..lora.rank_options import checked_ranks, rule_from
+from ..lora.styles import DEFAULT_STYLE, KeyStyle, check_output, key_style
 
 
 class _Frozen:
@@ -39,34 +42,54 @@ class KernelOptions(_Frozen):
     method: str = "randomized"
     rank: int = 32
     oversample: int = 16
-    n_iter: int = 2
+    n_iter: int | None = None  # power iterations; None: adaptive (--power-iterations auto)
+    tol: float = DEFAULT_TOL  # adaptive: stop when a step gains < tol of what is missed
+    max_iter: int = DEFAULT_MAX_ITER  # adaptive: at most this many power iterations
 
     def __post_init__(self):
         if self.rank < 1:
             raise UsageError(f"--rank must be >= 1, got {self.rank}")
         if self.method not in SVD_METHODS:
             raise UsageError(f"unknown --svd {self.method!r}; valid: {', '.join(SVD_METHODS)}")
-        if self.oversample < 0 or self.n_iter < 0:
+        if self.oversample < 0 or (self.n_iter is not None and self.n_iter < 0):
             raise UsageError("--oversample and --power-iterations must be >= 0")
+        if not self.tol > 0.0:
+            raise UsageError(f"--svd-tol must be > 0, got {self.tol}")
+        if self.max_iter < 1:
+            raise UsageError(f"--max-power-iterations must be >= 1, got {self.max_iter}")
 
 
 @dataclass(frozen=True)
 class ExtractOptions(_Frozen):
+    """What decides an extraction's output. The rank rule is applied at export from the
+    stored spectra, so it is not part of what a resume compares (``resume.py``)."""
+
     kernel: KernelOptions = KernelOptions()
+    rank_rule: RankRule | None = None  # None: fixed at kernel.rank (normalised on creation)
+    ranks: tuple[int, ...] = ()  # one output per cap (--rank 16,32,64); () = (kernel.rank,)
     lowrank_min_params: int = 1_000_000
     diff_only: bool = False
     output_dtype: str = "bf16"
     output_format: str = "safetensors"
     max_shard_size: int | None = None
+    key_style: str = DEFAULT_STYLE  # output key names (lora/styles.py); not in resume's check
 
     def __post_init__(self):
         if isinstance(self.kernel, dict):
             object.__setattr__(self, "kernel", KernelOptions.from_dict(self.kernel))
+        object.__setattr__(self, "rank_rule", rule_from(self.rank_rule, self.kernel.rank))
+        ranks = checked_ranks(self.ranks, self.rank_rule, "kernel rank")
+        object.__setattr__(self, "ranks", ranks)
         parse_dtype(self.output_dtype)
         check_output_format(self.output_format, self.max_shard_size)
+        check_output(key_style(self.key_style), self.output_format, self.max_shard_size)
         if self.lowrank_min_params < 0:
             raise UsageError("--lowrank-min-params must be >= 0")
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return parse_dtype(self.output_dtype)
+
+    @property
+    def style(self) -> KeyStyle:
+        return key_style(self.key_style)

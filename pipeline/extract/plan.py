@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..io.reader import CheckpointIndex, TensorInfo
-from ..lora import naming
 from .options import ExtractOptions
 
 
@@ -56,8 +55,10 @@ def plan_extraction(
     source: CheckpointIndex, target: CheckpointIndex, options: ExtractOptions
 ) -> ExtractionPlan:
     tasks: list[ExtractTask] = []
-    skipped: list[Skipped] = []
-    for key in sorted(set(source.tensors) & set(target.tensors)):
+    # Scaled-fp8 bookkeeping (scales, markers) is read with its weight, never diffed itself.
+    companions = {**target.fp8.companions, **source.fp8.companions}
+    skipped = [Skipped(k, companions[k]) for k in sorted(companions)]
+    for key in sorted((set(source.tensors) & set(target.tensors)) - set(companions)):
         src, tgt = source.tensors[key], target.tensors[key]
         if src.shape != tgt.shape:
             skipped.append(Skipped(key, f"shape mismatch: {list(src.shape)} vs {list(tgt.shape)}"))
@@ -74,8 +75,8 @@ def plan_extraction(
         options=options,
         tasks=tasks,
         skipped=skipped,
-        source_only=sorted(set(source.tensors) - set(target.tensors)),
-        target_only=sorted(set(target.tensors) - set(source.tensors)),
+        source_only=sorted(set(source.tensors) - set(target.tensors) - set(companions)),
+        target_only=sorted(set(target.tensors) - set(source.tensors) - set(companions)),
     )
 
 
@@ -86,10 +87,10 @@ def _plan_tensor(
     large = src.numel >= options.lowrank_min_params and len(shape) > 1
     if not options.diff_only and large and len(shape) == 2 and key.endswith(".weight"):
         rank = min(options.kernel.rank, *shape)
-        return ExtractTask(key, "lowrank", shape, rank, src, tgt, naming.lowrank_names(key))
-    name = naming.diff_name(key)
+        return ExtractTask(key, "lowrank", shape, rank, src, tgt, options.style.lowrank_names(key))
+    name = options.style.diff_name(key)
     if name is None:
-        return Skipped(key, "no LightX2V name for this suffix (only .weight, .bias, .modulation)")
+        return Skipped(key, options.style.cannot_hold(key))
     note = None
     if large and not options.diff_only:
         note = (

@@ -6,20 +6,21 @@ marker per tensor written; a rerun of the same merge computes only the tensors w
 
 from __future__ import annotations
 
-import os
-
 from ..errors import ClusterError, LoraforgeError, LoraMismatch
 from ..io.reader import index_checkpoint
 from ..io.writer import open_output
 from ..lora.config import MergeConfig
 from ..lora.inputs import LoraInput, open_lora
 from ..lora.patches import refusal
+from ..lora.paths import lora_paths
+from ..lora.summary import lora_summaries
 from ..run.cluster import TaskCall
 from ..run.faults import maybe_crash
 from ..run.options import RunOptions
-from ..run.paths import UserPath, checkpoint_paths
-from ..run.report import build_report
+from ..run.paths import checkpoint_paths
+from ..run.report import blocked_note, build_report, memory_summary
 from ..run.session import Progress, Session
+from .blocked import block_rows_for, blocked_bytes, working_bytes
 from .options import MergeOptions
 from .plan import MergePlan, MergeTask, plan_merge
 from .resume import changes_since, components_digest, marker_valid, merge_components
@@ -47,14 +48,16 @@ def merge(
     base = index_checkpoint(source_model, source_type)
     shapes = {key: info.shape for key, info in base.tensors.items()}
     opened = [open_lora(s, shapes, lora_type, options.allow_nonfinite) for s in loras.loras]
-    session.check_paths(_input_paths(base, opened, loras))
+    session.check_paths(checkpoint_paths("--source-model", base) + lora_paths(opened, loras.path))
+    if loras.unused:
+        session.emit("note", {"message": _unused_note(loras)})
     plan = plan_merge(base, opened, options)
     if options.strict:
         _refuse_unmatched(base, opened, plan, session)
     for lora in opened:
         for warning in lora.warnings:
             session.emit("warning", {"message": f"{lora.label}: {warning}"})
-    session.emit("loras", {"loras": _lora_summaries(opened, plan)})
+    session.emit("loras", {"loras": lora_summaries(opened, plan.unmatched)})
 
     work = session.work
     with session.locked() as previous:
@@ -70,7 +73,7 @@ def merge(
             options.output_format,
             plan.entries,
             options.max_shard_size,
-            metadata=METADATA,
+            metadata={**METADATA, **plan.metadata},
             reuse=same,
         )
         session.write_manifest({"fingerprint": fingerprint, "components": components})
@@ -78,6 +81,7 @@ def merge(
             markers = _run(plan, writer, session, fingerprint, changes)
             session.emit("write", {"tensors": len(plan.tasks)})
             report = _report(plan, base, opened, markers, writer.final_files, session, changes)
+            report["summary"]["config"] = _config_summary(loras)
             session.publish(writer, report)
         except BaseException as failure:
             if isinstance(failure, LoraforgeError) and not isinstance(failure, ClusterError):
@@ -92,34 +96,43 @@ def merge(
     return report
 
 
-def _input_paths(base, opened: list[LoraInput], loras: MergeConfig) -> list[UserPath]:
-    """Every file the merge reads: the base's, each LoRA's (and its adapter directory and
-    config), and the LoRA config file."""
-    paths = checkpoint_paths("--source-model", base)
-    for lora in opened:
-        paths += checkpoint_paths("--lora-model", lora.index)
-        if os.path.isdir(lora.label):
-            paths.append(UserPath("--lora-model", lora.label))
-        if lora.config:
-            paths.append(UserPath("--lora-model", lora.config))
-    if loras.path:
-        paths.append(UserPath("--config", loras.path))
-    return paths
+def _call(task: MergeTask, writer, session: Session, fingerprint: dict, options) -> TaskCall:
+    """The task of ``task``: whole when it fits the session's memory budget, else in row
+    blocks (blocked.py), declaring the bytes it will hold either way."""
+    dev = session.device
+    block_rows = block_rows_for(task, session.budget)
+    if block_rows is None:
+        memory, staging = working_bytes(task), stage_bytes(task)
+    else:  # rows go to the device block by block: no whole-tensor staging
+        memory, staging = blocked_bytes(task, block_rows), 0
+    return TaskCall(
+        task.name,
+        run_merge_task,
+        (
+            task,
+            writer.slot(task.key),
+            session.work.path,
+            dev,
+            {"fingerprint": fingerprint},
+            options.allow_nonfinite,
+            block_rows,
+        ),
+        uses_gpu=dev.startswith("cuda") and task.kind == "merged",
+        stage_bytes=staging,
+        memory_bytes=memory,
+    )
 
 
-def _lora_summaries(opened: list[LoraInput], plan: MergePlan) -> list[dict]:
-    return [
-        {
-            "path": lora.label,
-            "file": lora.file,
-            "strength": lora.strength,
-            "peft": lora.peft,
-            "keys": len(lora.index.tensors),
-            "patches": len(lora.mapping.patches),
-            "unmatched": {u.lora_key: u.reason for u in unmatched},
-        }
-        for lora, unmatched in zip(opened, plan.unmatched, strict=True)
-    ]
+def _unused_note(loras: MergeConfig) -> str:
+    fields = ", ".join(loras.unused)
+    return f"{loras.path}: fields not used by loraforge merge (it reads the LoRA fields): {fields}"
+
+
+def _config_summary(loras: MergeConfig) -> dict | None:
+    """The ``--config`` file read, the entries' ``name`` chosen, its fields not used."""
+    if loras.path is None:
+        return None
+    return {"path": loras.path, "name": loras.name, "not_used": list(loras.unused)}
 
 
 def _refuse_unmatched(base, opened: list[LoraInput], plan: MergePlan, session: Session) -> None:
@@ -143,7 +156,7 @@ def _save_refusal_report(base, opened, plan, session: Session, message: str) -> 
         "output": None,
         "device": session.device,
         "refused": message,
-        "loras": _lora_summaries(opened, plan),
+        "loras": lora_summaries(opened, plan.unmatched),
         "work_dir": None,
     }
     inputs = {"source": base.path, "loras": [lora.label for lora in opened]}
@@ -176,24 +189,7 @@ def _run(plan: MergePlan, writer, session: Session, fingerprint: str, changes: l
 def _compute(
     pending: list[MergeTask], options: MergeOptions, writer, session: Session, fingerprint, markers
 ) -> None:
-    dev = session.device
-    calls = [
-        TaskCall(
-            task.name,
-            run_merge_task,
-            (
-                task,
-                writer.slot(task.key),
-                session.work.path,
-                dev,
-                {"fingerprint": fingerprint},
-                options.allow_nonfinite,
-            ),
-            uses_gpu=dev.startswith("cuda") and task.kind == "merged",
-            stage_bytes=stage_bytes(task),
-        )
-        for task in pending
-    ]
+    calls = [_call(task, writer, session, fingerprint, options) for task in pending]
     by_key = {task.name: task for task in pending}
 
     def finished(key: str, result: dict) -> None:
@@ -212,22 +208,26 @@ def _report(plan, base, opened, markers, files, session: Session, changes) -> di
         marker = markers[task.key]
         tensors[task.key] = {
             "kind": task.kind,
-            "shape": list(task.base.shape),
+            "shape": list(task.entry.shape),
             "dtype": task.out_dtype,
             "loras": [opened[p.lora].label for p in task.patches],
             "seconds": marker.get("seconds"),
             "status": marker["status"],
         }
+        if marker.get("blocked"):
+            tensors[task.key]["note"] = blocked_note(marker["blocked"])
     extra = {
         "files": files,
         "output": session.output,
         "device": session.device,
         "computed": sum(1 for m in markers.values() if m["status"] == "computed"),
         "reused": sum(1 for m in markers.values() if m["status"] == "reused"),
-        "loras": _lora_summaries(opened, plan),
+        "loras": lora_summaries(opened, plan.unmatched),
         "input_changes": changes,
+        "dropped": plan.dropped,
         "warnings": [f"{lora.label}: {w}" for lora in opened for w in lora.warnings],
         "work_dir": None,
+        "memory": memory_summary(session.budget, tensors),
     }
     inputs = {"source": base.path, "loras": [lora.label for lora in opened]}
     return build_report("merge", plan.options.to_dict(), inputs, tensors, extra, session.started)

@@ -20,6 +20,7 @@ from ..workdir import RunLock, WorkDir
 from .cluster import TaskCall, run_tasks
 from .device import resolve_device
 from .gpu import select_gpus, visible_gpus
+from .memory import default_budget
 from .options import RunOptions
 from .paths import (
     UserPath,
@@ -43,10 +44,11 @@ class Session:
     output: str  # absolute, with the format's suffix
     device: str  # where tasks compute: cpu, cuda or cuda:N
     gpus: list[str] | None  # CUDA_VISIBLE_DEVICES entries of --gpus workers
-    work: WorkDir
+    work: WorkDir | None  # None: a read-only run (verify)
     emit: Progress = _no_progress
     started: float = field(default_factory=time.time)
     given_output: str = ""  # --output as typed (absolute), before the suffix rule
+    budget: int = 0  # bytes the running tasks may hold together (--max-memory or default)
     _discard: bool = False
 
     @classmethod
@@ -70,20 +72,57 @@ class Session:
         device = resolve_device(run.device, scheduler=run.scheduler, gpus=run.gpus)
         gpus = select_gpus(run.gpus, visible_gpus()) if run.gpus else None
         work = WorkDir(run.work_dir or output + ".work")
+        budget = run.max_memory or default_budget()
         session = cls(
-            command, run, output, device, gpus, work, progress or _no_progress, started, given
+            command,
+            run,
+            output,
+            device,
+            gpus,
+            work,
+            progress or _no_progress,
+            started,
+            given,
+            budget,
         )
         check_writable_location(session.report_path, "--report")
+        return session
+
+    @classmethod
+    def open_read_only(
+        cls, command: str, run: RunOptions, progress: Progress | None = None
+    ) -> Session:
+        """A run that writes nothing but, with ``--report``, its report (``verify``): device,
+        workers and memory budget as for every command; no output, no work directory
+        (``work`` is None)."""
+        started = time.time()
+        check_path_argument(run.report, "--report")
+        device = resolve_device(run.device, scheduler=run.scheduler, gpus=run.gpus)
+        gpus = select_gpus(run.gpus, visible_gpus()) if run.gpus else None
+        budget = run.max_memory or default_budget()
+        emit = progress or _no_progress
+        session = cls(command, run, "", device, gpus, None, emit, started, "", budget)
+        if run.report:
+            check_writable_location(session.report_path, "--report")
         return session
 
     @property
     def report_path(self) -> str:
         return os.path.abspath(self.run.report or os.path.splitext(self.output)[0] + ".report.json")
 
-    def check_paths(self, inputs: Iterable[UserPath]) -> None:
+    def check_paths(self, inputs: Iterable[UserPath], outputs: Iterable[str] = ()) -> None:
         """Before any work: no path this run writes (output, its index and shards, report,
-        work directory) is an input or another written path."""
-        written = [UserPath("--output", file) for file in output_candidates(self.output)]
+        work directory) is an input or another written path. ``outputs``: further output
+        files of the run beside ``--output`` (``extract --rank 16,32``: one per rank)."""
+        if self.work is None:  # a read-only run writes its report, if asked for, alone
+            if self.run.report:
+                check_paths([UserPath("--report", self.report_path)], inputs, None)
+            return
+        written = [
+            UserPath("--output", file)
+            for output in (self.output, *outputs)
+            for file in output_candidates(output)
+        ]
         if self.given_output != self.output:  # the path as typed, before the suffix rule
             written.append(UserPath("--output", self.given_output))
         written.append(UserPath("--report", self.report_path))
@@ -129,7 +168,7 @@ class Session:
                 "done": done,
                 "done_bytes": done_bytes,
                 "changes": changes,
-                "work_dir": self.work.path,
+                "work_dir": self.work.path if self.work else None,
             },
         )
 
@@ -145,6 +184,7 @@ class Session:
             gpus=self.gpus,
             on_cluster=lambda link: self.emit("cluster", {"dashboard": link}),
             on_warning=lambda message: self.emit("warning", {"message": message}),
+            max_memory=self.budget,
         )
 
     def write_manifest(self, manifest: dict) -> None:
@@ -155,14 +195,19 @@ class Session:
     def publish(self, writer, report: dict) -> dict:
         """Make the output and the report appear together: the output's temporaries are
         sealed, the report written under a temporary name, then all are renamed into place
-        (output files first, report last). Before that nothing at the output changed."""
-        writer.seal()
-        report["summary"]["files"] = writer.final_files
+        (output files first, report last). Before that nothing at the output changed.
+        ``writer`` may be a list (one output per rank): every one is sealed before any is
+        renamed."""
+        writers = writer if isinstance(writer, list) else [writer]
+        for each in writers:
+            each.seal()
+        report["summary"]["files"] = [file for each in writers for file in each.final_files]
         report["summary"]["report"] = self.report_path
         pending = temporary_name(self.report_path)
         try:
             write_json_to(pending, report)
-            writer.publish()
+            for each in writers:
+                each.publish()
         except BaseException:
             remove_quietly(pending)
             raise

@@ -192,6 +192,7 @@ def test_an_unreadable_chunk_of_a_blocked_diff_is_recomputed(pair, tmp_path):
     chunk = tmp_path / "diff.safetensors.work" / "tensors" / "big.weight" / "diff" / "c" / "2" / "0"
     chunk.write_bytes(chunk.read_bytes()[:100])  # truncated: its crc32c cannot match
     again = run()
-    assert again["tensors"]["big.weight"]["status"] == "recomputed"
-    assert "intermediate was unreadable (big.weight/diff: " in again["tensors"]["big.weight"]["note"]
+    entry = again["tensors"]["big.weight"]
+    assert entry["status"] == "recomputed"
+    assert "intermediate was unreadable (big.weight/diff: " in entry["note"]
     assert (tmp_path / "diff.safetensors").read_bytes() == first

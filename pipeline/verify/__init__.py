@@ -1,0 +1,1 @@
+"""``loraforge verify``: how closely base + LoRAs reproduce a fine-tuned checkpoint."""

@@ -1,0 +1,147 @@
+"""resize: the output of one or several LoRAs against the exact Σ strength·scale·up·down in
+dense fp64, its reported errors, names without a base (the LoRAs' own) and with one (kohya),
+resume and re-export."""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loraforge.kernels import RankRule
+from loraforge.pipeline.lora.config import LoraSpec, MergeConfig
+from loraforge.pipeline.resize.command import resize
+from loraforge.pipeline.resize.options import ResizeOptions
+from loraforge.pipeline.run.options import RunOptions
+from tests.helpers.checkpoints import make_base, rand, save_lora
+
+Q, FFN = "blocks.0.attn.q", "blocks.0.ffn.0"
+
+
+@pytest.fixture
+def loras(tmp_path):
+    """A in LightX2V naming (alpha 2 on rank 4: scale 0.5), B in PEFT naming (scale 1)."""
+    a = {
+        f"diffusion_model.{Q}.lora_up.weight": rand(48, 4, seed=1),
+        f"diffusion_model.{Q}.lora_down.weight": rand(4, 32, seed=2),
+        f"diffusion_model.{Q}.alpha": torch.tensor(2.0),
+        f"diffusion_model.{Q}.diff_b": rand(48, seed=3),
+        f"diffusion_model.{FFN}.lora_up.weight": rand(64, 3, seed=4),
+        f"diffusion_model.{FFN}.lora_down.weight": rand(3, 32, seed=5),
+    }
+    b = {
+        f"base_model.model.{Q}.lora_B.weight": rand(48, 5, seed=6),
+        f"base_model.model.{Q}.lora_A.weight": rand(5, 32, seed=7),
+        f"base_model.model.{Q}.diff_b": rand(48, seed=8),
+    }
+    return save_lora(tmp_path, "a.safetensors", a), save_lora(tmp_path, "b.safetensors", b), a, b
+
+
+def exact_sums(a: dict, b: dict, sa: float, sb: float) -> dict[str, torch.Tensor]:
+    """The exact sums in fp64, by target weight."""
+
+    def product(lora, up, down, scale):
+        return scale * lora[up].double() @ lora[down].double()
+
+    q = sa * product(
+        a, f"diffusion_model.{Q}.lora_up.weight", f"diffusion_model.{Q}.lora_down.weight", 0.5
+    ) + sb * product(
+        b, f"base_model.model.{Q}.lora_B.weight", f"base_model.model.{Q}.lora_A.weight", 1.0
+    )
+    ffn = sa * product(
+        a, f"diffusion_model.{FFN}.lora_up.weight", f"diffusion_model.{FFN}.lora_down.weight", 1
+    )
+    bias = sa * a[f"diffusion_model.{Q}.diff_b"].double()
+    bias = bias + sb * b[f"base_model.model.{Q}.diff_b"].double()
+    return {f"{Q}.weight": q, f"{FFN}.weight": ffn, f"{Q}.bias": bias}
+
+
+def run(tmp_path, specs, rule, name="out.safetensors", base=None, **options):
+    return resize(
+        loras=MergeConfig(tuple(LoraSpec(p, s) for p, s in specs)),
+        output=str(tmp_path / name),
+        options=ResizeOptions(rank_rule=rule, output_dtype="fp32", **options),
+        base=base,
+        run=RunOptions(device="cpu", workers=1, work_dir=str(tmp_path / "work")),
+    )
+
+
+def stored_product(lora: dict, module: str) -> torch.Tensor:
+    stem = f"diffusion_model.{module}"
+    up, down = lora[f"{stem}.lora_up.weight"].double(), lora[f"{stem}.lora_down.weight"].double()
+    return float(lora[f"{stem}.alpha"]) / up.shape[1] * up @ down
+
+
+@pytest.mark.parametrize("rank", [16, 3])
+def test_two_loras_equal_the_exact_sum_within_the_reported_error(tmp_path, loras, rank):
+    path_a, path_b, a, b = loras
+    report = run(tmp_path, [(path_a, 0.8), (path_b, -0.5)], RankRule(rank=rank))
+    exact = exact_sums(a, b, 0.8, -0.5)
+    out = load_file(tmp_path / "out.safetensors")
+    assert sorted(out) == sorted(
+        [
+            f"diffusion_model.{m}.{s}"
+            for m in (Q, FFN)
+            for s in ("lora_up.weight", "lora_down.weight", "alpha")
+        ]
+        + [f"diffusion_model.{Q}.diff_b"]
+    )
+    for module in (Q, FFN):
+        entry = report["tensors"][f"{module}.weight"]
+        want = exact[f"{module}.weight"]
+        assert entry["full_rank"] == (9 if module == Q else 3)
+        assert entry["rank"] == min(rank, entry["full_rank"])
+        actual = float((stored_product(out, module) - want).norm() / want.norm())
+        assert actual <= entry["rel_error"] * (1 + 1e-9)
+        # The truncation error is the optimal one: that of the exact sum's own SVD.
+        s = torch.linalg.svdvals(want)
+        optimal = math.sqrt(float((s[entry["rank"] :] ** 2).sum()) / float((s**2).sum()))
+        assert entry["kernel_rel_error"] == pytest.approx(optimal, rel=1e-6, abs=1e-7)
+        assert entry["loras"] == ([path_a, path_b] if module == Q else [path_a])
+    bias = out[f"diffusion_model.{Q}.diff_b"].double()
+    assert torch.equal(bias, exact[f"{Q}.bias"].float().double())
+    assert report["tensors"][f"{Q}.bias"]["kind"] == "diff"
+    if rank == 16:  # every component kept: only fp32 rounding is left
+        assert report["tensors"][f"{Q}.weight"]["rel_error"] < 1e-6
+
+
+def test_resizing_a_lora_to_its_own_rank_reproduces_it(tmp_path, loras):
+    path_a, _path_b, a, _b = loras
+    report = run(tmp_path, [(path_a, 1.0)], RankRule(rank=4))
+    out = load_file(tmp_path / "out.safetensors")
+    assert sorted(out) == sorted([*a, f"diffusion_model.{FFN}.alpha"])  # alpha = rank, always
+    assert [report["tensors"][f"{m}.weight"]["rank"] for m in (Q, FFN)] == [4, 3]
+    for module, scale in ((Q, 0.5), (FFN, 1.0)):
+        stem = f"diffusion_model.{module}"
+        want = scale * a[f"{stem}.lora_up.weight"].double() @ a[f"{stem}.lora_down.weight"].double()
+        assert float((stored_product(out, module) - want).norm() / want.norm()) < 1e-6
+    assert torch.equal(out[f"diffusion_model.{Q}.diff_b"], a[f"diffusion_model.{Q}.diff_b"])
+
+
+def test_resume_and_rank_mode_changes_recompute_nothing(tmp_path, loras):
+    path_a, path_b, _a, _b = loras
+    specs = [(path_a, 0.8), (path_b, -0.5)]
+    assert run(tmp_path, specs, RankRule(rank=16))["summary"]["computed"] == 3
+    again = run(tmp_path, specs, RankRule(rank=16))
+    assert (again["summary"]["computed"], again["summary"]["reused"]) == (0, 3)
+    energy = run(tmp_path, specs, RankRule(mode="energy", rank=16, energy=0.5))
+    assert energy["summary"]["computed"] == 0
+    assert energy["tensors"][f"{Q}.weight"]["rank"] < 9
+    assert energy["tensors"][f"{Q}.weight"]["kept_energy"] >= 0.5
+    changed = run(tmp_path, [(path_a, 0.8), (path_b, 0.5)], RankRule(rank=16))
+    assert changed["summary"]["computed"] == 2  # the targets B patches; FFN is A's alone
+    assert changed["tensors"][f"{Q}.weight"]["note"] == "recomputed: strengths or scales changed"
+
+
+def test_kohya_names_are_mapped_through_a_base(tmp_path):
+    base, _tensors = make_base(tmp_path)
+    kohya = {
+        "lora_unet_blocks_0_attn_q.lora_up.weight": rand(48, 2, seed=1),
+        "lora_unet_blocks_0_attn_q.lora_down.weight": rand(2, 32, seed=2),
+        "lora_unet_blocks_0_attn_q.alpha": torch.tensor(2.0),
+    }
+    path = save_lora(tmp_path, "kohya.safetensors", kohya)
+    report = run(tmp_path, [(path, 1.0)], RankRule(rank=8), base=base)
+    assert list(report["tensors"]) == [f"{Q}.weight"]
+    out = load_file(tmp_path / "out.safetensors")
+    assert out[f"diffusion_model.{Q}.lora_up.weight"].shape == (48, 2)
