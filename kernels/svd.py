@@ -241,12 +241,13 @@ def randomized_svd_op(
 
 def _adaptive(op: MatrixOperator, basis: torch.Tensor, k: int, tol: float, max_iter: int):
     """Power iterations, a half (one product with Aᵀ or A) at a time, until the captured
-    energy settles; never fewer than the old fixed default (``MIN_AUTO_ITER``), so auto is
-    never less accurate than it. Each half-step's QR already holds an approximation of A:
-    AᵀQ = P·R gives QQᵀA = Q·Rᵀ·Pᵀ, and AP = Q·R gives APPᵀ = Q·R·Pᵀ (both orthogonal
-    projections of A, so the residual identity holds). The singular values of the small R are
-    the captured energy (the test costs a q×q SVD), and the factors come from the SVD of R, so
-    stopping costs no extra pass over A, and a half-step is the finest unit of work."""
+    energy settles; never fewer than the old fixed default (``MIN_AUTO_ITER``) unless
+    ``max_iter`` is lower, so at the default cap auto is never less accurate than it. Each
+    half-step's QR already holds an approximation of A: AᵀQ = P·R gives QQᵀA = Q·Rᵀ·Pᵀ, and
+    AP = Q·R gives APPᵀ = Q·R·Pᵀ (both orthogonal projections of A, so the residual identity
+    holds). The singular values of the small R are the captured energy (the test costs a q×q
+    SVD), and the factors come from the SVD of R, so stopping costs no extra pass over A, and a
+    half-step is the finest unit of work."""
     sq_norm = op.sq_norm()
     current, previous, halves = basis, 0.0, 0
     while True:

@@ -2,7 +2,7 @@
 
 import torch
 
-from loraforge.kernels import SVD_METHODS, LowRank, seed_for
+from loraforge.kernels import SVD_METHODS, LowRank, MatrixOperator, randomized_svd_op, seed_for
 from loraforge.kernels.svd import DEFAULT_MAX_ITER, DEFAULT_TOL
 
 
@@ -38,27 +38,25 @@ def lowrank(
 
 
 def lowrank_blocked(
-    op,
+    op: MatrixOperator,
     rank: int,
     *,
     name: str,
     oversample: int = 16,
     n_iter: int | None = None,
-    tol: float | None = None,
-    max_iter: int | None = None,
+    tol: float = DEFAULT_TOL,
+    max_iter: int = DEFAULT_MAX_ITER,
 ) -> LowRank:
     """Rank-``rank`` factors of the matrix behind ``op`` (``kernels.RowBlocks``: read a block
     of rows at a time) by the randomized SVD on ``op.device``, seeded from ``name`` as
-    ``lowrank`` seeds it. ``tol``/``max_iter`` None: the kernel's defaults."""
-    from loraforge.kernels import svd
-
+    ``lowrank`` seeds it."""
     generator = torch.Generator(device=op.device).manual_seed(seed_for(name))
-    return svd.randomized_svd_op(
+    return randomized_svd_op(
         op,
         rank,
         oversample=oversample,
         n_iter=n_iter,
-        tol=svd.DEFAULT_TOL if tol is None else tol,
-        max_iter=svd.DEFAULT_MAX_ITER if max_iter is None else max_iter,
+        tol=tol,
+        max_iter=max_iter,
         generator=generator,
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 from ..lora import export as lora_export
 from ..lora.export import RankedOutput
 from ..lora.rank_options import ranked_outputs
-from ..lora.writer import config_file
 from .plan import ExtractionPlan
 
 
@@ -22,10 +21,7 @@ def output_files(plan: ExtractionPlan, output: str) -> dict[int, str]:
 def written_files(plan: ExtractionPlan, output: str) -> list[str]:
     """Every output file beside ``output`` the run writes: other caps' outputs, PEFT
     configs."""
-    files = []
-    for path in output_files(plan, output).values():
-        files += [f for f in (path, config_file(path, plan.options.style)) if f]
-    return [f for f in files if f != output]
+    return lora_export.written_beside(output, plan.options.ranks, plan.options.style)
 
 
 def open_outputs(

@@ -34,9 +34,9 @@ from ..io.layout import OutputEntry
 from ..io.slots import RowWriter
 from ..run.faults import maybe_crash
 from ..workdir import CorruptEntry, WorkDir
-from .rank_options import with_cap
+from .rank_options import ranked_outputs, with_cap
 from .styles import KeyStyle
-from .writer import open_lora_output, task_weights
+from .writer import config_file, open_lora_output, task_weights
 
 METADATA = {"format": "pt", "producer": "loraforge"}
 
@@ -59,6 +59,15 @@ class RankedOutput:
 
     def kept_energy(self, key: str) -> float:
         return kept_energy(self.spectra[key], self.ranks[key])
+
+
+def written_beside(output: str, caps: Sequence[int], style: KeyStyle) -> list[str]:
+    """Every file a run writes beside ``output`` (checked against the inputs before it
+    starts): the other caps' outputs (``--rank 16,32``) and PEFT configs."""
+    files = []
+    for path in ranked_outputs(output, caps, style.directory).values():
+        files += [f for f in (path, config_file(path, style)) if f]
+    return [f for f in files if f != output]
 
 
 def _recomputed(task, markers: dict, work: WorkDir, recompute, why) -> str:
@@ -310,6 +319,8 @@ def export(
             if isinstance(loaded[task.key], CorruptEntry):
                 notes[task.key] = _recomputed(task, markers, work, recompute, loaded[task.key])
                 loaded[task.key] = work.load(task.key, markers[task.key])
+                if markers[task.key]["kind"] == "lowrank":  # now factored at the task's rank
+                    values[task.key] = list(loaded[task.key][1]["up"]["singular_values"])
             arrays, _attributes = loaded.pop(task.key)
             marker = markers[task.key]
             same = diff_tensors(task, arrays, dtype) if marker["kind"] == "diff" else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+from ..errors import LoraMismatch
 from ..io.reader import TensorInfo, index_checkpoint
 from ..lora.config import MergeConfig
 from ..lora.export import (
@@ -18,6 +19,7 @@ from ..lora.export import (
     open_outputs,
     outputs_summary,
     singular_values,
+    written_beside,
 )
 from ..lora.inputs import LoraInput, find_weights, open_lora
 from ..lora.keys import KOHYA_PREFIXES
@@ -25,7 +27,7 @@ from ..lora.modules import own_targets
 from ..lora.paths import lora_paths
 from ..lora.rank_options import ranked_outputs
 from ..lora.summary import lora_summaries
-from ..lora.writer import beside_directory, config_file, weights_file
+from ..lora.writer import beside_directory, weights_file
 from ..run.cluster import TaskCall
 from ..run.faults import maybe_crash
 from ..run.options import RunOptions
@@ -60,8 +62,9 @@ def resize(
     shapes = {key: info.shape for key, info in targets.items()}
     opened = [open_lora(s, shapes, lora_type, options.allow_nonfinite) for s in loras.loras]
     inputs = lora_paths(opened, loras.path) + (checkpoint_paths("--base", index) if index else [])
-    session.check_paths(inputs, _written(options, session.output))
+    session.check_paths(inputs, written_beside(session.output, options.ranks, options.style))
     plan = plan_resize(targets, opened, options)
+    _check_something_to_write(plan, opened)
     for warning in _warnings(opened, plan, index is None):
         session.emit("warning", {"message": warning})
     session.emit("loras", {"loras": lora_summaries(opened, plan.unmatched)})
@@ -83,14 +86,6 @@ def resize(
     return report
 
 
-def _written(options: ResizeOptions, output: str) -> list[str]:
-    """Every file written beside ``output``: other caps' outputs, PEFT configs."""
-    files = []
-    for path in ranked_outputs(output, options.ranks, options.style.directory).values():
-        files += [f for f in (path, config_file(path, options.style)) if f]
-    return [f for f in files if f != output]
-
-
 def _own_targets(loras: MergeConfig, lora_type: str | None) -> dict[str, TensorInfo]:
     """Targets named from the LoRAs' own module names (no base given); the first LoRA to name
     a target gives its shape."""
@@ -102,6 +97,19 @@ def _own_targets(loras: MergeConfig, lora_type: str | None) -> dict[str, TensorI
         for key, shape in own.items():
             targets.setdefault(key, TensorInfo(key, file, "F32", tuple(shape)))
     return targets
+
+
+def _check_something_to_write(plan: ResizePlan, opened: list[LoraInput]) -> None:
+    """A LoRA with no tensor at all is refused before any file is written, naming the first
+    LoRA key left out and why (e.g. a diff the output style cannot hold)."""
+    if plan.tasks:
+        return
+    first = next(((i, u[0]) for i, u in enumerate(plan.unmatched) if u), None)
+    example = f", e.g. '{first[1].lora_key}': {first[1].reason}" if first else ""
+    raise LoraMismatch(
+        f"nothing to write in the {plan.options.style.name} style{example}",
+        path=opened[first[0] if first else 0].label,
+    )
 
 
 def _warnings(opened: list[LoraInput], plan: ResizePlan, without_base: bool) -> list[str]:
@@ -116,9 +124,11 @@ def _warnings(opened: list[LoraInput], plan: ResizePlan, without_base: bool) -> 
     return warnings
 
 
-def _run(plan: ResizePlan, opened: list[LoraInput], session: Session) -> tuple[dict, object]:
-    """Resume decisions, compute, choose ranks, write the output's temporaries; return the
-    report and the filled writer, for the caller to publish."""
+def _run(
+    plan: ResizePlan, opened: list[LoraInput], session: Session
+) -> tuple[dict, list[RankedOutput]]:
+    """Resume decisions, compute, choose ranks, write the outputs' temporaries; return the
+    report and the filled outputs (one per cap), for the caller to publish."""
     work = session.work
     options = plan.options
     fingerprints, reasons, markers = resume_decisions(plan, work)

@@ -11,6 +11,7 @@ import torch
 
 from loraforge.kernels.stacked import refactor_sum
 
+from ..errors import NonFiniteTensor
 from ..lora.patches import load_deltas
 from ..workdir import WorkDir
 from .plan import ResizeTask
@@ -46,6 +47,24 @@ def _distance_sq(deltas, up: torch.Tensor, down: torch.Tensor) -> float:
     return float((inside * inside).sum()) + max(across, 0.0)
 
 
+def _check_finite(task: ResizeTask, deltas) -> None:
+    """A low-rank sum holding NaN or Inf (factors read with ``--allow-nonfinite``, or scaled
+    past fp64's range) has no SVD: refused naming the LoRA tensor, not with LAPACK's error."""
+    for patch, delta in zip(task.patches, deltas, strict=True):
+        for info, values in (
+            (patch.up, delta.factor * delta.up.double()),
+            (patch.down, delta.down),
+        ):
+            if not bool(torch.isfinite(values).all()):
+                raise NonFiniteTensor(
+                    "holds NaN or Inf",
+                    path=info.file,
+                    key=info.key,
+                    hint="a low-rank sum that is not finite cannot be refactored; fix the LoRA: "
+                    "--allow-nonfinite keeps NaN or Inf only in full diffs",
+                )
+
+
 def run_resize_task(
     task: ResizeTask, work_dir: str, fingerprint: dict, allow_nonfinite: bool = False
 ) -> dict:
@@ -58,6 +77,7 @@ def run_resize_task(
     attributes = {}
     if task.kind == "lowrank":
         loaded = list(deltas)  # up/down pairs are copies (load_tensor)
+        _check_finite(task, loaded)
         factors = refactor_sum(
             [d.up.reshape(d.up.shape[0], -1) for d in loaded],
             [d.down.reshape(d.down.shape[0], -1) for d in loaded],

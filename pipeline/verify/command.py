@@ -66,9 +66,15 @@ def verify(
             path=target.path,
             hint="check --source-model and --target-model",
         )
-    for lora in opened:
-        for warning in lora.warnings:
-            session.emit("warning", {"message": f"{lora.label}: {warning}"})
+    warnings = [f"{lora.label}: {warning}" for lora in opened for warning in lora.warnings]
+    if plan.uncompared:
+        key, why = next(iter(plan.uncompared.items()))
+        warnings.append(
+            f"{len(plan.uncompared)} tensors the LoRAs patch are not compared (not in the "
+            f"total), e.g. '{key}': {why}"
+        )
+    for warning in warnings:
+        session.emit("warning", {"message": warning})
     session.emit("loras", {"loras": lora_summaries(opened, plan.unmatched)})
     session.start(
         tensors=len(plan.tasks), total_bytes=plan.total_bytes, done=0, done_bytes=0, changes=[]
@@ -88,6 +94,7 @@ def verify(
     session.compute(calls, finished)
     session.emit("write", {"tensors": len(plan.tasks)})
     report = _report(plan, opened, results, session, base.path, target.path)
+    report["summary"]["warnings"] = warnings
     if run.report:
         session.save_report(report)
     return report
@@ -142,6 +149,7 @@ def _report(plan: VerifyPlan, opened, results: dict, session: Session, base, tar
             {"key": key, "rel_error": e["rel_error"], "error_norm": e["error_norm"]}
             for key, e in compared[: options.worst]
         ],
+        "uncompared": plan.uncompared,
         "source_only": plan.source_only,
         "target_only": plan.target_only,
         "loras": lora_summaries(opened, plan.unmatched),

@@ -1,5 +1,6 @@
 """Verification planning from headers alone: one task per tensor the base and the fine-tuned
-checkpoint share (same shape, float), naming the LoRA tensors that patch it by address."""
+checkpoint share (same shape, float), naming the LoRA tensors that patch it by address.
+Scaled-fp8 bookkeeping (scales, markers) is compared with its weight, never on its own."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class VerifyPlan:
     tasks: list[VerifyTask]  # sorted by key
     unmatched: list[list[Unmatched]]  # per LoRA: keys that patch nothing
     skipped: dict[str, str] = field(default_factory=dict)  # key -> why it is not compared
+    uncompared: dict[str, str] = field(default_factory=dict)  # patched but not compared: why
     source_only: list[str] = field(default_factory=list)
     target_only: list[str] = field(default_factory=list)
 
@@ -55,8 +57,9 @@ def plan_verify(
     options: VerifyOptions,
 ) -> VerifyPlan:
     patches, unmatched = collect_patches(base.tensors, loras, options.alpha)
+    companions = set(base.fp8.companions) | set(target.fp8.companions)
     tasks, skipped = [], {}
-    for key in sorted(set(base.tensors) & set(target.tensors)):
+    for key in sorted((set(base.tensors) & set(target.tensors)) - companions):
         b, t = base.tensors[key], target.tensors[key]
         if b.shape != t.shape:
             skipped[key] = f"shape mismatch: {list(b.shape)} vs {list(t.shape)}"
@@ -64,11 +67,18 @@ def plan_verify(
             skipped[key] = f"not a float tensor ({b.dtype}/{t.dtype})"
         else:
             tasks.append(VerifyTask(key, b, t, tuple(patches.get(key, ()))))
+    compared = {task.key for task in tasks}
+    uncompared = {
+        key: skipped.get(key, "not in the target model")
+        for key in sorted(patches)
+        if key not in compared
+    }
     return VerifyPlan(
         options,
         tasks,
         unmatched,
         skipped,
-        source_only=sorted(set(base.tensors) - set(target.tensors)),
-        target_only=sorted(set(target.tensors) - set(base.tensors)),
+        uncompared,
+        source_only=sorted(set(base.tensors) - set(target.tensors) - companions),
+        target_only=sorted(set(target.tensors) - set(base.tensors) - companions),
     )

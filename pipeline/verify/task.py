@@ -3,8 +3,9 @@ of rows at a time, add every LoRA's contribution to those rows, and sum in fp64
 
     error² = ‖B + Σ fᵢ·Δᵢ − F‖²    and    change² = ‖F − B‖²
 
-(fᵢ = strength · alpha · the LoRA's scale, Δᵢ = upᵢ·downᵢ or diffᵢ). Blocks keep memory at
-a few MiB whatever the tensor's size; only the two sums travel back."""
+(fᵢ = strength · alpha · the LoRA's scale, Δᵢ = upᵢ·downᵢ or diffᵢ). A scaled-fp8 B or F counts
+as its value W_fp8 · scale (io/fp8.py), dequantized block by block. Blocks keep memory at a few
+MiB whatever the tensor's size; only the two sums travel back."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from contextlib import ExitStack
 
 import torch
 
+from loraforge.stages.quantize import dequantize, scale_rows
+
 from ..errors import NonFiniteTensor
-from ..io.reader import load_tensor, mapped
+from ..io.reader import TensorInfo, load_tensor, mapped
 from .plan import VerifyTask
 
 BLOCK_ELEMENTS = 1 << 20  # fp64 elements per block of rows: 8 MiB per operand
@@ -23,7 +26,22 @@ BLOCK_ELEMENTS = 1 << 20  # fp64 elements per block of rows: 8 MiB per operand
 
 def _rows(view: torch.Tensor) -> torch.Tensor:
     """The tensor as (rows, columns): its first dimension by the rest (a scalar: one row)."""
-    return view.reshape(view.shape[0] if view.dim() else 1, -1)
+    if not view.dim():
+        return view.reshape(1, 1)
+    return view.reshape(view.shape[0], math.prod(view.shape[1:]))
+
+
+def _block(view: torch.Tensor, scale: torch.Tensor | None, start: int, stop: int):
+    """Rows ``start:stop`` of a weight in fp64: a scaled-fp8 one as W_fp8 · scale (fp32, as
+    ``load_weight`` gives it)."""
+    rows = view[start:stop]
+    if scale is not None:
+        rows = dequantize(rows, scale_rows(scale, start, stop))
+    return rows.double()
+
+
+def _scale(info: TensorInfo) -> torch.Tensor | None:
+    return None if info.scale is None else load_tensor(info.scale)
 
 
 def run_verify_task(task: VerifyTask) -> dict:
@@ -33,6 +51,7 @@ def run_verify_task(task: VerifyTask) -> dict:
     with ExitStack() as stack:
         base = _rows(stack.enter_context(mapped(task.base)))
         target = _rows(stack.enter_context(mapped(task.target)))
+        base_scale, target_scale = _scale(task.base), _scale(task.target)
         terms = []  # (factor, up rows or None, down or the diff's rows)
         for patch in task.patches:
             if patch.diff is not None:
@@ -43,7 +62,9 @@ def run_verify_task(task: VerifyTask) -> dict:
                 terms.append((patch.factor, _rows(up), down.reshape(down.shape[0], -1)))
         step = max(1, BLOCK_ELEMENTS // max(base.shape[1], 1))
         for i in range(0, base.shape[0], step):
-            change = target[i : i + step].double() - base[i : i + step].double()
+            change = _block(target, target_scale, i, i + step) - _block(
+                base, base_scale, i, i + step
+            )
             error = -change
             for factor, up, other in terms:
                 block = other[i : i + step].double() if up is None else up[i : i + step] @ other

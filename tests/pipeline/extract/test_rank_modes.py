@@ -191,3 +191,20 @@ def test_the_stopping_rule_counts_for_resume_only_when_iterations_are_adaptive()
     assert fingerprint(n_iter=None, max_iter=3) != fingerprint(n_iter=None, max_iter=4)
     assert fingerprint(n_iter=2, tol=0.01) == fingerprint(n_iter=2, tol=0.02)
     assert fingerprint(n_iter=2) == {"method": "randomized", "oversample": 16, "n_iter": 2}
+
+
+def test_a_recomputed_intermediate_below_its_stored_rank_reports_its_own_error(pair, tmp_path):
+    """Stored at rank 8, exported at 4 after an unreadable chunk: the recompute factors at 4,
+    so the error comes from its new marker and singular values, not the stored rank-8 ones
+    (whose components 4..8 its residual already holds)."""
+    run(pair, tmp_path)
+    folder = tmp_path / "work" / "tensors" / "a.weight" / "up" / "c"
+    chunk = next(p for p in folder.rglob("*") if p.is_file())
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    report = run(pair, tmp_path, RankRule(rank=4), ranks=(4,))
+    entry = report["tensors"]["a.weight"]
+    assert entry["status"] == "recomputed" and entry["rank"] == 4
+    s = spectrum("a.weight")
+    kept = sum(v * v for v in s[:4]) / sum(v * v for v in s)
+    assert entry["kept_energy"] == pytest.approx(kept, abs=1e-6)
+    assert entry["kernel_rel_error"] == pytest.approx(math.sqrt(1 - kept), rel=1e-4)

@@ -3,13 +3,16 @@ dense fp64, its reported errors, names without a base (the LoRAs' own) and with 
 resume and re-export."""
 
 import math
+import os
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from loraforge.kernels import RankRule
+from loraforge.pipeline.errors import LoraMismatch, NonFiniteTensor
 from loraforge.pipeline.lora.config import LoraSpec, MergeConfig
+from loraforge.pipeline.lora.styles import key_style
 from loraforge.pipeline.resize.command import resize
 from loraforge.pipeline.resize.options import ResizeOptions
 from loraforge.pipeline.run.options import RunOptions
@@ -145,3 +148,30 @@ def test_kohya_names_are_mapped_through_a_base(tmp_path):
     assert list(report["tensors"]) == [f"{Q}.weight"]
     out = load_file(tmp_path / "out.safetensors")
     assert out[f"diffusion_model.{Q}.lora_up.weight"].shape == (48, 2)
+
+
+def test_nothing_the_output_style_can_hold_is_refused_before_any_file(tmp_path):
+    path = save_lora(tmp_path, "diff.safetensors", {f"{Q}.diff": rand(48, 32, seed=1)})
+    with pytest.raises(LoraMismatch) as info:
+        run(tmp_path, [(path, 1.0)], RankRule(rank=4), name="out", key_style="peft")
+    assert str(info.value) == (
+        f"{path}: nothing to write in the peft style, e.g. '{Q}.diff': targets {Q}.weight: "
+        f"{key_style('peft').cannot_hold(f'{Q}.weight')}"
+    )
+    assert sorted(os.listdir(tmp_path)) == ["diff.safetensors"]
+
+
+def test_a_nonfinite_low_rank_sum_is_refused_naming_the_tensor(tmp_path, loras):
+    """--allow-nonfinite reads a NaN factor, but a sum holding NaN has no SVD: one error naming
+    the LoRA tensor instead of LAPACK's. A diff keeps its NaN (what the flag is for)."""
+    _path_a, _path_b, a, _b = loras
+    up = f"diffusion_model.{Q}.lora_up.weight"
+    a = {**a, up: a[up].clone()}
+    a[up][0, 0] = float("nan")
+    path = save_lora(tmp_path, "nan.safetensors", a)
+    with pytest.raises(NonFiniteTensor) as info:
+        run(tmp_path, [(path, 1.0)], RankRule(rank=4), allow_nonfinite=True)
+    assert str(info.value) == (
+        f"{path}: tensor '{up}': holds NaN or Inf (a low-rank sum that is not finite cannot be "
+        "refactored; fix the LoRA: --allow-nonfinite keeps NaN or Inf only in full diffs)"
+    )

@@ -12,6 +12,7 @@ from loraforge.pipeline.run.options import RunOptions
 from loraforge.pipeline.verify import task as verify_task
 from loraforge.pipeline.verify.command import verify
 from loraforge.pipeline.verify.options import VerifyOptions
+from tests.helpers import fp8
 from tests.helpers.checkpoints import rand, save_lora
 
 Q = "blocks.0.attn.q"
@@ -118,3 +119,82 @@ def test_exact_lora_verifies_to_rounding(files, tmp_path):
     assert report["tensors"][f"{Q}.weight"]["rel_error"] < 1e-6
     assert report["tensors"][f"{Q}.bias"]["rel_error"] == 1.0  # not in this LoRA
     assert report["summary"]["passed"] is None and "report" not in report["summary"]
+
+
+@pytest.mark.parametrize(
+    ("convention", "per_row"), [("scaled_fp8", False), ("comfy_quant", False), ("lightx2v", True)]
+)
+def test_scaled_fp8_sides_are_compared_by_their_value(
+    files, tmp_path, monkeypatch, convention, per_row
+):
+    """A scaled-fp8 B and F count as W_fp8 · scale (as merge writes and loaders read them),
+    per row block when the scale is per row; their scales and markers are no tensors compared."""
+    monkeypatch.setattr(verify_task, "BLOCK_ELEMENTS", 40)  # per-row scales sliced per block
+    _paths, (a, lora_a), (b, lora_b), base, target = files
+    keys = (f"{Q}.weight", "head.weight")
+    base8, meta_b = fp8.scaled(base, keys, convention, per_row)
+    target8, meta_t = fp8.scaled(target, keys, convention, per_row)
+    paths = (
+        fp8.save(base8, tmp_path / "base8.safetensors", meta_b),
+        fp8.save(target8, tmp_path / "target8.safetensors", meta_t),
+    )
+    report = verify(
+        source_model=paths[0],
+        target_model=paths[1],
+        loras=MergeConfig((LoraSpec(a, 0.8), LoraSpec(b, -0.3))),
+        options=VerifyOptions(),
+        run=RunOptions(device="cpu", workers=1),
+    )
+    values = {k: fp8.value(base8, k, convention) for k in base}
+    targets = {k: fp8.value(target8, k, convention) for k in target}
+    sums = dense(values, targets, lora_a, lora_b, 0.8, -0.3, 1.0)
+    assert sorted(k for k, e in report["tensors"].items() if e["kind"] != "skipped") == sorted(base)
+    for key, (error_sq, change_sq) in sums.items():
+        entry = report["tensors"][key]
+        assert entry["error_norm"] == pytest.approx(math.sqrt(error_sq), rel=1e-12, abs=1e-300)
+        assert entry["change_norm"] == pytest.approx(math.sqrt(change_sq), rel=1e-12, abs=1e-300)
+    assert report["summary"]["source_only"] == report["summary"]["target_only"] == []
+
+
+def test_an_empty_tensor_compares_as_nothing(files, tmp_path):
+    _paths, (a, _lora_a), _b, base, target = files
+    paths = str(tmp_path / "b0.safetensors"), str(tmp_path / "t0.safetensors")
+    save_file({**base, "empty": torch.empty(0, 3)}, paths[0])
+    save_file({**target, "empty": torch.empty(0, 3)}, paths[1])
+    report = verify(
+        source_model=paths[0],
+        target_model=paths[1],
+        loras=MergeConfig((LoraSpec(a, 0.2),)),
+        options=VerifyOptions(),
+        run=RunOptions(device="cpu", workers=1),
+    )
+    empty = report["tensors"]["empty"]
+    assert (empty["rel_error"], empty["error_norm"], empty["change_norm"]) == (0.0, 0.0, 0.0)
+
+
+def test_patched_tensors_that_cannot_be_compared_are_warned_about(files, tmp_path):
+    """A LoRA patching a tensor the target lacks (or has at another shape) would otherwise
+    pass --max-error without its change being checked at all."""
+    _paths, (a, _lora_a), (b, _lora_b), base, target = files
+    target = {k: v for k, v in target.items() if k != f"{Q}.weight"}
+    target["blocks.0.ffn.0.weight"] = target["blocks.0.ffn.0.weight"][:, :16].contiguous()
+    paths = str(tmp_path / "base1.safetensors"), str(tmp_path / "target1.safetensors")
+    save_file(base, paths[0])
+    save_file(target, paths[1])
+    report = verify(
+        source_model=paths[0],
+        target_model=paths[1],
+        loras=MergeConfig((LoraSpec(a, 0.2), LoraSpec(b, 1.0))),
+        options=VerifyOptions(max_error=1.0),
+        run=RunOptions(device="cpu", workers=1),
+    )
+    summary = report["summary"]
+    assert summary["uncompared"] == {
+        "blocks.0.ffn.0.weight": "shape mismatch: [64, 32] vs [64, 16]",
+        f"{Q}.weight": "not in the target model",
+    }
+    assert summary["warnings"] == [
+        "2 tensors the LoRAs patch are not compared (not in the total), e.g. "
+        f"'{Q}.weight': not in the target model"
+    ]
+    assert summary["passed"] is True
