@@ -78,7 +78,8 @@ MergeOutputDtype = Annotated[
     typer.Option(
         "--output-dtype",
         help="float32|fp32|float16|fp16|bfloat16|bf16|fp8_e4m3fn (scaled fp8 in the base's "
-        "convention: its scaled weights, or a bf16 base's block linear layers, with fp32 scales)",
+        "convention: its scaled weights, or the blocks' linear layers of a base without "
+        "scales, with fp32 scales)",
     ),
 ]
 MaxShardSize = Annotated[

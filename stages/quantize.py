@@ -55,8 +55,9 @@ def quantize_fp8(
     weight: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(w8, scale)``: ``weight / scale`` clamped to ±fp8 max, then rounded to the nearest fp8
-    (ties to even). Clamping first makes the cast saturating: an unclamped e4m3fn cast turns
-    values past 448 into NaN. ``scale`` defaults to the per-tensor ``fp8_scale``."""
+    (ties to even). Clamping first makes the cast saturating whatever torch does past the max:
+    an e5m2 cast overflows to inf, and older torch turns e4m3fn values past 448 into NaN (2.13
+    saturates them). ``scale`` defaults to the per-tensor ``fp8_scale``."""
     if dtype not in FP8_DTYPES:
         raise ValueError(f"{dtype} is not an fp8 dtype")
     if scale is None:

@@ -14,7 +14,9 @@ Conventions, as their loaders read them (``W = W_fp8 · scale``, scale one value
 - ``comfy_quant`` (ComfyUI's newer format): ``__metadata__["_quantization_metadata"]`` =
   ``{"layers": {<layer>: {"format": "float8_e4m3fn" | "float8_e5m2", ...}}}`` and
   ``<layer>.weight_scale`` (fp32, one value); ``<layer>.input_scale`` for activations.
-  ComfyUI ``comfy/ops.py`` ``mixed_precision_ops`` ``Linear._load_from_state_dict``.
+  ComfyUI ``comfy/ops.py`` ``mixed_precision_ops`` ``Linear._load_from_state_dict``. ComfyUI's
+  own saves carry the same config per layer instead, as a ``<layer>.comfy_quant`` tensor (its
+  JSON as uint8), the header metadata optional; such a tensor marks its layer quantized too.
 - ``lightx2v`` (LightX2V's own quantized files): ``<layer>.weight_scale`` beside an fp8
   ``<layer>.weight``, one scale per row ``[out, 1]`` (``lightx2v/common/ops/mm/mm_weight.py``,
   ``weight_scale_name``; written by ``tools/convert/quant/quant.py``), no metadata.
@@ -33,6 +35,8 @@ FP8_CODES = ("F8_E4M3", "F8_E5M2")
 MARKER = "scaled_fp8"
 QUANT_METADATA = "_quantization_metadata"
 FP8_FORMATS = {"float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+CONFIG_SUFFIX = ".comfy_quant"  # ComfyUI's per-layer quantization config tensor
+CONFIG_WHY = "quantization config (bookkeeping, not a weight)"
 # Per convention: the suffix of a weight's scale.
 SCALE_SUFFIX = {
     "scaled_fp8": ".scale_weight",
@@ -85,6 +89,9 @@ def find_layout(path: str, tensors: dict, metadata: dict[str, str]) -> Fp8Layout
     legacy = [k for k in tensors if k.endswith(".scale_weight")]
     if markers or legacy:
         return _scaled_fp8(path, tensors, markers, legacy)
+    configs = [k for k in tensors if k.endswith(CONFIG_SUFFIX)]
+    if configs:
+        return _comfy_configs(path, tensors, configs)
     scales = {
         w: w.removesuffix(".weight") + ".weight_scale"
         for w, info in tensors.items()
@@ -125,7 +132,43 @@ def _scaled_fp8(path: str, tensors: dict, markers: list[str], legacy: list[str])
     return _layout(path, tensors, "scaled_fp8", scales, {**companions, **inputs}, {})
 
 
-def _comfy_quant(path: str, tensors: dict, text: str) -> Fp8Layout:
+def _comfy_configs(path: str, tensors: dict, configs: list[str]) -> Fp8Layout:
+    """ComfyUI's per-layer ``.comfy_quant`` tensors without header metadata: their contents
+    are not read (planning reads headers only), so each layer must hold an fp8 weight and its
+    ``.weight_scale``, as with the metadata."""
+    layers = [k.removesuffix(CONFIG_SUFFIX) for k in configs]
+    scales = {layer + ".weight": layer + ".weight_scale" for layer in layers}
+    companions = {k: CONFIG_WHY for k in configs}
+    inputs = _inputs(tensors, ".input_scale")
+    return _layout(path, tensors, "comfy_quant", scales, {**companions, **inputs}, {})
+
+
+def join_metadata(path: str, headers: list[dict[str, str]]) -> dict[str, str]:
+    """The header metadata of a checkpoint's files together. Shards may each list only their
+    own layers in ``_quantization_metadata``: those lists are joined, so no shard's scales are
+    lost; a layer given two different configs is refused."""
+    joined: dict[str, str] = {}
+    for header in headers:
+        joined.update(header)
+    texts = list(dict.fromkeys(h[QUANT_METADATA] for h in headers if QUANT_METADATA in h))
+    if len(texts) < 2:
+        return joined
+    layers: dict[str, dict] = {}
+    for text in texts:
+        for layer, conf in _layers(path, text).items():
+            if layers.setdefault(layer, conf) != conf:
+                raise CheckpointFormatError(
+                    f"{QUANT_METADATA} differs between shards for layer {layer!r}",
+                    path=path,
+                    hint="re-save the checkpoint with ComfyUI",
+                )
+    first = json.loads(texts[0])  # its other fields (format_version)
+    joined[QUANT_METADATA] = json.dumps({**first, "layers": dict(sorted(layers.items()))})
+    return joined
+
+
+def _layers(path: str, text: str) -> dict[str, dict]:
+    """The ``layers`` of ``_quantization_metadata`` text; malformed text is refused."""
     try:
         layers = json.loads(text)["layers"]
         if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
@@ -137,6 +180,11 @@ def _comfy_quant(path: str, tensors: dict, text: str) -> Fp8Layout:
             path=path,
             hint="re-save the checkpoint with ComfyUI",
         ) from None
+    return layers
+
+
+def _comfy_quant(path: str, tensors: dict, text: str) -> Fp8Layout:
+    layers = _layers(path, text)
     scales, companions = {}, {}
     for layer, conf in layers.items():
         fmt = conf.get("format")
@@ -149,7 +197,7 @@ def _comfy_quant(path: str, tensors: dict, text: str) -> Fp8Layout:
                 hint="dequantize the checkpoint first (e.g. save it from ComfyUI in bf16)",
             )
         scales[layer + ".weight"] = layer + ".weight_scale"
-        companions[layer + ".comfy_quant"] = "quantization config (bookkeeping, not a weight)"
+        companions[layer + CONFIG_SUFFIX] = CONFIG_WHY
     inputs = _inputs(tensors, ".input_scale")
     present = {k: v for k, v in {**companions, **inputs}.items() if k in tensors}
     return _layout(path, tensors, "comfy_quant", scales, present, {QUANT_METADATA: text})

@@ -33,7 +33,7 @@ from loraforge.stages.quantize import dequantize
 
 from ..errors import CheckpointFormatError, CheckpointNotFound, UnsafePickle
 from . import safetensors_format as stf
-from .fp8 import Fp8Layout, find_layout
+from .fp8 import Fp8Layout, find_layout, join_metadata
 
 FORMATS = ("safetensors", "pytorch")
 PYTORCH_SUFFIXES = (".pt", ".pth", ".bin")  # .bin: Hugging Face / PEFT torch.save zips
@@ -207,10 +207,10 @@ def _shard_name(index_path: str, key: str, shard: object) -> str:
 def _index_safetensors_files(root: str, files: list[str]) -> CheckpointIndex:
     tensors: dict[str, TensorInfo] = {}
     fingerprints: dict[str, dict] = {}
-    metadata: dict[str, str] = {}
+    headers: list[dict[str, str]] = []
     for file in files:
         _, file_metadata, entries, head = stf.read_header(file)
-        metadata.update(file_metadata)
+        headers.append(file_metadata)
         fingerprints[os.path.basename(file)] = {
             "size": os.path.getsize(file),
             "header_sha256": hashlib.sha256(head).hexdigest(),
@@ -224,7 +224,8 @@ def _index_safetensors_files(root: str, files: list[str]) -> CheckpointIndex:
                     hint="remove the duplicate shard",
                 )
             tensors[key] = TensorInfo(key, file, code, shape, begin)
-    return with_scales(CheckpointIndex(root, "safetensors", tensors, fingerprints), metadata)
+    index = CheckpointIndex(root, "safetensors", tensors, fingerprints)
+    return with_scales(index, join_metadata(root, headers))
 
 
 def with_scales(index: CheckpointIndex, metadata: dict[str, str]) -> CheckpointIndex:

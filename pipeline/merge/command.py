@@ -21,12 +21,17 @@ from ..run.paths import checkpoint_paths
 from ..run.report import blocked_note, build_report, memory_summary
 from ..run.session import Progress, Session
 from .blocked import block_rows_for, blocked_bytes, working_bytes
+from .fp8 import is_fp8_task
 from .options import MergeOptions
 from .plan import MergePlan, MergeTask, plan_merge
 from .resume import changes_since, components_digest, marker_valid, merge_components
 from .task import run_merge_task, stage_bytes
 
 METADATA = {"format": "pt", "producer": "loraforge"}
+
+
+# Scaled-fp8 tasks never run blocked (blocked.py block_rows_for): said in the report.
+WHOLE_FP8 = "ran whole over the memory budget (scaled-fp8 tasks do not run in row blocks)"
 
 
 def merge(
@@ -216,6 +221,8 @@ def _report(plan, base, opened, markers, files, session: Session, changes) -> di
         }
         if marker.get("blocked"):
             tensors[task.key]["note"] = blocked_note(marker["blocked"])
+        elif is_fp8_task(task) and working_bytes(task) > session.budget:
+            tensors[task.key]["note"] = WHOLE_FP8
     extra = {
         "files": files,
         "output": session.output,

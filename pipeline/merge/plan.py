@@ -11,8 +11,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..errors import UsageError
 from ..io import safetensors_format as stf
-from ..io.fp8 import MARKER, QUANT_METADATA, is_fp8, is_marker, retarget
+from ..io.fp8 import CONFIG_SUFFIX, MARKER, QUANT_METADATA, is_fp8, is_marker, retarget
 from ..io.layout import OutputEntry
 from ..io.reader import CheckpointIndex, TensorInfo
 from ..lora.inputs import LoraInput
@@ -41,8 +42,8 @@ class MergeTask:
 
     @property
     def read_bytes(self) -> int:
-        if self.part == "marker":
-            return 0
+        if self.part == "marker" or (self.part == "scale" and not self.quantized):
+            return 0  # written without reading (fp8.py fp8_result)
         return self.base.nbytes + sum(t.nbytes for p in self.patches for t in p.tensors)
 
     @property
@@ -78,6 +79,13 @@ def plan_merge(
     patches, unmatched = collect_patches(base.tensors, loras, options.alpha)
     if is_fp8(out_code):
         tasks, metadata = plan_fp8(base, patches, out_code)
+        if metadata and options.output_format == "pytorch":
+            raise UsageError(
+                f"--output-dtype {options.output_dtype} keeps this base's quantization config in "
+                f"the safetensors header ({', '.join(metadata)}), which a PyTorch file cannot hold",
+                path=base.path,
+                hint="use --output-format safetensors",
+            )
         return MergePlan(options, tasks, unmatched, metadata)
 
     # A scaled-fp8 base's scales and markers would rescale the dequantized output: dropped.
@@ -123,6 +131,22 @@ def _quantized(key: str, info: TensorInfo, convention: str | None, fp8_base: boo
     return block_linear(key, info)
 
 
+def _check_configs(base: CheckpointIndex, out_code: str) -> None:
+    """A layer labelled by a ``.comfy_quant`` tensor keeps that tensor's bytes (planning never
+    reads contents), so its weight cannot change fp8 type under it."""
+    for weight in base.fp8.scales:
+        config = weight.removesuffix(".weight") + CONFIG_SUFFIX
+        code = base.tensors[weight].dtype
+        if config in base.tensors and code != out_code:
+            raise UsageError(
+                f"is {code}, and its layer's quantization config tensor {config!r} says so; "
+                f"--output-dtype fp8_e4m3fn cannot relabel it",
+                path=base.path,
+                key=weight,
+                hint="merge into bf16, or re-save the base as float8_e4m3fn",
+            )
+
+
 def plan_fp8(
     base: CheckpointIndex, patches: dict[str, list[PatchRef]], out_code: str
 ) -> tuple[list[MergeTask], dict[str, str]]:
@@ -134,6 +158,7 @@ def plan_fp8(
     an fp32 scale, per tensor (per row where the base's scale is per row); an unpatched weight
     already in ``out_code`` keeps its bytes and its scale. Every other tensor keeps its dtype."""
     layout = base.fp8
+    _check_configs(base, out_code)
     fp8_base = any(is_fp8(i.dtype) for i in base.tensors.values())
     scaled_by = {scale: weight for weight, scale in layout.scales.items()}
     tasks: list[MergeTask] = []

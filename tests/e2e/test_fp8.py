@@ -324,3 +324,23 @@ def test_a_target_sharing_only_scale_bookkeeping_shares_nothing(tmp_path):
     result = run_cli("extract", *args, "--device", "cpu")
     assert result.exit_code == 1
     assert "shares no tensor name with the base" in result.stderr
+
+
+def test_a_scaled_fp8_task_over_the_memory_budget_runs_whole_and_says_so(tmp_path):
+    big = "blocks.1.ffn.0.weight"  # 4096 x 2048: 9 bytes an element whole, over 64 MiB
+    base, _ = pair_tensors(dtype=torch.bfloat16)
+    base[big] = torch.randn(4096, 2048, generator=torch.Generator().manual_seed(3)).bfloat16()
+    path = fp8.save(base, tmp_path / "base.safetensors")
+    lora, _, _ = lora_file(tmp_path)
+    report = merge(
+        source_model=path,
+        loras=MergeConfig((LoraSpec(str(lora), 1.0),)),
+        output=str(tmp_path / "out.safetensors"),
+        options=MergeOptions(output_dtype="fp8_e4m3fn"),
+        run=RunOptions(device="cpu", workers=1, max_memory=64 * 2**20),
+    )
+    notes = {k: e["note"] for k, e in report["tensors"].items() if "note" in e}
+    whole = "ran whole over the memory budget (scaled-fp8 tasks do not run in row blocks)"
+    assert notes == {big: whole, "blocks.1.ffn.0.scale_weight": whole}
+    w8, _ = fp8.quantize(base[big])
+    assert torch.equal(bytes_of(load_file(tmp_path / "out.safetensors")[big]), bytes_of(w8))

@@ -13,6 +13,7 @@ from tests.helpers import fp8
 from tests.helpers.checkpoints import save_sharded
 
 Q, K = "blocks.0.attn.q.weight", "blocks.0.attn.k.weight"
+FORMATS = ("float8_e4m3fn", "float8_e5m2")
 
 
 def tensors(seed=0):
@@ -69,6 +70,42 @@ def test_scales_of_a_sharded_checkpoint_are_found_across_shards(tmp_path):
         Q: "blocks.0.attn.q.weight_scale",
     }
     assert torch.equal(load_weight(index.tensors[K]), fp8.value(stored, K, "comfy_quant"))
+
+
+def test_shards_each_listing_their_own_quantized_layers_are_joined(tmp_path):
+    stored, _ = fp8.scaled(tensors(), [Q, K], "comfy_quant")
+    save_sharded(stored, str(tmp_path / "dir"), shards=2)
+    for shard in sorted((tmp_path / "dir").glob("*.safetensors")):
+        part = {k: v for k, v in stored.items() if k in _keys(shard)}
+        layers = {
+            k.removesuffix(".weight"): {"format": "float8_e4m3fn"} for k in (Q, K) if k in part
+        }
+        fp8.save(part, shard, {"_quantization_metadata": json.dumps({"layers": layers})})
+    index = index_checkpoint(str(tmp_path / "dir"))
+    assert index.fp8.scales == {
+        K: "blocks.0.attn.k.weight_scale",
+        Q: "blocks.0.attn.q.weight_scale",
+    }
+    assert json.loads(index.fp8.metadata["_quantization_metadata"])["layers"] == {
+        "blocks.0.attn.k": {"format": "float8_e4m3fn"},
+        "blocks.0.attn.q": {"format": "float8_e4m3fn"},
+    }
+    assert torch.equal(load_weight(index.tensors[Q]), fp8.value(stored, Q, "comfy_quant"))
+
+
+def test_shards_giving_one_layer_two_formats_are_refused(tmp_path):
+    stored, _ = fp8.scaled(tensors(), [Q], "comfy_quant")
+    save_sharded(stored, str(tmp_path / "dir"), shards=2)
+    for shard, fmt in zip(sorted((tmp_path / "dir").glob("*.safetensors")), FORMATS, strict=True):
+        part = {k: v for k, v in stored.items() if k in _keys(shard)}
+        text = json.dumps({"layers": {"blocks.0.attn.q": {"format": fmt}}})
+        fp8.save(part, shard, {"_quantization_metadata": text})
+    with pytest.raises(CheckpointFormatError) as error:
+        index_checkpoint(str(tmp_path / "dir"))
+    assert str(error.value) == (
+        f"{tmp_path / 'dir'}: _quantization_metadata differs between shards for layer "
+        "'blocks.0.attn.q' (re-save the checkpoint with ComfyUI)"
+    )
 
 
 def _keys(path):
@@ -164,3 +201,43 @@ def test_a_quantization_format_other_than_fp8_is_refused(tmp_path):
     error = _refused(tmp_path, stored, {"_quantization_metadata": text})
     assert error.key == Q
     assert "gives layer 'blocks.0.attn.q' the format 'nvfp4'; loraforge reads" in str(error)
+
+
+def comfy_config(fmt: str = "float8_e4m3fn") -> torch.Tensor:
+    """A per-layer ``<layer>.comfy_quant`` tensor as ComfyUI saves it: its JSON as uint8."""
+    return torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
+
+
+def test_per_layer_comfy_quant_tensors_without_header_metadata_are_comfy_quant(tmp_path):
+    # ComfyUI's own saves carry the config per layer; the header metadata is optional.
+    stored, _ = fp8.scaled(tensors(), [Q], "comfy_quant")
+    stored["blocks.0.attn.q.comfy_quant"] = comfy_config()
+    index = index_checkpoint(fp8.save(stored, tmp_path / "m.safetensors"))
+    assert index.fp8.convention == "comfy_quant"
+    assert index.fp8.scales == {Q: "blocks.0.attn.q.weight_scale"}
+    assert index.fp8.companions["blocks.0.attn.q.comfy_quant"] == (
+        "quantization config (bookkeeping, not a weight)"
+    )
+    assert torch.equal(load_weight(index.tensors[Q]), fp8.value(stored, Q, "comfy_quant"))
+
+
+def test_a_comfy_quant_layer_whose_weight_is_not_fp8_is_refused(tmp_path):
+    stored = tensors()
+    stored[Q] = torch.ones(8, 4, dtype=torch.int8)
+    stored["blocks.0.attn.q.weight_scale"] = torch.tensor(1.0)
+    stored["blocks.0.attn.q.comfy_quant"] = comfy_config("int8_tensorwise")
+    error = _refused(tmp_path, stored, None)
+    assert error.key == Q
+    assert "has a scale 'blocks.0.attn.q.weight_scale' but is stored as I8, not fp8" in str(error)
+
+
+def test_a_malformed_shard_metadata_is_refused_in_one_line(tmp_path):
+    stored, _ = fp8.scaled(tensors(), [Q], "comfy_quant")
+    save_sharded(stored, str(tmp_path / "dir"), shards=2)
+    good = json.dumps({"layers": {"blocks.0.attn.q": {"format": "float8_e4m3fn"}}})
+    shards = sorted((tmp_path / "dir").glob("*.safetensors"))
+    for shard, text in zip(shards, ("{", good), strict=True):  # the first one unreadable
+        part = {k: v for k, v in stored.items() if k in _keys(shard)}
+        fp8.save(part, shard, {"_quantization_metadata": text})
+    with pytest.raises(CheckpointFormatError, match="is not a JSON object with a 'layers'"):
+        index_checkpoint(str(tmp_path / "dir"))

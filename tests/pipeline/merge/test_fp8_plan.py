@@ -3,6 +3,7 @@ scale and marker entries exist before anything is computed (plain data, no files
 
 import pytest
 
+from loraforge.pipeline.errors import UsageError
 from loraforge.pipeline.io.fp8 import find_layout
 from loraforge.pipeline.io.layout import OutputEntry
 from loraforge.pipeline.io.reader import CheckpointIndex, TensorInfo, with_scales
@@ -107,3 +108,63 @@ def test_a_non_fp8_output_drops_the_scaled_bookkeeping():
     plan = plan_merge(base, [], MergeOptions(output_dtype="bf16"))
     assert [(t.key, t.kind) for t in plan.tasks] == [("blocks.0.q.weight", "cast")]
     assert plan.dropped == {k: f"{v}; the output is not fp8" for k, v in layout.companions.items()}
+
+
+def test_a_bf16_output_drops_per_layer_comfy_quant_configs():
+    # Kept beside a bf16 weight, ComfyUI would load that weight as fp8 wanting a scale.
+    base = index(
+        {
+            "blocks.0.q.weight": ("F8_E4M3", (8, 4)),
+            "blocks.0.q.weight_scale": ("F32", ()),
+            "blocks.0.q.comfy_quant": ("U8", (27,)),
+        }
+    )
+    plan = plan_merge(base, [], MergeOptions(output_dtype="bf16"))
+    assert [(t.key, t.kind) for t in plan.tasks] == [("blocks.0.q.weight", "cast")]
+    assert plan.dropped["blocks.0.q.comfy_quant"] == (
+        "quantization config (bookkeeping, not a weight); the output is not fp8"
+    )
+
+
+def test_an_fp8_pytorch_output_of_a_header_metadata_base_is_refused():
+    # A .pt file has no header: ComfyUI would load its fp8 weights without their scales.
+    text = '{"layers": {"blocks.0.q": {"format": "float8_e4m3fn"}}}'
+    base = index(
+        {"blocks.0.q.weight": ("F8_E4M3", (8, 4)), "blocks.0.q.weight_scale": ("F32", ())},
+        {"_quantization_metadata": text},
+    )
+    options = MergeOptions(output_dtype="fp8_e4m3fn", output_format="pytorch")
+    with pytest.raises(UsageError) as error:
+        plan_merge(base, [], options)
+    assert str(error.value) == (
+        "b.safetensors: --output-dtype fp8_e4m3fn keeps this base's quantization config in the "
+        "safetensors header (_quantization_metadata), which a PyTorch file cannot hold "
+        "(use --output-format safetensors)"
+    )
+
+
+def test_an_e5m2_layer_labelled_by_a_config_tensor_is_refused_for_fp8_output():
+    # Its .comfy_quant tensor says float8_e5m2; requantized to e4m3fn, ComfyUI would misread it.
+    base = index(
+        {
+            "blocks.0.q.weight": ("F8_E5M2", (8, 4)),
+            "blocks.0.q.weight_scale": ("F32", ()),
+            "blocks.0.q.comfy_quant": ("U8", (25,)),
+        }
+    )
+    with pytest.raises(UsageError) as error:
+        plan_merge(base, [], FP8)
+    assert str(error.value) == (
+        "b.safetensors: tensor 'blocks.0.q.weight': is F8_E5M2, and its layer's quantization "
+        "config tensor 'blocks.0.q.comfy_quant' says so; --output-dtype fp8_e4m3fn cannot "
+        "relabel it (merge into bf16, or re-save the base as float8_e4m3fn)"
+    )
+
+
+def test_the_scale_of_fp8_bytes_kept_as_they_are_reads_nothing():
+    base = index({"blocks.0.q.weight": ("F8_E4M3", (8, 4))})
+    tasks = {t.key: t for t in plan_merge(base, [], FP8).tasks}
+    scale = tasks["blocks.0.q.scale_weight"]
+    assert (scale.kind, scale.part, scale.quantized) == ("cast", "scale", False)
+    assert scale.read_bytes == 0  # it writes 1 without opening the weight
+    assert tasks["blocks.0.q.weight"].kind == "copied"
