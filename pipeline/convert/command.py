@@ -3,8 +3,9 @@ shared LoRA writer → publish with the report.
 
 Bytes are copied, never recomputed: every factor and diff keeps its dtype and bits, and alpha
 keeps its value (a new alpha tensor is only made where the source kept alpha elsewhere), so a
-conversion there and back gives the same tensors, and a merge gives the same bytes. One tensor
-is in memory at a time, whatever the LoRA's size."""
+merge gives the same bytes, and a conversion there and back the same tensors (an alpha that
+went through a style keeping it in a config comes back in its factors' dtype: the same value).
+One tensor is in memory at a time, whatever the LoRA's size."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import os
 
 import torch
 
-from ..errors import LoraMismatch
+from ..errors import CheckpointNotFound, LoraMismatch
 from ..io import safetensors_format as stf
 from ..io.reader import index_checkpoint, load_tensor
 from ..lora.inputs import OpenedLora, read_lora
@@ -42,10 +43,13 @@ def convert(
 ) -> dict:
     """Write the LoRA at ``lora`` (a file, shard directory or PEFT adapter directory) in key
     style ``to`` at ``output``; return the report (also saved as JSON)."""
+    lora = os.path.abspath(os.path.expanduser(lora))
     style = key_style(to, "--to")
     run = beside_directory(run or RunOptions(), output, style)
-    check_output(style, "safetensors", max_shard_size)
+    check_output(style, "safetensors", max_shard_size, "--to")
     session = Session.open("convert", run, weights_file(output, style), "safetensors", progress)
+    if not os.path.exists(lora):
+        raise CheckpointNotFound("LoRA not found", path=lora, hint="check IN")
     opened = read_lora(lora, lora_type)
     base_index = index_checkpoint(base, base_type) if base else None
     inputs = _input_paths(lora, opened)

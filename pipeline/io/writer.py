@@ -63,9 +63,9 @@ class SafetensorsOutput:
         groups: Mapping[str, str] | None = None,
     ):
         by_name = {e.name: e for e in entries}
-        groups = split_shards([(e.name, e.nbytes) for e in entries], max_shard_size, groups)
-        self.files = shard_file_names(output, len(groups))
-        self.index = index_file_name(output) if len(groups) > 1 else None
+        shards = split_shards([(e.name, e.nbytes) for e in entries], max_shard_size, groups)
+        self.files = shard_file_names(output, len(shards))
+        self.index = index_file_name(output) if len(shards) > 1 else None
         self.total_size = sum(e.nbytes for e in entries)
         self.weight_map: dict[str, str] = {}
         self.reused: set[str] = set()
@@ -74,7 +74,7 @@ class SafetensorsOutput:
         self._files_of: dict[str, tuple[str, str]] = {}  # name -> (temporary, final file)
         self._slots = Slots()
         try:
-            for file, names in zip(self.files, groups, strict=True):
+            for file, names in zip(self.files, shards, strict=True):
                 header, offsets = stf.encode_header(
                     [(n, by_name[n].dtype, by_name[n].shape) for n in names], metadata
                 )

@@ -71,6 +71,17 @@ def header_config(index: CheckpointIndex) -> PeftConfig | None:
         config = json.loads(raw)
     except json.JSONDecodeError as e:
         raise CheckpointFormatError(f"not JSON: {e}", path=where) from None
-    if isinstance(config, dict) and any(k.startswith(DIFFUSERS_PREFIX) for k in config):
-        config = {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in config.items()}
-    return peft_config_from(config, where)
+    return peft_config_from(_denoiser_section(config), where)
+
+
+def _denoiser_section(config: object) -> object:
+    """A pipeline's LoRA config (diffusers' ``save_lora_weights``) holds one section per model,
+    its keys prefixed ``transformer.``, ``unet.``, ``text_encoder.``, ...; diffusers scales each
+    model by its own section, and the denoiser's is the one a merge into it uses. A model's own
+    config (``save_lora_adapter``) has no prefix and is taken whole."""
+    if not isinstance(config, dict):
+        return config
+    for prefix in (DIFFUSERS_PREFIX, "unet."):
+        if any(k.startswith(prefix) for k in config):
+            return {k.removeprefix(prefix): v for k, v in config.items() if k.startswith(prefix)}
+    return config

@@ -13,13 +13,15 @@ by name, as LightX2V's ``build_wan_model_with_lora`` (lightx2v/models/runners/wa
 keeps the entries whose ``name`` equals the model it builds; a config with names and no chosen
 name is refused.
 
-``alpha``: what LightX2V's runners that read it do (MiniMax-H3:
-lightx2v/models/networks/minimax_h3/lora.py, ``MiniMaxH3LoraAdapter._merge_file``, and the same
-rule in lightx2v/utils/lora_loader.py, ``LoRALoader.apply_lora``'s ``alpha``): a module with its
-own ``.alpha`` key keeps scale alpha_key / rank; a module without one gets entry alpha / rank
-(rank: the down factor's rows); diffs are not scaled. LightX2V's Wan, Qwen-Image and other
-runners (lightx2v/models/networks/lora_adapter.py, ``LoraAdapter.apply_lora``) read only
-``path`` and ``strength`` and never pass ``alpha`` on; their configs carry none.
+``alpha``: what the LightX2V runner that reads it does (MiniMax-H3:
+lightx2v/models/networks/minimax_h3/lora.py, ``MiniMaxH3LoraAdapter._merge_file``; the same
+low-rank rule as ``alpha`` in lightx2v/utils/lora_loader.py, ``LoRALoader.apply_lora``): a
+module with its own ``.alpha`` key keeps scale alpha_key / rank; a module without one gets entry
+alpha / rank (rank: the down factor's rows). Diffs are not scaled: MiniMax-H3 refuses a LoRA
+holding any, and ``LoRALoader`` (which would multiply them by alpha) is never given one.
+LightX2V's Wan, Qwen-Image and other runners (lightx2v/models/networks/lora_adapter.py,
+``LoraAdapter.apply_lora``) read only ``path`` and ``strength`` and never pass ``alpha`` on;
+their configs carry none.
 
 Relative paths: LightX2V opens them from the working directory; loraforge tries the config's
 directory first, then the working directory, and refuses a path that exists in both as two

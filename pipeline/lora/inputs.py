@@ -20,7 +20,7 @@ from ..errors import (
     UsageError,
 )
 from ..io.reader import CheckpointIndex, index_checkpoint, load_tensor
-from .adapter_config import header_config
+from .adapter_config import METADATA_KEY, header_config
 from .config import LoraSpec
 from .keys import LoraMapping, PeftConfig, load_peft_config, map_lora
 
@@ -83,7 +83,10 @@ def _alpha(index: CheckpointIndex, key: str, allow_nonfinite: bool) -> float:
     value = float(load_tensor(info, torch.float64).reshape(-1)[0])
     if not math.isfinite(value) and not allow_nonfinite:
         raise NonFiniteTensor(
-            f"alpha is {value}", path=info.file, key=key, hint="or pass --allow-nonfinite"
+            f"alpha is {value}",
+            path=info.file,
+            key=key,
+            hint="fix the LoRA; merge and resize read it anyway with --allow-nonfinite",
         )
     return value
 
@@ -114,8 +117,9 @@ def read_lora(
     peft: PeftConfig | None = load_peft_config(config) if config else header_config(index)
     if alpha is not None:
         if peft is not None:
+            owner = "a PEFT adapter" if config else f"a diffusers LoRA (header {METADATA_KEY})"
             raise UsageError(
-                "a config 'alpha' for a PEFT adapter, which has its own lora_alpha",
+                f"a config 'alpha' for {owner}, which has its own lora_alpha",
                 path=path,
                 hint="drop 'alpha' from this lora_configs entry",
             )

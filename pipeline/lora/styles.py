@@ -69,8 +69,8 @@ class KeyStyle:
         if not self.diffs:
             return (
                 f"the {self.name} key style holds only lora_A/lora_B pairs, not a full diff "
-                "(--key-style lightx2v or kohya keep it; --lowrank-min-params 0 factors small "
-                "2-D weights too)"
+                "(the lightx2v and kohya styles keep it; extract's --lowrank-min-params 0 "
+                "factors small 2-D weights too)"
             )
         return (
             f"no {self.title or self.name} name for this suffix (only .weight, .bias, .modulation)"
@@ -143,19 +143,21 @@ def key_style(name: str, option: str = "--key-style") -> KeyStyle:
         raise UsageError(f"unknown {option} {name!r}; valid: {valid}") from None
 
 
-def check_output(style: KeyStyle, output_format: str, max_shard_size: int | None) -> None:
+def check_output(
+    style: KeyStyle, output_format: str, max_shard_size: int | None, option: str = "--key-style"
+) -> None:
     """PEFT and diffusers loaders read one safetensors file, with the scaling beside it (the
-    adapter config, the header): refuse what would lose it."""
+    adapter config, the header): refuse what would lose it. ``option`` chose the style."""
     if style.alpha_in == "key":
         return
     if output_format != "safetensors":
         raise UsageError(
-            f"--key-style {style.name} is written as safetensors only (its alphas live in "
+            f"{option} {style.name} is written as safetensors only (its alphas live in "
             f"{'adapter_config.json' if style.directory else 'the safetensors header'})",
             hint="drop --output-format pytorch",
         )
     if max_shard_size:
         raise UsageError(
-            f"--key-style {style.name}: its loaders read one file, so it is never sharded",
+            f"{option} {style.name}: its loaders read one file, so it is never sharded",
             hint="drop --max-shard-size",
         )

@@ -4,7 +4,8 @@ by a key style (``styles.py``), into the output through ``io.writer.open_output`
 It adds what a LoRA needs beyond a checkpoint: a weight's entries (up, down, alpha) are never
 split across shards; a diffusers file carries its LoRA config in the header; a PEFT adapter is
 a directory whose ``adapter_config.json`` is written under a temporary name and renamed right
-after the weights, so the two appear together (``Session.publish``) or not at all."""
+after the weights (``Session.publish``): a crash between the two renames, and only then, leaves
+the new weights beside the directory's previous config."""
 
 from __future__ import annotations
 

@@ -183,3 +183,52 @@ def test_converting_an_adapter_onto_itself_is_refused(setup, converted):
     assert result.exit_code == 2
     assert "--output would overwrite the input LORA" in result.output
     assert {n: open(os.path.join(adapter, n), "rb").read() for n in os.listdir(adapter)} == before
+
+
+def test_a_nonfinite_alpha_is_one_line_with_a_hint_convert_can_follow(tmp_path):
+    tensors = {**lowrank_lora(), f"diffusion_model.{F}.alpha": torch.tensor(float("nan"))}
+    lora = save_lora(str(tmp_path), "nan.safetensors", tensors)
+    result = run_cli("convert", lora, tmp_path / "out", "--to", "kohya")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"error: {lora}: tensor 'diffusion_model.{F}.alpha': alpha is nan (fix the LoRA; merge "
+        "and resize read it anyway with --allow-nonfinite)\n"
+    )
+    assert sorted(os.listdir(tmp_path)) == ["nan.safetensors"]
+
+
+def test_a_sharded_peft_or_diffusers_output_is_refused_naming_to(setup):
+    folder, _base, lora, _full = setup
+    for style in ("peft", "diffusers"):
+        result = run_cli(
+            "convert", lora, folder / "sharded", "--to", style, "--max-shard-size", "1KB"
+        )
+        assert result.exit_code == 2
+        assert result.stderr == (
+            f"error: --to {style}: its loaders read one file, so it is never sharded "
+            "(drop --max-shard-size)\n"
+        )
+    assert not any(name.startswith("sharded") for name in os.listdir(folder))
+
+
+def test_in_is_resolved_and_a_missing_in_names_the_argument(setup, converted, monkeypatch):
+    folder, _base, _lora, _full = setup
+    monkeypatch.chdir(folder)
+    adapter = os.path.basename(converted["peft"])
+    result = run_cli("convert", adapter, f"{adapter}/adapter_config.json", "--to", "kohya")
+    assert result.exit_code == 2
+    config = f"{folder}/{adapter}/adapter_config.json"
+    assert result.stderr == (
+        f"error: {config}: --output would overwrite the input LORA {config} (choose another "
+        "--output)\n"
+    )
+    result = run_cli("convert", "gone.safetensors", "out", "--to", "kohya")
+    assert result.exit_code == 1
+    assert result.stderr == f"error: {folder}/gone.safetensors: LoRA not found (check IN)\n"
+    assert run_cli("convert", adapter, "rel", "--to", "kohya", "--quiet").exit_code == 0
+    report = json.load(open(folder / "rel.report.json"))
+    assert report["inputs"] == {
+        "lora": f"{folder}/{adapter}",
+        "file": f"{folder}/{adapter}/adapter_model.safetensors",
+        "base": None,
+    }
