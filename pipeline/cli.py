@@ -3,7 +3,6 @@ console (``console.py``) for everything shown. No logic of its own beyond parsin
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from typing import Annotated
@@ -407,14 +406,14 @@ def inspect(
     each delta's Frobenius norm with its scale (low-rank ones from their factors, to about
     1e-6 relative, without forming the product). Modules are named as in the LoRA's own keys;
     with --base, also the base tensors they patch."""
-    from .console import print_inspect
+    from .console import json_line, print_inspect
     from .inspect.command import inspect_lora
 
     def body() -> None:
         with user_errors(JsonLog("inspect") if json_output else None):
             report = inspect_lora(path, base, lora_type.value if lora_type else None)
             if json_output:
-                sys.stdout.write(json.dumps(report) + "\n")
+                sys.stdout.write(json_line(report) + "\n")
             else:
                 print_inspect(report)
 

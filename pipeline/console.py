@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import signal
 import sys
@@ -121,7 +122,7 @@ class JsonLog:
 
     def emit(self, event: str, info: dict) -> None:
         line = {"event": event, "command": self.command, "time": round(time.time(), 3), **info}
-        sys.stdout.write(json.dumps(line, default=str) + "\n")
+        sys.stdout.write(json_line(line) + "\n")
         sys.stdout.flush()
 
     def finish(self, report: dict) -> None:
@@ -287,6 +288,22 @@ def run_command(command: str, run: RunOptions, body: Callable[[Callable], dict])
         finally:
             display.close()
         display.finish(report)
+
+
+def json_line(data: object) -> str:
+    """``data`` as one line of strict JSON: a NaN or infinite number (an alpha holding NaN,
+    say) becomes null, which every JSON reader takes, instead of Python's bare ``NaN``."""
+
+    def strict(value: object) -> object:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: strict(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [strict(v) for v in value]
+        return value
+
+    return json.dumps(strict(data), default=str, allow_nan=False)
 
 
 def print_inspect(report: dict) -> None:

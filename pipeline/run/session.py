@@ -17,6 +17,7 @@ from ..errors import WorkDirConflict
 from ..io.atomic import remove_quietly, temporary_name, write_json, write_json_to
 from ..io.layout import output_candidates, output_path
 from ..workdir import RunLock, WorkDir
+from ..workdir.clean import leftover_temporaries
 from .cluster import TaskCall, run_tasks
 from .device import resolve_device
 from .gpu import select_gpus, visible_gpus
@@ -37,6 +38,14 @@ def _no_progress(event: str, info: dict) -> None:
     pass
 
 
+def _resources(run: RunOptions) -> tuple[str, list[str] | None, int]:
+    """What every run computes with, checked before any input is read: the device, the
+    ``--gpus`` workers' GPUs and the memory budget."""
+    device = resolve_device(run.device, scheduler=run.scheduler, gpus=run.gpus)
+    gpus = select_gpus(run.gpus, visible_gpus()) if run.gpus else None
+    return device, gpus, run.max_memory or default_budget()
+
+
 @dataclass
 class Session:
     command: str
@@ -49,6 +58,7 @@ class Session:
     started: float = field(default_factory=time.time)
     given_output: str = ""  # --output as typed (absolute), before the suffix rule
     budget: int = 0  # bytes the running tasks may hold together (--max-memory or default)
+    outputs: list[str] = field(default_factory=list)  # written beside --output (check_paths)
     _discard: bool = False
 
     @classmethod
@@ -69,10 +79,8 @@ class Session:
         given = os.path.abspath(os.path.expanduser(output))
         output = output_path(output, output_format)
         check_writable_location(output, "--output")
-        device = resolve_device(run.device, scheduler=run.scheduler, gpus=run.gpus)
-        gpus = select_gpus(run.gpus, visible_gpus()) if run.gpus else None
+        device, gpus, budget = _resources(run)
         work = WorkDir(run.work_dir or output + ".work")
-        budget = run.max_memory or default_budget()
         session = cls(
             command,
             run,
@@ -97,9 +105,7 @@ class Session:
         (``work`` is None)."""
         started = time.time()
         check_path_argument(run.report, "--report")
-        device = resolve_device(run.device, scheduler=run.scheduler, gpus=run.gpus)
-        gpus = select_gpus(run.gpus, visible_gpus()) if run.gpus else None
-        budget = run.max_memory or default_budget()
+        device, gpus, budget = _resources(run)
         emit = progress or _no_progress
         session = cls(command, run, "", device, gpus, None, emit, started, "", budget)
         if run.report:
@@ -114,6 +120,7 @@ class Session:
         """Before any work: no path this run writes (output, its index and shards, report,
         work directory) is an input or another written path. ``outputs``: further output
         files of the run beside ``--output`` (``extract --rank 16,32``: one per rank)."""
+        self.outputs = list(outputs)
         if self.work is None:  # a read-only run writes its report, if asked for, alone
             if self.run.report:
                 check_paths([UserPath("--report", self.report_path)], inputs, None)
@@ -188,9 +195,23 @@ class Session:
         )
 
     def write_manifest(self, manifest: dict) -> None:
-        """``run.json``: what the run depends on, plus its command and output (so ``clean``
-        finds the temporary output a killed run left)."""
-        self.work.write_manifest({**manifest, "command": self.command, "output": self.output})
+        """``run.json``: what the run depends on, plus its command and outputs (so ``clean``
+        finds the temporary output a killed run left). Temporaries a previous run left for
+        outputs this run does not write (another ``--rank`` list) are removed: no run of this
+        work directory could finish them now."""
+        outputs = [self.output, *self.outputs]
+        stale = [
+            file
+            for file in leftover_temporaries(self.work.read_manifest())
+            if file not in leftover_temporaries({"outputs": outputs})
+        ]
+        for file in stale:
+            remove_quietly(file)
+        if stale:
+            self.emit("note", {"message": f"removed the previous run's {', '.join(stale)}"})
+        self.work.write_manifest(
+            {**manifest, "command": self.command, "output": self.output, "outputs": outputs}
+        )
 
     def publish(self, writer, report: dict) -> dict:
         """Make the output and the report appear together: the output's temporaries are

@@ -22,10 +22,17 @@ class Cleaned:
 
 def leftover_temporaries(manifest: dict | None) -> list[str]:
     """The temporary output files (``.<name>.partial``) the run of ``manifest`` left beside
-    its output: those of the file, its index and its shards."""
-    output = (manifest or {}).get("output")
-    if not output:
-        return []
+    its outputs (``--output``, and one per rank of ``--rank 16,32``): those of each file, its
+    index and its shards."""
+    manifest = manifest or {}
+    outputs = manifest.get("outputs") or ([manifest["output"]] if manifest.get("output") else [])
+    found: set[str] = set()
+    for output in outputs:
+        found.update(_temporaries_of(output))
+    return sorted(found)
+
+
+def _temporaries_of(output: str) -> list[str]:
     directory = os.path.dirname(output)
     try:
         names = os.listdir(directory)
@@ -33,14 +40,14 @@ def leftover_temporaries(manifest: dict | None) -> list[str]:
         return []
     own = {os.path.basename(output), os.path.basename(index_file_name(output))}
     shards = shard_pattern(output)
-    return sorted(
+    return [
         os.path.join(directory, name)
         for name in names
         if name.startswith(".")
         and name.endswith(".partial")
         and (name[1:-8] in own or shards.fullmatch(name[1:-8]))
         and os.path.isfile(os.path.join(directory, name))
-    )
+    ]
 
 
 def clean_work_dir(path: str) -> Cleaned:

@@ -104,3 +104,28 @@ def test_help_lists_every_flag():
     for flag in ("PATH", "--base", "--lora-type", "--json"):
         assert flag in result.output, flag
     assert "--config-name" in run_cli("merge", "--help").output
+
+
+def test_json_stays_strict_json_when_an_alpha_is_nan(tmp_path):
+    """Python's json writes a NaN alpha as a bare ``NaN``, which JSON readers refuse: it is
+    null in the output (the module is still listed)."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file(
+        {
+            "diffusion_model.blocks.0.q.lora_up.weight": torch.ones(8, 2),
+            "diffusion_model.blocks.0.q.lora_down.weight": torch.ones(2, 4),
+            "diffusion_model.blocks.0.q.alpha": torch.tensor(float("nan")),
+        },
+        tmp_path / "nan.safetensors",
+    )
+    result = run_cli("inspect", tmp_path / "nan.safetensors", "--json")
+    assert result.exit_code == 0, result.output
+    assert "NaN" not in result.stdout
+    (module,) = json.loads(result.stdout)["modules"]
+    assert (module["module"], module["alpha"], module["scale"]) == (
+        "diffusion_model.blocks.0.q",
+        None,
+        None,
+    )
