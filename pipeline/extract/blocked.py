@@ -19,6 +19,7 @@ from loraforge.stages.lowrank import lowrank_blocked
 from loraforge.stages.quantize import dequantize, scale_rows
 
 from ..io.reader import load_tensor, mapped, release
+from ..run.device import usable_device_memory
 from ..run.staging import device_lock, thread_buffer
 from ..workdir import WorkDir
 from .options import KernelOptions
@@ -69,16 +70,12 @@ def block_rows_for(task: ExtractTask, kernel: KernelOptions, budget: int) -> int
     return max(1, min(task.shape[0], block // max(row, 1)))
 
 
-DEVICE_FRACTION = 0.8  # of a GPU's free memory a task may plan to use
-
-
 def device_block_rows(task: ExtractTask, kernel: KernelOptions, device: torch.device) -> int | None:
     """On a GPU: rows per block when the task does not fit the device's free memory whole,
     so a tensor larger than the GPU streams through it (None when it fits)."""
     if task.kind != "lowrank":
         return None
-    free, _total = torch.cuda.mem_get_info(device)
-    return block_rows_for(task, kernel, int(free * DEVICE_FRACTION))
+    return block_rows_for(task, kernel, usable_device_memory(device))
 
 
 def blocked_bytes(task: ExtractTask, kernel: KernelOptions, block_rows: int) -> int:

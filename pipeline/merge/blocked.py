@@ -17,6 +17,7 @@ from ..io.layout import Slot
 from ..io.reader import mapped, release
 from ..io.slots import RowWriter
 from ..lora.patches import load_deltas
+from ..run.device import usable_device_memory
 from ..run.staging import thread_buffer
 from .fp8 import is_fp8_task
 from .plan import MergeTask
@@ -53,6 +54,14 @@ def block_rows_for(task: MergeTask, budget: int) -> int | None:
     row = _bytes_per_element(task) * math.prod(task.base.shape[1:])
     block = min(BLOCK_TARGET, max((budget - SLACK) // 2, 0))
     return max(1, min(task.base.shape[0], block // max(row, 1)))
+
+
+def device_block_rows(task: MergeTask, device: torch.device) -> int | None:
+    """On a GPU: rows per block when a merged tensor does not fit the device's free memory
+    whole, so a tensor larger than the GPU streams through it (None when it fits)."""
+    if task.kind != "merged":
+        return None
+    return block_rows_for(task, usable_device_memory(device))
 
 
 def blocked_bytes(task: MergeTask, block_rows: int) -> int:

@@ -20,7 +20,7 @@ from ..io.slots import write_at
 from ..lora.patches import load_deltas
 from ..run.staging import device_lock, stage, staging_size, thread_buffer
 from ..workdir import WorkDir
-from .blocked import merge_blocked
+from .blocked import device_block_rows, merge_blocked
 from .fp8 import fp8_result, is_fp8_task
 from .plan import MergeTask
 
@@ -60,6 +60,8 @@ def run_merge_task(
     if is_fp8_task(task):  # scaled fp8 read or written (fp8.py): whole tensors, not row blocks
         checksum = write_at(slot, fp8_result(task, device, allow_nonfinite))
         return _finish(task, slot, work_dir, stamp, checksum, start)
+    if block_rows is None and torch.device(device).type == "cuda":
+        block_rows = device_block_rows(task, torch.device(device))
     if block_rows is not None:
         dev = torch.device(device)
         with device_lock(dev):

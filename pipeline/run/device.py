@@ -83,3 +83,13 @@ def resolve_device(device: str, *, scheduler: str | None = None, gpus: str | Non
                 hint=f"use --device cuda or {others}",
             )
     return resolved
+
+
+DEVICE_FRACTION = 0.8  # of a GPU's free memory one task may plan to use
+
+
+def usable_device_memory(device) -> int:
+    """Bytes of ``device``'s (a GPU's) free memory a task may plan to fill: the rest is left
+    to the caching allocator's rounding and to the other worker thread's staging."""
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free * DEVICE_FRACTION)

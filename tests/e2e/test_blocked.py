@@ -10,12 +10,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loraforge.pipeline.extract.blocked import block_rows_for as extract_block_rows
+from loraforge.pipeline.extract.blocked import device_block_rows as extract_device_rows
 from loraforge.pipeline.extract.command import extract
 from loraforge.pipeline.extract.options import ExtractOptions, KernelOptions
 from loraforge.pipeline.extract.plan import plan_extraction
 from loraforge.pipeline.io.reader import index_checkpoint
 from loraforge.pipeline.lora.config import LoraSpec, MergeConfig
+from loraforge.pipeline.lora.inputs import open_lora
 from loraforge.pipeline.merge.blocked import block_rows_for as merge_block_rows
+from loraforge.pipeline.merge.blocked import device_block_rows as merge_device_rows
 from loraforge.pipeline.merge.command import merge
 from loraforge.pipeline.merge.options import MergeOptions
 from loraforge.pipeline.merge.plan import plan_merge
@@ -196,3 +199,36 @@ def test_an_unreadable_chunk_of_a_blocked_diff_is_recomputed(pair, tmp_path):
     assert entry["status"] == "recomputed"
     assert "intermediate was unreadable (big.weight/diff: " in entry["note"]
     assert (tmp_path / "diff.safetensors").read_bytes() == first
+
+
+def test_a_tensor_larger_than_the_gpus_free_memory_is_cut_into_blocks(pair, monkeypatch):
+    """On a GPU the whole-tensor path is also refused by the device's free memory: 80% of it
+    is the budget (no GPU needed to check the decision; the CUDA run is the gpu test above)."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 2**20, 2**36))
+    cuda = torch.device("cuda", 0)
+    base = index_checkpoint(str(pair / "base.safetensors"))
+    tuned = index_checkpoint(str(pair / "tuned.safetensors"))
+    options = ExtractOptions(kernel=KernelOptions(rank=16), lowrank_min_params=10_000)
+    tasks = {t.key: t for t in plan_extraction(base, tuned, options).tasks}
+    budget = int(80 * 2**20 * 0.8)
+    assert extract_device_rows(tasks["big.weight"], options.kernel, cuda) == extract_block_rows(
+        tasks["big.weight"], options.kernel, budget
+    )
+    assert extract_device_rows(tasks["small.weight"], options.kernel, cuda) is None
+    lora = {
+        "diffusion_model.big.lora_up.weight": torch.zeros(ROWS, 2),
+        "diffusion_model.big.lora_down.weight": torch.zeros(2, COLS),
+    }
+    save_file(lora, pair / "zero_lora.safetensors")
+    shapes = {key: info.shape for key, info in base.tensors.items()}
+    spec = LoraSpec(str(pair / "zero_lora.safetensors"))
+    plan = plan_merge(base, [open_lora(spec, shapes)], MergeOptions(output_dtype="fp16"))
+    merged = {t.key: t for t in plan.tasks}
+    assert merged["big.weight"].kind == "merged"
+    rows = merge_device_rows(merged["big.weight"], cuda)
+    assert (
+        rows
+        == merge_block_rows(merged["big.weight"], budget)
+        == ((budget - 32 * 2**20) // 2 // ((4 + 2) * COLS))
+    )
+    assert merge_device_rows(merged["small.weight"], cuda) is None  # cast, not merged
