@@ -11,10 +11,11 @@ import torch
 
 from loraforge.stages.cast import cast, needs_cast
 from loraforge.stages.merge import Delta, merge_weight
+from loraforge.stages.quantize import FP8_DTYPES, dequantize, scale_rows
 
 from ..io import safetensors_format as stf
 from ..io.layout import Slot
-from ..io.reader import mapped, release
+from ..io.reader import load_tensor, mapped, release
 from ..io.slots import RowWriter
 from ..lora.patches import load_deltas
 from ..run.device import usable_device_memory
@@ -29,12 +30,24 @@ BLOCK_TARGET = 256 * 2**20  # bytes of block buffers
 FP8_BYTES = 9  # an fp8 task (fp8.py, whole tensors): fp32 buffer, fp32 scaled copy, fp8 result
 
 
+def can_block(task: MergeTask) -> bool:
+    """Whether ``task`` can run in row blocks: every task but those that write fp8 or a scale
+    (a per-tensor scale needs the whole merged tensor first). A scaled-fp8 base merged or cast
+    into bf16/fp16/fp32 is dequantized block by block (its scale's rows)."""
+    if task.kind == "copied" or not task.base.shape:
+        return False
+    return not is_fp8_task(task) or (
+        task.part == "value" and stf.DTYPE_BY_CODE[task.out_dtype] not in FP8_DTYPES
+    )
+
+
 def _bytes_per_element(task: MergeTask) -> int:
-    """Host bytes a task allocates per element: the fp32 merge buffer of a merged tensor, and
-    the cast result when the output dtype differs (a copied tensor is written from the map)."""
-    if is_fp8_task(task):
-        return FP8_BYTES
+    """Host bytes a task allocates per element: the fp32 buffer of a merged or dequantized
+    tensor, and the cast result when the output dtype differs (a copied tensor is written from
+    the map)."""
     out = stf.itemsize(task.out_dtype)
+    if is_fp8_task(task):
+        return 4 + out if can_block(task) else FP8_BYTES
     if task.kind == "merged":
         return 4 + out
     return out if task.kind == "cast" else 0
@@ -46,10 +59,8 @@ def working_bytes(task: MergeTask) -> int:
 
 def block_rows_for(task: MergeTask, budget: int) -> int | None:
     """Rows per block when ``task`` does not fit ``budget`` whole (None when it does, and for
-    scaled-fp8 tasks, which run whole: a per-tensor scale needs the whole merged tensor)."""
-    if working_bytes(task) <= budget or task.kind == "copied" or not task.base.shape:
-        return None
-    if is_fp8_task(task):
+    tasks that cannot run in blocks: ``can_block``)."""
+    if working_bytes(task) <= budget or not can_block(task):
         return None
     row = _bytes_per_element(task) * math.prod(task.base.shape[1:])
     block = min(BLOCK_TARGET, max((budget - SLACK) // 2, 0))
@@ -85,22 +96,25 @@ def merge_blocked(
     """Merge (or cast) ``task`` into ``slot`` in blocks of ``block_rows`` rows on ``device``;
     return the CRC-32 of the bytes written."""
     deltas = list(load_deltas(task.patches, device, allow_nonfinite))
+    scale = load_tensor(task.base.scale) if task.base.scale is not None else None
     with mapped(task.base) as view, RowWriter(slot) as writer:
         for start in range(0, view.shape[0], block_rows):
-            rows = view[start : start + block_rows]
+            stop = min(start + block_rows, view.shape[0])
+            rows = view[start:stop]
             shape = tuple(rows.shape)
-            if task.kind == "merged":
+            value = rows.to(device)
+            if task.kind == "merged" or scale is not None:
                 out = thread_buffer(shape, torch.float32, device, "merged")
-                block = [_rows(d, start, start + block_rows) for d in deltas]
-                rows_out = merge_weight(rows.to(device), block, out=out)
-            else:
-                rows_out = rows
+                if scale is not None:  # W_fp8 · scale, as fp8.py reads a scaled weight
+                    value = dequantize(value, scale_rows(scale, start, stop), out=out)
+                if task.kind == "merged":
+                    value = merge_weight(value, [_rows(d, start, stop) for d in deltas], out=out)
             buffer = None
-            if needs_cast(rows_out, dtype):
+            if needs_cast(value, dtype):
                 buffer = thread_buffer(shape, dtype, device, "cast")
-            writer.write(cast(rows_out, dtype, out=buffer))
+            writer.write(cast(value, dtype, out=buffer))
             release(rows)
             for d in deltas:
                 if d.diff is not None:
-                    release(d.diff[start : start + block_rows])
+                    release(d.diff[start:stop])
         return writer.close()

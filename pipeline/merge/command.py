@@ -20,7 +20,7 @@ from ..run.options import RunOptions
 from ..run.paths import checkpoint_paths
 from ..run.report import blocked_note, build_report, memory_summary
 from ..run.session import Progress, Session
-from .blocked import block_rows_for, blocked_bytes, working_bytes
+from .blocked import block_rows_for, blocked_bytes, can_block, working_bytes
 from .fp8 import is_fp8_task
 from .options import MergeOptions
 from .plan import MergePlan, MergeTask, plan_merge
@@ -30,8 +30,8 @@ from .task import run_merge_task, stage_bytes
 METADATA = {"format": "pt", "producer": "loraforge"}
 
 
-# Scaled-fp8 tasks never run blocked (blocked.py block_rows_for): said in the report.
-WHOLE_FP8 = "ran whole over the memory budget (scaled-fp8 tasks do not run in row blocks)"
+# Tasks writing fp8 or a scale never run blocked (blocked.py can_block): said in the report.
+WHOLE_FP8 = "ran whole over the memory budget (fp8 output needs the whole tensor for its scale)"
 
 
 def merge(
@@ -221,7 +221,7 @@ def _report(plan, base, opened, markers, files, session: Session, changes) -> di
         }
         if marker.get("blocked"):
             tensors[task.key]["note"] = blocked_note(marker["blocked"])
-        elif is_fp8_task(task) and working_bytes(task) > session.budget:
+        elif not can_block(task) and is_fp8_task(task) and working_bytes(task) > session.budget:
             tensors[task.key]["note"] = WHOLE_FP8
     extra = {
         "files": files,

@@ -57,9 +57,6 @@ def run_merge_task(
     ``stage_bytes`` (default: this task's own)."""
     start = time.perf_counter()
     dtype = stf.DTYPE_BY_CODE[task.out_dtype]
-    if is_fp8_task(task):  # scaled fp8 read or written (fp8.py): whole tensors, not row blocks
-        checksum = write_at(slot, fp8_result(task, device, allow_nonfinite))
-        return _finish(task, slot, work_dir, stamp, checksum, start)
     if block_rows is None and torch.device(device).type == "cuda":
         block_rows = device_block_rows(task, torch.device(device))
     if block_rows is not None:
@@ -67,6 +64,9 @@ def run_merge_task(
         with device_lock(dev):
             checksum = merge_blocked(task, slot, dev, dtype, block_rows, allow_nonfinite)
         return _finish(task, slot, work_dir, stamp, checksum, start, block_rows)
+    if is_fp8_task(task):  # scaled fp8 read or written (fp8.py)
+        checksum = write_at(slot, fp8_result(task, device, allow_nonfinite))
+        return _finish(task, slot, work_dir, stamp, checksum, start)
     with mapped(task.base) as view:
         if task.kind != "merged":
             checksum = write_at(slot, _cast(view, dtype))

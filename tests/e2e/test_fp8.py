@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from loraforge.pipeline.io.reader import index_checkpoint, load_weight
 from loraforge.pipeline.lora.config import LoraSpec, MergeConfig
@@ -340,7 +340,49 @@ def test_a_scaled_fp8_task_over_the_memory_budget_runs_whole_and_says_so(tmp_pat
         run=RunOptions(device="cpu", workers=1, max_memory=64 * 2**20),
     )
     notes = {k: e["note"] for k, e in report["tensors"].items() if "note" in e}
-    whole = "ran whole over the memory budget (scaled-fp8 tasks do not run in row blocks)"
+    whole = "ran whole over the memory budget (fp8 output needs the whole tensor for its scale)"
     assert notes == {big: whole, "blocks.1.ffn.0.scale_weight": whole}
     w8, _ = fp8.quantize(base[big])
     assert torch.equal(bytes_of(load_file(tmp_path / "out.safetensors")[big]), bytes_of(w8))
+
+
+@pytest.mark.parametrize(
+    ("convention", "per_row"), [("scaled_fp8", False), ("comfy_quant", False), ("lightx2v", True)]
+)
+def test_a_scaled_base_over_the_budget_merges_into_bf16_in_row_blocks(
+    tmp_path, convention, per_row
+):
+    """Dequantized a block of rows at a time (the scale's rows, for per-row scales): the same
+    values as the whole path, up to the GEMM's summation order (one bf16 step, rarely)."""
+    big = "blocks.1.ffn.0.weight"  # 4096 x 2048: 6 bytes an element whole, over 64 MiB
+    base, _ = pair_tensors(dtype=torch.bfloat16)
+    base[big] = torch.randn(4096, 2048, generator=torch.Generator().manual_seed(3)).bfloat16()
+    stored, metadata = fp8.scaled(base, [big], convention, per_row=per_row)
+    path = fp8.save(stored, tmp_path / "base.safetensors", metadata)
+    lora = {
+        "diffusion_model.blocks.1.ffn.0.lora_up.weight": torch.randn(4096, 4) * 0.1,
+        "diffusion_model.blocks.1.ffn.0.lora_down.weight": torch.randn(4, 2048) * 0.1,
+    }
+    save_file(lora, tmp_path / "lora.safetensors")
+    merged = {}
+    for name, budget in (("blocked", 64 * 2**20), ("whole", None)):
+        report = merge(
+            source_model=path,
+            loras=MergeConfig((LoraSpec(str(tmp_path / "lora.safetensors"), 1.0),)),
+            output=str(tmp_path / f"{name}.safetensors"),
+            options=MergeOptions(output_dtype="bf16"),
+            run=RunOptions(device="cpu", workers=1, max_memory=budget),
+        )
+        merged[name] = load_file(tmp_path / f"{name}.safetensors")
+        blocked = report["summary"]["memory"]["blocked"]
+        assert blocked == ([big] if name == "blocked" else []), name
+    assert merged["blocked"].keys() == merged["whole"].keys()
+    got, whole = (merged[n][big].view(torch.int16).int() for n in ("blocked", "whole"))
+    steps = (got - whole).abs()
+    assert int(steps.max()) <= 1 and int((steps > 0).sum()) <= steps.numel() // 10_000
+    want = (
+        fp8.value(stored, big, convention)
+        + lora["diffusion_model.blocks.1.ffn.0.lora_up.weight"]
+        @ lora["diffusion_model.blocks.1.ffn.0.lora_down.weight"]
+    )
+    assert torch.allclose(merged["blocked"][big].float(), want, rtol=2**-7, atol=1e-6)
