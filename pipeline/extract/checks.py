@@ -56,7 +56,28 @@ def surprises(plan: ExtractionPlan, source: CheckpointIndex, target: CheckpointI
             f"{_count(len(changed))} changed but not in the LoRA, "
             f"e.g. '{changed[0].key}': {changed[0].reason}"
         )
+    floors = budget_floors(plan)
+    if floors:
+        warnings.append(floors)
     return warnings
+
+
+def budget_floors(plan: ExtractionPlan) -> str | None:
+    """Said before any SVD runs: a --rank-budget below the --min-rank floors of every planned
+    low-rank tensor is refused once all are factored, unless enough of them turn out unchanged
+    (they then need no rank). On a large model that is after hours of work."""
+    rule = plan.options.rank_rule
+    if rule.mode != "budget":
+        return None
+    lowrank = [t for t in plan.tasks if t.kind == "lowrank"]
+    floor = sum(min(rule.min_rank, t.rank) * sum(t.shape) for t in lowrank)
+    if floor <= rule.rank_budget:
+        return None
+    return (
+        f"--rank-budget {rule.rank_budget} is below the --min-rank {rule.min_rank} floors of the "
+        f"{_count(len(lowrank))} planned low rank ({floor} parameters): the export will refuse "
+        "it unless enough of them turn out unchanged; the factors are kept for a rerun"
+    )
 
 
 def _differ(a: TensorInfo, b: TensorInfo) -> bool:

@@ -246,3 +246,18 @@ def test_temporaries_of_a_rank_list_are_cleaned_or_replaced(tmp_path, monkeypatc
         ".y-r2.safetensors.partial",
         ".y-r4.safetensors.partial",
     ]
+
+
+def test_a_budget_below_the_floors_is_said_before_any_svd(tmp_path, pair_files):
+    args = ["extract", "--source-model", pair_files[0], "--target-model", pair_files[1]]
+    args += ["--output", tmp_path / "lora.safetensors", "--lowrank-min-params", MIN_PARAMS]
+    result = run_cli(*args, "--rank-mode", "budget", "--rank-budget", "100", "--quiet")
+    floors = 96 + 128 + 160 + 96  # the two planned low-rank tensors at rank 1: out + in each
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        f"warning: --rank-budget 100 is below the --min-rank 1 floors of the 2 tensors planned "
+        f"low rank ({floors} parameters): the export will refuse it unless enough of them turn "
+        "out unchanged; the factors are kept for a rerun\n"
+        f"error: --rank-budget 100 is below the --min-rank 1 floors of 2 tensors; the smallest "
+        f"possible budget is {floors}\n"
+    )
