@@ -1,4 +1,4 @@
-"""Typer option types shared by the commands of ``cli.py``: one definition per flag, so every
+"""Typer option types shared by the commands of this package: one definition per flag, so every
 command that takes ``--device`` (or ``--output``, ``--json``, ...) spells and documents it alike."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import typer
 
 from loraforge.kernels import RANK_MODES, SVD_METHODS
 
-from .lora.styles import DEFAULT_STYLE, KEY_STYLE_HELP, KEY_STYLES
+from ..lora.styles import DEFAULT_STYLE, KEY_STYLE_HELP, KEY_STYLES
 
 
 class CheckpointType(str, Enum):
@@ -48,9 +48,9 @@ OutputDtype = Annotated[
 def _memory_size(value: str | None) -> int | None:
     """``--max-memory`` in bytes, refused as a usage error (one line, exit 2) when unreadable
     or below the smallest budget a run can work in."""
-    from .errors import UsageError
-    from .io.dtypes import parse_size
-    from .run.memory import MIN_BUDGET
+    from ..errors import UsageError
+    from ..io.dtypes import parse_size
+    from ..run.memory import MIN_BUDGET
 
     try:
         size = parse_size(value)

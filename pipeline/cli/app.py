@@ -1,0 +1,63 @@
+"""The typer app every command registers on: click's usage errors as one line, the
+entry point."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import typer
+from typer.core import TyperGroup
+
+from ..console import Failed, JsonLog, print_error
+
+# typer vendors click in recent releases (typer._click) and uses click itself in older ones: find
+# click's exception classes through typer's public ones instead of importing either.
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_NO_ARGS_HELP = getattr(
+    sys.modules[_CLICK_ERROR.__module__], "NoArgsIsHelpError", type("NeverRaised", (Exception,), {})
+)
+
+
+class _OneLineErrors(TyperGroup):
+    """Bad option values (click's usage errors: ``--rank x``, ``--svd qr``) end like every other
+    error: one ``error:`` line (and a JSON ``error`` event with ``--json``), exit code 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            code = super().main(argv, prog_name, complete_var, False, **extra)
+        except _NO_ARGS_HELP:
+            return super().main(argv, prog_name, complete_var, True, **extra)  # help, as before
+        except _CLICK_ERROR as e:
+            command = e.ctx.command_path if getattr(e, "ctx", None) else "loraforge"
+            message = f"{e.format_message()} (see {command} --help)"
+            log = JsonLog(argv[0]) if argv and "--json" in argv else None
+            print_error(message, e.exit_code, log)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(
+    cls=_OneLineErrors,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # docstrings wrap as paragraphs, not at their line breaks
+    help="Extract, merge and convert LoRAs for checkpoints larger than RAM.",
+)
+
+
+def exit_on_failure(body: Callable[[], None]) -> None:
+    try:
+        body()
+    except Failed as failed:
+        raise typer.Exit(failed.exit_code) from None
+
+
+def main() -> None:
+    app(prog_name="loraforge")
