@@ -20,9 +20,9 @@ from ..errors import (
     UsageError,
 )
 from ..io.reader import CheckpointIndex, index_checkpoint, load_tensor
-from .adapter_config import METADATA_KEY, header_config
+from .adapter_config import METADATA_KEY, PeftConfig, header_config, load_peft_config
 from .config import LoraSpec
-from .keys import LoraMapping, PeftConfig, load_peft_config, map_lora
+from .keys import LoraMapping, map_lora
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = (("adapter_model.safetensors", "safetensors"), ("adapter_model.bin", "pytorch"))

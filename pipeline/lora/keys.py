@@ -19,21 +19,19 @@ or from the base's, then as a kohya name (``lora_unet_blocks_0_self_attn_q``) lo
 base's own module paths written with ``_`` for ``.``.
 
 ``group_keys`` is the one reading of those names; ``modules.py`` builds the base-less views of a
-LoRA (``group_lora``, ``own_targets``) on it and on the scale rule here (``lowrank_scale``).
+LoRA (``group_lora``, ``own_targets``) on it and on the scale rule here (``lowrank_scale``). A
+PEFT adapter's scaling comes from ``adapter_config.py``.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
-from ..errors import CheckpointFormatError, CheckpointNotFound
+from ..errors import CheckpointFormatError
+from .adapter_config import PeftConfig
 
 PREFIXES = ("diffusion_model.", "model.", "unet.", "transformer.", "base_model.model.")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_transformer_")
@@ -87,97 +85,6 @@ class Unmatched:
 class LoraMapping:
     patches: list[LoraPatch]  # sorted by base_key
     unmatched: list[Unmatched]  # sorted by lora_key
-
-
-@dataclass(frozen=True)
-class PeftConfig:
-    """The scaling part of a PEFT ``adapter_config.json``."""
-
-    r: int
-    lora_alpha: float
-    use_rslora: bool = False
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-
-    def rank_for(self, module: str) -> int:
-        return int(_pattern_value(self.rank_pattern, module, self.r))
-
-    def alpha_for(self, module: str) -> float:
-        return float(_pattern_value(self.alpha_pattern, module, self.lora_alpha))
-
-    def scale_for(self, module: str, rank: int) -> float:
-        """``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA); ``rank`` is the tensors' own rank."""
-        alpha = self.alpha_for(module)
-        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
-
-
-def _pattern_value(patterns: Mapping[str, float], module: str, default: float) -> float:
-    # PEFT's get_pattern_key: the first pattern matching `(.*\.)?{pattern}$` wins
-    for pattern, value in patterns.items():
-        if re.fullmatch(rf"(.*\.)?(?:{pattern})", module):
-            return value
-    return default
-
-
-def load_peft_config(path: str | os.PathLike[str]) -> PeftConfig:
-    """Read ``adapter_config.json`` (or the directory holding it)."""
-    file = Path(path)
-    if file.is_dir():
-        file = file / "adapter_config.json"
-    where = str(file)
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointNotFound("PEFT adapter config not found", path=where) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointFormatError(f"not a readable JSON file: {e}", path=where) from e
-    return peft_config_from(raw, where)
-
-
-def peft_config_from(raw: object, where: str) -> PeftConfig:
-    """The scaling part of a PEFT LoRA config already parsed from JSON (an adapter_config.json,
-    or the ``lora_adapter_metadata`` a diffusers file carries in its header); ``where`` names
-    it in errors."""
-
-    def bad(what: str) -> CheckpointFormatError:
-        return CheckpointFormatError(what, path=where, hint="is this a PEFT LoRA adapter_config?")
-
-    if not isinstance(raw, dict):
-        raise bad("expected a JSON object")
-    if raw.get("peft_type", "LORA") != "LORA":
-        raise bad(f"peft_type is {raw['peft_type']!r}, not 'LORA'")
-    if raw.get("use_dora"):
-        raise bad("DoRA adapters are not supported (their magnitude vectors would be ignored)")
-    r, alpha = raw.get("r"), raw.get("lora_alpha", 8)  # 8: PEFT's default lora_alpha
-    if not _is_int(r) or r <= 0:
-        raise bad(f"'r' must be a positive integer, got {r!r}")
-    if not _is_num(alpha):
-        raise bad(f"'lora_alpha' must be a number, got {alpha!r}")
-    rank_pattern = raw.get("rank_pattern") or {}
-    alpha_pattern = raw.get("alpha_pattern") or {}
-    for name, pat, ok in (("rank", rank_pattern, _is_int), ("alpha", alpha_pattern, _is_num)):
-        if not isinstance(pat, dict) or not all(ok(v) for v in pat.values()):
-            raise bad(f"'{name}_pattern' must map module patterns to numbers")
-        for key in pat:
-            try:
-                re.compile(key)
-            except re.error as e:
-                raise bad(f"'{name}_pattern' key {key!r} is not a valid regex: {e}") from e
-    return PeftConfig(
-        r=r,
-        lora_alpha=float(alpha),
-        use_rslora=bool(raw.get("use_rslora", False)),
-        rank_pattern={k: int(v) for k, v in rank_pattern.items()},
-        alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
-    )
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def parse_key(key: str) -> tuple[str, str, str] | None:

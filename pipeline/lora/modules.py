@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .adapter_config import PeftConfig
 from .keys import (
     DIFF_LEAF,
     KOHYA_PREFIXES,
     LOCON_MID,
-    PeftConfig,
     Shapes,
     Unmatched,
     check_pair,

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from loraforge.pipeline.errors import UsageError
+from loraforge.pipeline.lora.adapter_config import PeftConfig
 from loraforge.pipeline.lora.inputs import read_lora
-from loraforge.pipeline.lora.keys import PeftConfig
 
 
 def diffusers_file(tmp_path, prefix: str, config: dict) -> str:

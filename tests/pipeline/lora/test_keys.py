@@ -4,13 +4,8 @@ import math
 import pytest
 
 from loraforge.pipeline.errors import CheckpointFormatError, CheckpointNotFound
-from loraforge.pipeline.lora.keys import (
-    LoraPatch,
-    PeftConfig,
-    Unmatched,
-    load_peft_config,
-    map_lora,
-)
+from loraforge.pipeline.lora.adapter_config import PeftConfig, load_peft_config
+from loraforge.pipeline.lora.keys import LoraPatch, Unmatched, map_lora
 
 Q = "blocks.0.attn.q"
 BASE = {f"{Q}.weight": (64, 32), f"{Q}.bias": (64,), "blocks.0.modulation": (6, 64)}

@@ -4,7 +4,8 @@ would use, and every key in no module with why."""
 import pytest
 
 from loraforge.pipeline.errors import CheckpointFormatError
-from loraforge.pipeline.lora.keys import PeftConfig, Unmatched, map_lora
+from loraforge.pipeline.lora.adapter_config import PeftConfig
+from loraforge.pipeline.lora.keys import Unmatched, map_lora
 from loraforge.pipeline.lora.modules import LoraModule, group_lora, kohya_keys, own_targets
 
 SHAPES = {

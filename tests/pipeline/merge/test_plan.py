@@ -2,8 +2,9 @@
 
 from loraforge.pipeline.io.layout import OutputEntry
 from loraforge.pipeline.io.reader import CheckpointIndex, TensorInfo
+from loraforge.pipeline.lora.adapter_config import PeftConfig
 from loraforge.pipeline.lora.inputs import LoraInput
-from loraforge.pipeline.lora.keys import LoraMapping, LoraPatch, PeftConfig, Unmatched, map_lora
+from loraforge.pipeline.lora.keys import LoraMapping, LoraPatch, Unmatched, map_lora
 from loraforge.pipeline.lora.patches import PatchRef
 from loraforge.pipeline.merge.options import MergeOptions
 from loraforge.pipeline.merge.plan import plan_merge
