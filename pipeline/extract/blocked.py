@@ -18,7 +18,8 @@ from loraforge.stages.diff import is_unchanged, max_abs, weight_delta
 from loraforge.stages.lowrank import lowrank_blocked
 from loraforge.stages.quantize import dequantize, scale_rows
 
-from ..io.reader import load_tensor, mapped, release
+from ..io.maps import release
+from ..io.reader import load_tensor, mapped
 from ..run.device import usable_device_memory
 from ..run.staging import device_lock, thread_buffer
 from ..workdir import WorkDir

@@ -19,7 +19,8 @@ import google_crc32c
 import torch
 
 from .. import __version__
-from ..io.reader import TensorInfo, mapped, prefault
+from ..io.maps import prefault
+from ..io.reader import TensorInfo, mapped
 from ..run.device import device_type
 from .options import KernelOptions
 from .plan import ExtractTask

@@ -1,9 +1,9 @@
 """The one module that reads checkpoints.
 
 ``index_checkpoint`` reads headers only and returns where every tensor lives. ``load_tensor``
-reads one tensor through a memory map cached per process (so Dask tasks open files themselves
-and tensors never travel through the scheduler), copies it out and then drops the mapped pages
-from the process (``MADV_DONTNEED``), so resident memory stays bounded by the tensors in flight
+reads one tensor through a memory map cached per process (``maps.py``: so Dask tasks open files
+themselves and tensors never travel through the scheduler), copies it out and then drops the
+mapped pages from the process, so resident memory stays bounded by the tensors in flight
 however much of the checkpoint has been read.
 
 Formats: a single ``.safetensors`` file; a directory of shards with or without
@@ -14,14 +14,9 @@ Formats: a single ``.safetensors`` file; a directory of shards with or without
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
-import mmap
 import os
-import pickle
-import re
-import threading
 import warnings
 import zipfile
 from contextlib import contextmanager
@@ -31,13 +26,13 @@ import torch
 
 from loraforge.stages.quantize import dequantize
 
-from ..errors import CheckpointFormatError, CheckpointNotFound, UnsafePickle
+from ..errors import CheckpointFormatError, CheckpointNotFound
 from . import safetensors_format as stf
 from .fp8 import Fp8Layout, find_layout, join_metadata
+from .maps import file_map, pytorch_state, release
 
 FORMATS = ("safetensors", "pytorch")
 PYTORCH_SUFFIXES = (".pt", ".pth", ".bin")  # .bin: Hugging Face / PEFT torch.save zips
-_PAGE = mmap.PAGESIZE
 
 
 @dataclass(frozen=True)
@@ -241,7 +236,7 @@ def with_scales(index: CheckpointIndex, metadata: dict[str, str]) -> CheckpointI
 
 
 def _index_pytorch(path: str) -> CheckpointIndex:
-    state = _load_pytorch(path)
+    state = pytorch_state(path)
     tensors = {}
     for key, t in state.items():
         if t.dtype not in stf.CODE_BY_DTYPE:
@@ -254,114 +249,19 @@ def _index_pytorch(path: str) -> CheckpointIndex:
     return with_scales(CheckpointIndex(path, "pytorch", tensors, files), {})
 
 
-# ---- per-process caches of open maps; every Dask worker fills its own ----
-_lock = threading.Lock()
-_maps: dict[str, tuple[tuple[int, int, int], mmap.mmap]] = {}
-_pickles: dict[str, tuple[tuple[int, int, int], dict[str, torch.Tensor]]] = {}
-
-
-def _stamp(file: str) -> tuple[int, int, int]:
-    """Identity of a file's current contents: a rewritten file gets a new map."""
-    st = os.stat(file)
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _mapping(file: str) -> mmap.mmap:
-    stamp = _stamp(file)
-    with _lock:
-        cached = _maps.get(file)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
-        with open(file, "rb") as f:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        _maps[file] = (stamp, mm)
-        return mm
-
-
-def _load_pytorch(path: str) -> dict[str, torch.Tensor]:
-    stamp = _stamp(path)
-    with _lock:
-        cached = _pickles.get(path)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
-    if not zipfile.is_zipfile(path):
-        raise CheckpointFormatError(
-            "not a zip-format PyTorch checkpoint, so it cannot be memory-mapped",
-            path=path,
-            hint="re-save it with a current torch.save, or convert it to safetensors",
-        )
-    try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch's own message is several lines with terminal escapes; name what it refused.
-        needs = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"it calls {needs.group(1)}" if needs else "it is not a plain state dict"
-        raise UnsafePickle(
-            f"refusing a pickle that needs code to load ({what})",
-            path=path,
-            hint="convert it to safetensors in a trusted environment",
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
-        raise CheckpointFormatError(
-            f"cannot read PyTorch checkpoint ({str(e)[:160]})", path=path
-        ) from None
-    if isinstance(obj, dict):
-        for wrapper in ("state_dict", "model"):
-            if isinstance(obj.get(wrapper), dict):
-                obj = obj[wrapper]
-                break
-    if not isinstance(obj, dict):
-        raise CheckpointFormatError(f"holds a {type(obj).__name__}, not a state dict", path=path)
-    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    with _lock:
-        _pickles[path] = (stamp, state)
-    return state
-
-
-def _drop_pages(address: int, length: int) -> None:
-    """Unmap the touched pages of a read-only file mapping from this process (they stay in the
-    page cache); the next access simply faults them in again."""
-    start = address - address % _PAGE
-    _libc().madvise(
-        ctypes.c_void_p(start),
-        ctypes.c_size_t(address + length - start),
-        ctypes.c_int(mmap.MADV_DONTNEED),
-    )
-
-
-_LIBC = None
-
-
-def _libc():
-    global _LIBC
-    if _LIBC is None:
-        _LIBC = ctypes.CDLL(None, use_errno=True)
-        _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return _LIBC
-
-
 def _view(info: TensorInfo) -> torch.Tensor:
     """A zero-copy view of the stored tensor (valid until its pages are dropped)."""
     if info.offset is None:
-        return _load_pytorch(info.file)[info.key]
+        return pytorch_state(info.file)[info.key]
     dtype = stf.DTYPE_BY_CODE[info.dtype]
     if info.numel == 0:
         return torch.empty(info.shape, dtype=dtype)
     with warnings.catch_warnings():  # read-only map: we never write through the view
         warnings.simplefilter("ignore", UserWarning)
         flat = torch.frombuffer(
-            _mapping(info.file), dtype=dtype, count=info.numel, offset=info.offset
+            file_map(info.file), dtype=dtype, count=info.numel, offset=info.offset
         )
     return flat.view(info.shape)
-
-
-def release(view: torch.Tensor) -> None:
-    """Drop a mapped view's pages from the process (a row block read, say); reading it again
-    faults them back in from the page cache."""
-    if view.numel() == 0 or view.device.type != "cpu":
-        return
-    if view.is_contiguous():
-        _drop_pages(view.data_ptr(), view.numel() * view.element_size())
 
 
 def load_tensor(info: TensorInfo, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -398,22 +298,3 @@ def mapped(info: TensorInfo):
         yield view
     finally:
         release(view)
-
-
-_MADV_POPULATE_READ = 22  # Linux 5.14+
-
-
-def prefault(view: torch.Tensor) -> None:
-    """Fault a mapped view's pages in (``MADV_POPULATE_READ``) through ctypes, which releases
-    the GIL: a hash over the view then runs at memory speed, and threads reading other tensors
-    go on meanwhile. Where the kernel lacks it (or ``view`` is not mapped) this does nothing and
-    the pages fault in as they are read."""
-    if view.numel() == 0 or not view.is_contiguous() or view.device.type != "cpu":
-        return
-    address = view.data_ptr()
-    start = address - address % _PAGE
-    _libc().madvise(
-        ctypes.c_void_p(start),
-        ctypes.c_size_t(address + view.numel() * view.element_size() - start),
-        ctypes.c_int(_MADV_POPULATE_READ),
-    )

@@ -15,7 +15,8 @@ from loraforge.stages.quantize import FP8_DTYPES, dequantize, scale_rows
 
 from ..io import safetensors_format as stf
 from ..io.layout import Slot
-from ..io.reader import load_tensor, mapped, release
+from ..io.maps import release
+from ..io.reader import load_tensor, mapped
 from ..io.slots import RowWriter
 from ..lora.patches import load_deltas
 from ..run.device import usable_device_memory

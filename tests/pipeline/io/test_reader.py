@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from loraforge.pipeline.errors import CheckpointFormatError, CheckpointNotFound, UnsafePickle
-from loraforge.pipeline.io.reader import index_checkpoint, load_tensor, mapped, prefault
+from loraforge.pipeline.io.maps import prefault
+from loraforge.pipeline.io.reader import index_checkpoint, load_tensor, mapped
 from tests.helpers.checkpoints import Payload, corrupt, save_sharded
 
 TENSORS = {
