@@ -42,16 +42,7 @@ def _randomized(
     )
 
 
-def _full(
-    delta: torch.Tensor,
-    rank: int,
-    *,
-    seed: int,
-    oversample: int,
-    n_iter: int | None,
-    tol: float = DEFAULT_TOL,
-    max_iter: int = DEFAULT_MAX_ITER,
-) -> LowRank:
+def _full(delta: torch.Tensor, rank: int, **_sketch) -> LowRank:
     return full_svd(delta, rank)  # exact: no test matrix, sketch or iterations apply
 
 
