@@ -17,6 +17,7 @@ from .options import (
     JsonOutput,
     KeyStyleName,
     MaxShardSize,
+    Quiet,
     ReportPath,
 )
 
@@ -56,7 +57,7 @@ def convert(
     ] = None,
     max_shard_size: MaxShardSize = None,
     report: ReportPath = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar or summary.")] = False,
+    quiet: Quiet = False,
     json_output: JsonOutput = False,
 ) -> None:
     """Rewrite a LoRA in another key style, tensor by tensor: factors and diffs keep their

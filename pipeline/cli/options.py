@@ -201,3 +201,9 @@ ConfigName = Annotated[
         "high_noise_model or low_noise_model); required when entries are named.",
     ),
 ]
+Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar or summary.")]
+Resume = Annotated[bool, typer.Option("--resume/--no-resume", help="Reuse finished intermediates.")]
+KeepWork = Annotated[
+    bool,
+    typer.Option("--keep-work/--no-keep-work", help="Keep the work directory after success."),
+]

@@ -18,6 +18,7 @@ from .options import (
     ConfigName,
     Energy,
     JsonOutput,
+    KeepWork,
     KeyStyleName,
     KeyStyleOpt,
     LoraConfig,
@@ -28,10 +29,12 @@ from .options import (
     OutputDtype,
     OutputFormat,
     OutputPath,
+    Quiet,
     RankBudget,
     RankMode,
     RankModeName,
     ReportPath,
+    Resume,
     Strengths,
     SvRatio,
     SvThreshold,
@@ -89,18 +92,13 @@ def resize(
     workers: Workers = None,
     report: ReportPath = None,
     work_dir: WorkDirOpt = None,
-    resume: Annotated[
-        bool, typer.Option("--resume/--no-resume", help="Reuse finished intermediates.")
-    ] = True,
-    keep_work: Annotated[
-        bool,
-        typer.Option("--keep-work/--no-keep-work", help="Keep the work directory after success."),
-    ] = True,
+    resume: Resume = True,
+    keep_work: KeepWork = True,
     allow_nonfinite: Annotated[
         bool,
         typer.Option("--allow-nonfinite", help="Read LoRA tensors holding NaN/Inf anyway."),
     ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar or summary.")] = False,
+    quiet: Quiet = False,
     max_memory: MaxMemory = None,
     json_output: JsonOutput = False,
 ) -> None:

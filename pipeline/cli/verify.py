@@ -17,6 +17,7 @@ from .options import (
     LoraConfig,
     LoraModels,
     MaxMemory,
+    Quiet,
     SourceModel,
     SourceType,
     Strengths,
@@ -62,7 +63,7 @@ def verify(
     report: Annotated[
         str | None, typer.Option("--report", help="Write the JSON report here (default: none).")
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar or summary.")] = False,
+    quiet: Quiet = False,
     max_memory: MaxMemory = None,
     json_output: JsonOutput = False,
 ) -> None:
