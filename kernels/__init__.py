@@ -5,45 +5,50 @@ LoRA products (``refactor_sum``); rank selection from stored spectra (``RankRule
 ``SVD_METHODS`` is the one table of the methods users choose with ``--svd``, ``RANK_MODES`` of
 the ``--rank-mode`` rules: the CLI's help and choices, option validation and dispatch read them."""
 
-from .blocked import RowBlocks
-from .methods import SVD_METHODS, SvdMethod
-from .ranks import RANK_MODES, RankMode, RankRule, Spectrum, kept_energy
-from .stacked import refactor_sum
-from .svd import (
-    DenseOperator,
-    LowRank,
-    MatrixOperator,
-    full_svd,
-    product_distance_sq,
-    randomized_svd,
-    randomized_svd_op,
-    relative_error,
-    residual_sq,
-    seed_for,
-    squared_norm,
-    truncated_residual_sq,
-)
+if __name__ == "kernels":  # a bare `import kernels` from the checkout root: not us
+    from loraforge._checkout import step_aside
 
-__all__ = [
-    "RANK_MODES",
-    "SVD_METHODS",
-    "DenseOperator",
-    "LowRank",
-    "MatrixOperator",
-    "RankMode",
-    "RankRule",
-    "RowBlocks",
-    "Spectrum",
-    "SvdMethod",
-    "full_svd",
-    "kept_energy",
-    "product_distance_sq",
-    "randomized_svd",
-    "randomized_svd_op",
-    "refactor_sum",
-    "relative_error",
-    "residual_sq",
-    "seed_for",
-    "squared_norm",
-    "truncated_residual_sq",
-]
+    step_aside(__name__, __file__)
+else:
+    from .blocked import RowBlocks
+    from .methods import SVD_METHODS, SvdMethod
+    from .ranks import RANK_MODES, RankMode, RankRule, Spectrum, kept_energy
+    from .stacked import refactor_sum
+    from .svd import (
+        DenseOperator,
+        LowRank,
+        MatrixOperator,
+        full_svd,
+        product_distance_sq,
+        randomized_svd,
+        randomized_svd_op,
+        relative_error,
+        residual_sq,
+        seed_for,
+        squared_norm,
+        truncated_residual_sq,
+    )
+
+    __all__ = [
+        "RANK_MODES",
+        "SVD_METHODS",
+        "DenseOperator",
+        "LowRank",
+        "MatrixOperator",
+        "RankMode",
+        "RankRule",
+        "RowBlocks",
+        "Spectrum",
+        "SvdMethod",
+        "full_svd",
+        "kept_energy",
+        "product_distance_sq",
+        "randomized_svd",
+        "randomized_svd_op",
+        "refactor_sum",
+        "relative_error",
+        "residual_sq",
+        "seed_for",
+        "squared_norm",
+        "truncated_residual_sq",
+    ]
