@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from measure import format_table  # noqa: E402
 
-from loraforge.kernels import full_svd, randomized_svd  # noqa: E402
+from loraforge.kernels import SvdSettings, full_svd, randomized_svd  # noqa: E402
 
 SETTINGS = {"q0": 0, "q1": 1, "q2 (old)": 2, "q4": 4, "auto": None}  # power iterations
 SEEDS = (1, 2, 3)
@@ -82,12 +82,15 @@ def main(argv: list[str] | None = None) -> int:
         optimal = math.sqrt(float((s[args.rank :] ** 2).sum() / (s**2).sum()))  # exact σ known
         err = {"spectrum": name}
         for label, n_iter in SETTINGS.items():
-            runs = [randomized_svd(a, args.rank, n_iter=n_iter, generator=gen(s)) for s in SEEDS]
+            runs = [
+                randomized_svd(a, args.rank, SvdSettings(n_iter=n_iter), generator=gen(s))
+                for s in SEEDS
+            ]
             err[label] = f"{max(r.rel_error() for r in runs) / optimal:.5f}"
         err["auto iters"] = ",".join(str(r.iterations) for r in runs)
         fns = {
             label: lambda n_iter=n_iter, a=a: randomized_svd(
-                a, args.rank, n_iter=n_iter, generator=gen(1)
+                a, args.rank, SvdSettings(n_iter=n_iter), generator=gen(1)
             )
             for label, n_iter in SETTINGS.items()
         }

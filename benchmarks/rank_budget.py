@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from measure import format_table  # noqa: E402
 
-from loraforge.kernels import RankRule, Spectrum, randomized_svd, seed_for  # noqa: E402
+from loraforge.kernels import RankRule, Spectrum, SvdSettings, randomized_svd, seed_for  # noqa: E402
 
 SHAPES = [(1024, 1024), (1024, 2816), (2816, 1024), (512, 512)]
 DECAYS = [0.4, 0.8, 1.5]  # σᵢ ∝ i^-p
@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     tensors = deltas()
     factors = {
         name: randomized_svd(
-            d, args.cap, n_iter=None, generator=torch.Generator().manual_seed(seed_for(name))
+            d,
+            args.cap,
+            SvdSettings(n_iter=None),
+            generator=torch.Generator().manual_seed(seed_for(name)),
         )
         for name, d in tensors.items()
     }

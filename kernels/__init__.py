@@ -15,9 +15,11 @@ else:
     from .ranks import RANK_MODES, RankMode, RankRule, Spectrum, kept_energy
     from .stacked import refactor_sum
     from .svd import (
+        DEFAULT_SETTINGS,
         DenseOperator,
         LowRank,
         MatrixOperator,
+        SvdSettings,
         full_svd,
         product_distance_sq,
         randomized_svd,
@@ -30,6 +32,7 @@ else:
     )
 
     __all__ = [
+        "DEFAULT_SETTINGS",
         "RANK_MODES",
         "SVD_METHODS",
         "DenseOperator",
@@ -40,6 +43,7 @@ else:
         "RowBlocks",
         "Spectrum",
         "SvdMethod",
+        "SvdSettings",
         "full_svd",
         "kept_energy",
         "product_distance_sq",

@@ -1,7 +1,6 @@
 """The SVD methods a user can name (``--svd``), each with its help text and one calling
-convention: ``factor(delta, rank, *, seed, oversample, n_iter, tol, max_iter) -> LowRank``
-(``n_iter`` None: power iterations until the captured energy settles, see
-``randomized_svd_op``)."""
+convention: ``factor(delta, rank, *, seed, settings) -> LowRank`` (``settings``: the
+``SvdSettings`` of a randomized method, see ``randomized_svd_op``)."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .svd import DEFAULT_MAX_ITER, DEFAULT_TOL, LowRank, full_svd, randomized_svd
+from .svd import LowRank, SvdSettings, full_svd, randomized_svd
 
 
 @dataclass(frozen=True)
@@ -20,29 +19,12 @@ class SvdMethod:
     factor: Callable[..., LowRank]
 
 
-def _randomized(
-    delta: torch.Tensor,
-    rank: int,
-    *,
-    seed: int,
-    oversample: int,
-    n_iter: int | None,
-    tol: float = DEFAULT_TOL,
-    max_iter: int = DEFAULT_MAX_ITER,
-) -> LowRank:
+def _randomized(delta: torch.Tensor, rank: int, *, seed: int, settings: SvdSettings) -> LowRank:
     generator = torch.Generator(device=delta.device).manual_seed(seed)
-    return randomized_svd(
-        delta,
-        rank,
-        oversample=oversample,
-        n_iter=n_iter,
-        tol=tol,
-        max_iter=max_iter,
-        generator=generator,
-    )
+    return randomized_svd(delta, rank, settings, generator=generator)
 
 
-def _full(delta: torch.Tensor, rank: int, **_sketch) -> LowRank:
+def _full(delta: torch.Tensor, rank: int, *, seed: int, settings: SvdSettings) -> LowRank:
     return full_svd(delta, rank)  # exact: no test matrix, sketch or iterations apply
 
 

@@ -35,6 +35,30 @@ NOISE = 1e-6  # energy changes below this fraction of ‖A‖² are fp32 roundin
 
 
 @dataclass(frozen=True)
+class SvdSettings:
+    """How the randomized SVD samples and iterates: ``oversample`` extra columns of the test
+    matrix; ``n_iter`` power iterations, or None to iterate until the captured energy settles
+    (``tol``, at most ``max_iter``). One object from the command line to the kernel (the
+    extraction's ``KernelOptions`` is one); an exact SVD ignores it."""
+
+    oversample: int = 16
+    n_iter: int | None = None
+    tol: float = DEFAULT_TOL
+    max_iter: int = DEFAULT_MAX_ITER
+
+    def __post_init__(self):
+        if self.oversample < 0 or (self.n_iter is not None and self.n_iter < 0):
+            raise ValueError("oversample and n_iter must be >= 0")
+        if not self.tol > 0.0:
+            raise ValueError(f"tol must be > 0, got {self.tol}")
+        if self.max_iter < 1:
+            raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
+
+
+DEFAULT_SETTINGS = SvdSettings()
+
+
+@dataclass(frozen=True)
 class LowRank:
     up: torch.Tensor  # (out, r) fp32
     down: torch.Tensor  # (r, in) fp32
@@ -172,47 +196,32 @@ def full_svd(a: torch.Tensor, rank: int) -> LowRank:
 def randomized_svd(
     a: torch.Tensor,
     rank: int,
+    settings: SvdSettings = DEFAULT_SETTINGS,
     *,
-    oversample: int = 16,
-    n_iter: int | None = None,
-    tol: float = DEFAULT_TOL,
-    max_iter: int = DEFAULT_MAX_ITER,
     generator: torch.Generator | None = None,
 ) -> LowRank:
     """Rank-``rank`` randomized SVD (Halko et al. 2011) of a dense matrix, fp32 on its device;
     see ``randomized_svd_op``. A sketch as wide as the matrix falls back to the exact SVD."""
     _check(a, rank)
-    _check_iterations(oversample, n_iter, tol, max_iter)
     a = a.float()
     m, n = a.shape
     k = min(rank, m, n)
-    if min(k + oversample, m, n) == min(m, n):  # the sketch would be the whole matrix
+    if min(k + settings.oversample, m, n) == min(m, n):  # the sketch would be the whole matrix
         return full_svd(a, k)
-    return randomized_svd_op(
-        DenseOperator(a),
-        k,
-        oversample=oversample,
-        n_iter=n_iter,
-        tol=tol,
-        max_iter=max_iter,
-        generator=generator,
-    )
+    return randomized_svd_op(DenseOperator(a), k, settings, generator=generator)
 
 
 def randomized_svd_op(
     op: MatrixOperator,
     rank: int,
+    settings: SvdSettings = DEFAULT_SETTINGS,
     *,
-    oversample: int = 16,
-    n_iter: int | None = None,
-    tol: float = DEFAULT_TOL,
-    max_iter: int = DEFAULT_MAX_ITER,
     generator: torch.Generator | None = None,
 ) -> LowRank:
     """Rank-``rank`` randomized SVD of the matrix behind ``op`` (Halko et al. 2011, Alg. 4.4
     and 5.1), fp32 on ``op.device``.
 
-    ``n_iter`` fixes the number of power iterations (each followed by a QR
+    ``settings.n_iter`` fixes the number of power iterations (each followed by a QR
     re-orthonormalisation); ``None`` iterates until the rank-``rank`` energy the basis captures
     gains less than ``tol`` times the energy still missing (‖A‖² − Σσᵢ²), from
     ``MIN_AUTO_ITER`` up to ``max_iter`` iterations: a slowly decaying spectrum gets the
@@ -223,14 +232,14 @@ def randomized_svd_op(
     reproducible factors."""
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
-    _check_iterations(oversample, n_iter, tol, max_iter)
     m, n = op.shape
     k = min(rank, m, n)
-    q = min(k + oversample, m, n)
+    q = min(k + settings.oversample, m, n)
     omega = torch.randn(n, q, generator=generator, device=op.device, dtype=torch.float32)
     basis = torch.linalg.qr(op.matmul(omega)).Q
+    n_iter = settings.n_iter
     if n_iter is None:
-        return _adaptive(op, basis, k, tol, max_iter)
+        return _adaptive(op, basis, k, settings.tol, settings.max_iter)
     for _ in range(n_iter):
         basis = torch.linalg.qr(op.rmatmul(basis)).Q
         basis = torch.linalg.qr(op.matmul(basis)).Q
@@ -273,15 +282,6 @@ def _settled(previous: float, captured: float, sq_norm: float, tol: float) -> bo
     fp32 products resolve (``NOISE`` of ‖A‖²: an exactly low-rank A misses nothing)."""
     gain = captured - previous
     return gain <= tol * (sq_norm - captured) or gain <= NOISE * sq_norm
-
-
-def _check_iterations(oversample: int, n_iter: int | None, tol: float, max_iter: int) -> None:
-    if oversample < 0 or (n_iter is not None and n_iter < 0):
-        raise ValueError("oversample and n_iter must be >= 0")
-    if not tol > 0.0:
-        raise ValueError(f"tol must be > 0, got {tol}")
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
 
 
 def _check(a: torch.Tensor, rank: int) -> None:

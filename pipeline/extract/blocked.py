@@ -176,12 +176,4 @@ def _has_nonfinite(view: torch.Tensor, block_rows: int) -> bool:
 def factor_blocked(op: RowBlocks, task: ExtractTask, kernel: KernelOptions):
     """The low-rank factors of ``op``'s delta (randomized SVD, whatever ``kernel.method``:
     an exact SVD needs the whole delta)."""
-    return lowrank_blocked(
-        op,
-        task.rank,
-        name=task.key,
-        oversample=kernel.oversample,
-        n_iter=kernel.n_iter,
-        tol=kernel.tol,
-        max_iter=kernel.max_iter,
-    )
+    return lowrank_blocked(op, task.rank, name=task.key, settings=kernel)

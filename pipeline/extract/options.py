@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraforge.kernels import SVD_METHODS, RankRule
-from loraforge.kernels.svd import DEFAULT_MAX_ITER, DEFAULT_TOL
+from loraforge.kernels import SVD_METHODS, RankRule, SvdSettings
 
 from ..errors import UsageError
 from ..io.dtypes import check_output_format, parse_dtype
@@ -36,15 +35,13 @@ class _Frozen:
 
 
 @dataclass(frozen=True)
-class KernelOptions(_Frozen):
-    """Everything that decides the numbers of a low-rank factorisation."""
+class KernelOptions(SvdSettings, _Frozen):
+    """Everything that decides the numbers of a low-rank factorisation: the method, the rank,
+    and the kernel's ``SvdSettings`` (``--oversample``, ``--power-iterations``, ``--svd-tol``,
+    ``--max-power-iterations``), which it is, so it goes to the kernel as it is."""
 
     method: str = "randomized"
     rank: int = 32
-    oversample: int = 16
-    n_iter: int | None = None  # power iterations; None: adaptive (--power-iterations auto)
-    tol: float = DEFAULT_TOL  # adaptive: stop when a step gains < tol of what is missed
-    max_iter: int = DEFAULT_MAX_ITER  # adaptive: at most this many power iterations
 
     def __post_init__(self):
         if self.rank < 1:

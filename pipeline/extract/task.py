@@ -126,16 +126,7 @@ def _factor(
     if is_unchanged(largest):
         marker["kind"] = "unchanged"
     elif task.kind == "lowrank":
-        factors = lowrank(
-            delta,
-            task.rank,
-            name=task.key,
-            method=kernel.method,
-            oversample=kernel.oversample,
-            n_iter=kernel.n_iter,
-            tol=kernel.tol,
-            max_iter=kernel.max_iter,
-        )
+        factors = lowrank(delta, task.rank, name=task.key, method=kernel.method, settings=kernel)
         arrays, attributes = lowrank_result(factors, kernel, marker)
     else:
         arrays = {"diff": delta}

@@ -4,7 +4,13 @@ one up to summation order."""
 import pytest
 import torch
 
-from loraforge.kernels import DenseOperator, RowBlocks, randomized_svd, randomized_svd_op
+from loraforge.kernels import (
+    DenseOperator,
+    RowBlocks,
+    SvdSettings,
+    randomized_svd,
+    randomized_svd_op,
+)
 
 
 def _matrix(m=600, n=300, seed=0):
@@ -29,8 +35,12 @@ def test_products_equal_the_dense_operators(block_rows):
 def test_blocked_svd_equals_the_dense_one(n_iter):
     a = _matrix()
     blocks = RowBlocks(lambda s, e: a[s:e], a.shape, 97)
-    got = randomized_svd_op(blocks, 16, n_iter=n_iter, generator=torch.Generator().manual_seed(5))
-    want = randomized_svd(a, 16, n_iter=n_iter, generator=torch.Generator().manual_seed(5))
+    got = randomized_svd_op(
+        blocks, 16, SvdSettings(n_iter=n_iter), generator=torch.Generator().manual_seed(5)
+    )
+    want = randomized_svd(
+        a, 16, SvdSettings(n_iter=n_iter), generator=torch.Generator().manual_seed(5)
+    )
     assert got.iterations == want.iterations
     torch.testing.assert_close(got.singular_values, want.singular_values, rtol=1e-5, atol=0)
     torch.testing.assert_close(got.up @ got.down, want.up @ want.down, rtol=1e-4, atol=1e-4)
@@ -41,7 +51,7 @@ def test_blocked_svd_equals_the_dense_one(n_iter):
 def test_passes_are_counted_and_stats_read_once():
     a = _matrix()
     blocks = RowBlocks(lambda s, e: a[s:e], a.shape, 100)
-    randomized_svd_op(blocks, 8, n_iter=2, generator=torch.Generator().manual_seed(0))
+    randomized_svd_op(blocks, 8, SvdSettings(n_iter=2), generator=torch.Generator().manual_seed(0))
     # stats, A·Ω, two power iterations (Aᵀ·Q then A·Q), Qᵀ·A; the residual is the cheap identity
     assert blocks.passes == 1 + 1 + 4 + 1
 

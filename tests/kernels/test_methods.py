@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from loraforge.kernels import SVD_METHODS, LowRank, SvdMethod
+from loraforge.kernels import SVD_METHODS, LowRank, SvdMethod, SvdSettings
 from loraforge.pipeline.errors import UsageError
 from loraforge.pipeline.extract.options import ExtractOptions, KernelOptions
 from loraforge.stages.lowrank import lowrank
@@ -26,7 +26,9 @@ def test_method_names_in_order():
 @pytest.mark.parametrize("rank", [1, 3, 8])
 def test_each_factor_returns_the_rank_asked_for(name, rank):
     delta = low_rank_matrix()
-    result = SVD_METHODS[name].factor(delta, rank, seed=7, oversample=4, n_iter=1)
+    result = SVD_METHODS[name].factor(
+        delta, rank, seed=7, settings=SvdSettings(oversample=4, n_iter=1)
+    )
     assert isinstance(result, LowRank)
     assert result.rank == rank
     assert result.up.shape == (60, rank) and result.down.shape == (rank, 40)
@@ -36,28 +38,33 @@ def test_each_factor_returns_the_rank_asked_for(name, rank):
 @pytest.mark.parametrize("name", ["randomized", "full"])
 def test_each_factor_recovers_an_exact_low_rank_delta(name):
     delta = low_rank_matrix()
-    result = SVD_METHODS[name].factor(delta, 5, seed=0, oversample=4, n_iter=1)
+    result = SVD_METHODS[name].factor(
+        delta, 5, seed=0, settings=SvdSettings(oversample=4, n_iter=1)
+    )
     assert float((result.up @ result.down - delta).abs().max()) <= 1e-4 * float(delta.abs().max())
     assert result.rel_error() < 1e-4
 
 
 @pytest.mark.parametrize("name", ["randomized", "full"])
 def test_each_factor_caps_the_rank_at_the_smaller_dimension(name):
-    result = SVD_METHODS[name].factor(low_rank_matrix(12, 6), 32, seed=0, oversample=4, n_iter=1)
+    result = SVD_METHODS[name].factor(
+        low_rank_matrix(12, 6), 32, seed=0, settings=SvdSettings(oversample=4, n_iter=1)
+    )
     assert result.rank == 6 and result.up.shape == (12, 6) and result.down.shape == (6, 6)
 
 
 def test_randomized_factor_is_seeded_and_full_ignores_the_seed():
     delta = torch.randn(80, 50, generator=torch.Generator().manual_seed(3))
     randomized = SVD_METHODS["randomized"].factor
-    a = randomized(delta, 4, seed=1, oversample=2, n_iter=0)
-    b = randomized(delta, 4, seed=1, oversample=2, n_iter=0)
-    c = randomized(delta, 4, seed=2, oversample=2, n_iter=0)
+    settings = SvdSettings(oversample=2, n_iter=0)
+    a = randomized(delta, 4, seed=1, settings=settings)
+    b = randomized(delta, 4, seed=1, settings=settings)
+    c = randomized(delta, 4, seed=2, settings=settings)
     assert torch.equal(a.up, b.up) and torch.equal(a.down, b.down)
     assert not torch.equal(a.up, c.up)
     full = SVD_METHODS["full"].factor
-    d = full(delta, 4, seed=1, oversample=2, n_iter=0)
-    e = full(delta, 4, seed=99, oversample=30, n_iter=7)
+    d = full(delta, 4, seed=1, settings=settings)
+    e = full(delta, 4, seed=99, settings=SvdSettings(oversample=30, n_iter=7))
     assert torch.equal(d.up, e.up) and torch.equal(d.down, e.down)
 
 
@@ -102,15 +109,20 @@ def test_cli_refuses_an_unknown_svd_method(tmp_path):
 def test_each_factor_takes_the_adaptive_arguments(name):
     delta = torch.randn(80, 50, generator=torch.Generator().manual_seed(4))
     result = SVD_METHODS[name].factor(
-        delta, 4, seed=0, oversample=4, n_iter=None, tol=1e-12, max_iter=3
+        delta, 4, seed=0, settings=SvdSettings(oversample=4, n_iter=None, tol=1e-12, max_iter=3)
     )
     assert result.iterations == (3 if name == "randomized" else 0)
 
 
 def test_the_lowrank_stage_iterates_adaptively_by_default():
     delta = torch.randn(80, 50, generator=torch.Generator().manual_seed(4))
-    assert lowrank(delta, 4, name="x", oversample=4, tol=1e-12, max_iter=3).iterations == 3
-    assert lowrank(delta, 4, name="x", oversample=4, n_iter=1).iterations == 1
+    assert (
+        lowrank(
+            delta, 4, name="x", settings=SvdSettings(oversample=4, tol=1e-12, max_iter=3)
+        ).iterations
+        == 3
+    )
+    assert lowrank(delta, 4, name="x", settings=SvdSettings(oversample=4, n_iter=1)).iterations == 1
 
 
 def test_kernel_options_default_to_adaptive_iterations_and_check_them():

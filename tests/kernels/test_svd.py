@@ -5,6 +5,7 @@ import torch
 
 from loraforge.kernels import (
     DenseOperator,
+    SvdSettings,
     full_svd,
     product_distance_sq,
     randomized_svd,
@@ -114,9 +115,11 @@ def todays_randomized_svd(a: torch.Tensor, rank: int, oversample: int, n_iter: i
 def test_fixed_iterations_keep_todays_bytes(n_iter):
     a = spectrum_matrix(300, 200, slowly_decaying(200))
     up, down, s = todays_randomized_svd(a, 16, 16, n_iter, torch.Generator().manual_seed(5))
-    dense = randomized_svd(a, 16, n_iter=n_iter, generator=torch.Generator().manual_seed(5))
+    dense = randomized_svd(
+        a, 16, SvdSettings(n_iter=n_iter), generator=torch.Generator().manual_seed(5)
+    )
     op = randomized_svd_op(
-        DenseOperator(a), 16, n_iter=n_iter, generator=torch.Generator().manual_seed(5)
+        DenseOperator(a), 16, SvdSettings(n_iter=n_iter), generator=torch.Generator().manual_seed(5)
     )
     for result in (dense, op):
         assert torch.equal(result.up, up) and torch.equal(result.down, down)
@@ -134,8 +137,10 @@ def test_adaptive_defaults():
 def test_adaptive_iterates_as_long_as_the_spectrum_needs(name, p, iterations):
     a = spectrum_matrix(600, 400, power_law(400, p))
     optimal = full_svd(a, 16).rel_error()
-    fixed = randomized_svd(a, 16, n_iter=2, generator=torch.Generator().manual_seed(1))
-    auto = randomized_svd(a, 16, n_iter=None, generator=torch.Generator().manual_seed(1))
+    fixed = randomized_svd(a, 16, SvdSettings(n_iter=2), generator=torch.Generator().manual_seed(1))
+    auto = randomized_svd(
+        a, 16, SvdSettings(n_iter=None), generator=torch.Generator().manual_seed(1)
+    )
     assert auto.iterations == iterations
     assert auto.rel_error() <= 1.002 * optimal
     assert auto.rel_error() <= fixed.rel_error() * (1 + 1e-5)  # same basis at 2.0, rounding
@@ -144,8 +149,10 @@ def test_adaptive_iterates_as_long_as_the_spectrum_needs(name, p, iterations):
 def test_adaptive_fixes_what_two_iterations_miss():
     a = spectrum_matrix(600, 400, power_law(400, 0.3))
     optimal = full_svd(a, 16).rel_error()
-    fixed = randomized_svd(a, 16, n_iter=2, generator=torch.Generator().manual_seed(0))
-    auto = randomized_svd(a, 16, n_iter=None, generator=torch.Generator().manual_seed(0))
+    fixed = randomized_svd(a, 16, SvdSettings(n_iter=2), generator=torch.Generator().manual_seed(0))
+    auto = randomized_svd(
+        a, 16, SvdSettings(n_iter=None), generator=torch.Generator().manual_seed(0)
+    )
     assert fixed.rel_error() > 1.002 * optimal
     assert auto.rel_error() < 1.0015 * optimal
 
@@ -154,7 +161,9 @@ def test_adaptive_can_stop_half_way_through_an_iteration():
     """At 2.5 iterations the factors come from A·P = Q·R (the right basis P): still an
     orthogonal projection of A, so the reported error is the actual one."""
     a = spectrum_matrix(600, 400, power_law(400, 0.3))
-    approx = randomized_svd(a, 16, n_iter=None, generator=torch.Generator().manual_seed(0))
+    approx = randomized_svd(
+        a, 16, SvdSettings(n_iter=None), generator=torch.Generator().manual_seed(0)
+    )
     assert approx.iterations == 2.5
     actual = float((a - approx.up @ approx.down).double().norm() / a.double().norm())
     assert approx.rel_error() == pytest.approx(actual, rel=1e-5)
@@ -163,9 +172,9 @@ def test_adaptive_can_stop_half_way_through_an_iteration():
 
 def test_adaptive_reports_its_actual_error_and_respects_the_cap():
     a = spectrum_matrix(300, 200, power_law(200, 0.3))
-    capped = randomized_svd(a, 8, n_iter=None, tol=1e-12, max_iter=5)
+    capped = randomized_svd(a, 8, SvdSettings(n_iter=None, tol=1e-12, max_iter=5))
     assert capped.iterations == 5
-    once = randomized_svd(a, 8, n_iter=None, max_iter=1)
+    once = randomized_svd(a, 8, SvdSettings(n_iter=None, max_iter=1))
     assert once.iterations == 1
     actual = float((a - capped.up @ capped.down).double().norm() / a.double().norm())
     assert capped.rel_error() == pytest.approx(actual, rel=1e-4)
@@ -173,7 +182,9 @@ def test_adaptive_reports_its_actual_error_and_respects_the_cap():
 
 def test_adaptive_stops_at_the_minimum_on_an_exactly_low_rank_matrix():
     a = spectrum_matrix(400, 300, torch.tensor([3.0, 2.0, 1.0, 0.5]))
-    approx = randomized_svd(a, 8, n_iter=None, generator=torch.Generator().manual_seed(0))
+    approx = randomized_svd(
+        a, 8, SvdSettings(n_iter=None), generator=torch.Generator().manual_seed(0)
+    )
     assert approx.iterations == MIN_AUTO_ITER
     assert torch.allclose(approx.up @ approx.down, a, atol=1e-5)
 
@@ -181,11 +192,11 @@ def test_adaptive_stops_at_the_minimum_on_an_exactly_low_rank_matrix():
 def test_iteration_arguments_are_checked():
     a = torch.randn(60, 40)
     with pytest.raises(ValueError, match="tol must be > 0, got 0.0"):
-        randomized_svd(a, 4, n_iter=None, tol=0.0)
+        randomized_svd(a, 4, SvdSettings(n_iter=None, tol=0.0))
     with pytest.raises(ValueError, match="max_iter must be >= 1, got 0"):
-        randomized_svd(a, 4, n_iter=None, max_iter=0)
+        randomized_svd(a, 4, SvdSettings(n_iter=None, max_iter=0))
     with pytest.raises(ValueError, match="oversample and n_iter must be >= 0"):
-        randomized_svd(a, 4, n_iter=-1)
+        randomized_svd(a, 4, SvdSettings(n_iter=-1))
     assert full_svd(a, 4).iterations == 0
 
 
