@@ -121,9 +121,9 @@ def extract(
     key_style: KeyStyleOpt = DEFAULT_STYLE,
 ) -> None:
     """Extract a LoRA from the difference between a base and a fine-tuned checkpoint."""
+    from ..export.ranks import parse_iterations, parse_ranks, rank_rule
     from ..extract.command import extract as run_extract
     from ..extract.options import ExtractOptions, KernelOptions
-    from ..lora.rank_options import parse_iterations, parse_ranks, rank_rule
 
     run = RunOptions(
         device=device,

@@ -111,8 +111,8 @@ def resize(
     error against the exact sum. Another --rank, --rank-mode or output option with the same
     --work-dir re-exports without recomputing.
     """
+    from ..export.ranks import parse_ranks, rank_rule
     from ..lora.config import loras_from_arguments
-    from ..lora.rank_options import parse_ranks, rank_rule
     from ..resize.command import resize as run_resize
     from ..resize.options import ResizeOptions
 

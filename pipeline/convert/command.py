@@ -14,19 +14,19 @@ import os
 import torch
 
 from ..errors import CheckpointNotFound, LoraMismatch
+from ..export.writer import config_file, lora_location, open_lora_output
 from ..io import safetensors_format as stf
 from ..io.reader import index_checkpoint, load_tensor
+from ..io.writer import PRODUCER
 from ..lora.inputs import OpenedLora, read_lora
 from ..lora.keys import Unmatched
 from ..lora.styles import check_output, key_style
-from ..lora.writer import beside_directory, config_file, open_lora_output, weights_file
+from ..run.command import execute
 from ..run.options import RunOptions
 from ..run.paths import UserPath, checkpoint_paths
 from ..run.report import build_report
 from ..run.session import Progress, Session
 from .plan import ConvertPlan, ConvertWeight, alpha_dtype, plan_convert
-
-METADATA = {"format": "pt", "producer": "loraforge"}
 
 
 def convert(
@@ -43,56 +43,74 @@ def convert(
 ) -> dict:
     """Write the LoRA at ``lora`` (a file, shard directory or PEFT adapter directory) in key
     style ``to`` at ``output``; return the report (also saved as JSON)."""
-    lora = os.path.abspath(os.path.expanduser(lora))
     style = key_style(to, "--to")
-    run = beside_directory(run or RunOptions(), output, style)
+    run, output = lora_location(run or RunOptions(), output, style)
     check_output(style, "safetensors", max_shard_size, "--to")
-    session = Session.open("convert", run, weights_file(output, style), "safetensors", progress)
-    if not os.path.exists(lora):
-        raise CheckpointNotFound("LoRA not found", path=lora, hint="check IN")
-    opened = read_lora(lora, lora_type)
-    base_index = index_checkpoint(base, base_type) if base else None
-    inputs = _input_paths(lora, opened)
-    if base_index is not None:
-        inputs += checkpoint_paths("--base", base_index)
-    config = config_file(session.output, style)
-    session.check_paths(inputs, [config] if config else [])
-    shapes = {k: i.shape for k, i in base_index.tensors.items()} if base_index else None
-    plan = plan_convert(opened, style, shapes)
-    if not plan.weights:
-        first = plan.left_out[0] if plan.left_out else None
-        example = f", e.g. '{first.lora_key}': {first.reason}" if first else ""
-        raise LoraMismatch(f"nothing to write in the {style.name} style{example}", path=lora)
-    warnings = [*opened.warnings, *_left_out_warning(plan.left_out)]
-    for warning in warnings:
-        session.emit("warning", {"message": warning})
-    session.start(
-        tensors=len(plan.weights),
-        total_bytes=sum(e.nbytes for e in plan.entries),
-        done=0,
-        done_bytes=0,
-        changes=[],
-    )
-    writer = open_lora_output(
-        session.output,
-        style,
-        [w.written() for w in plan.weights],
-        plan.entries,
-        max_shard_size=max_shard_size,
-        metadata=METADATA,
-    )
-    try:
+    command = Conversion(lora, lora_type, style, base, base_type, max_shard_size)
+    return execute(command, run, output, progress)
+
+
+class Conversion:
+    """The conversion filled into the command skeleton: no work directory, one pass."""
+
+    name = "convert"
+    work = None
+    output_format = "safetensors"
+
+    def __init__(self, lora: str, lora_type, style, base, base_type, max_shard_size):
+        self.lora = os.path.abspath(os.path.expanduser(lora))
+        self.lora_type, self.style = lora_type, style
+        self.base, self.base_type, self.max_shard_size = base, base_type, max_shard_size
+
+    def prepare(self, session: Session) -> None:
+        lora, style = self.lora, self.style
+        if not os.path.exists(lora):
+            raise CheckpointNotFound("LoRA not found", path=lora, hint="check IN")
+        self.opened = opened = read_lora(lora, self.lora_type)
+        base_index = index_checkpoint(self.base, self.base_type) if self.base else None
+        inputs = _input_paths(lora, opened)
+        if base_index is not None:
+            inputs += checkpoint_paths("--base", base_index)
+        config = config_file(session.output, style)
+        session.check_paths(inputs, [config] if config else [])
+        shapes = {k: i.shape for k, i in base_index.tensors.items()} if base_index else None
+        self.plan = plan = plan_convert(opened, style, shapes)
+        if not plan.weights:
+            first = plan.left_out[0] if plan.left_out else None
+            example = f", e.g. '{first.lora_key}': {first.reason}" if first else ""
+            raise LoraMismatch(f"nothing to write in the {style.name} style{example}", path=lora)
+        self.warnings = [*opened.warnings, *_left_out_warning(plan.left_out)]
+        for warning in self.warnings:
+            session.emit("warning", {"message": warning})
+
+    def begin(self, session: Session, previous: dict | None) -> dict:
+        raise NotImplementedError("convert keeps no work directory")
+
+    def run(self, session: Session) -> dict:
+        plan = self.plan
+        session.start(
+            tensors=len(plan.weights),
+            total_bytes=sum(e.nbytes for e in plan.entries),
+            done=0,
+            done_bytes=0,
+            changes=[],
+        )
+        writer = session.add_writer(
+            open_lora_output(
+                session.output,
+                self.style,
+                [w.written() for w in plan.weights],
+                plan.entries,
+                max_shard_size=self.max_shard_size,
+                metadata=PRODUCER,
+            )
+        )
         for weight in plan.weights:
             for role, name in weight.names.items():
                 writer.write(name, _tensor(weight, role))
             session.emit("tensor", {"key": weight.key, "bytes": _read_bytes(weight)})
         session.emit("write", {"tensors": len(plan.weights)})
-        report = _report(plan, opened, lora, base, session, warnings)
-        session.publish(writer, report)
-    except BaseException:
-        writer.abort()
-        raise
-    return report
+        return _report(plan, self.opened, self.lora, self.base, session, self.warnings)
 
 
 def _input_paths(lora: str, opened: OpenedLora) -> list[UserPath]:
@@ -143,7 +161,6 @@ def _report(
         "key_style": plan.style.name,
         "left_out": {u.lora_key: u.reason for u in plan.left_out},
         "warnings": warnings,
-        "work_dir": None,
     }
     options = {"to": plan.style.name, "base": base}
     inputs = {"lora": lora, "file": opened.file, "base": base}

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UsageError
+from ..export.writer import LoraWeight
 from ..io import safetensors_format as stf
 from ..io.layout import OutputEntry
 from ..io.reader import TensorInfo
@@ -21,7 +22,6 @@ from ..lora.inputs import OpenedLora
 from ..lora.keys import LoraPatch, Unmatched, map_lora
 from ..lora.modules import kohya_keys, own_targets
 from ..lora.styles import KeyStyle
-from ..lora.writer import LoraWeight
 
 
 @dataclass(frozen=True)

@@ -1,24 +1,25 @@
-"""``extract``: plan → compute missing tensors on Dask → write the output → report."""
+"""``extract``: plan → compute missing tensors on Dask → write the output → report, filled into
+the run layer's command skeleton (``run/command.py``)."""
 
 from __future__ import annotations
 
 import time
 
-from ..io.reader import index_checkpoint
-from ..lora.export import abort, export, lowrank_entry, outputs_summary, singular_values
-from ..lora.writer import beside_directory, weights_file
+from ..export.outputs import lowrank_entry, outputs_summary
+from ..export.write import Exported, export_loras
+from ..export.writer import lora_location
+from ..io.reader import CheckpointIndex, index_checkpoint
 from ..run.cluster import TaskCall
+from ..run.command import execute
 from ..run.device import device_type
-from ..run.faults import maybe_crash
 from ..run.options import RunOptions
 from ..run.paths import checkpoint_paths
 from ..run.report import blocked_note, build_report, memory_summary
-from ..run.session import Progress, Session
+from ..run.session import Progress, Recompute, Session
 from .blocked import block_rows_for, blocked_bytes, working_bytes
 from .checks import check_something_to_extract, surprises
-from .export import open_outputs, written_files
-from .options import ExtractOptions
-from .plan import ExtractionPlan, plan_extraction
+from .options import ExtractOptions, KernelOptions
+from .plan import ExtractionPlan, ExtractTask, plan_extraction
 from .resume import Decision, input_changes, resume_decisions
 from .task import run_extract_task, stage_bytes
 
@@ -36,138 +37,121 @@ def extract(
 ) -> dict:
     """Extract a LoRA of ``target_model − source_model`` into ``output``; return the report
     (also saved as JSON)."""
-    run = beside_directory(run or RunOptions(), output, options.style)
-    output = weights_file(output, options.style)
-    session = Session.open("extract", run, output, options.output_format, progress)
-    source = index_checkpoint(source_model, source_type)
-    target = index_checkpoint(target_model, target_type)
-    plan = plan_extraction(source, target, options)
-    session.check_paths(
-        checkpoint_paths("--source-model", source) + checkpoint_paths("--target-model", target),
-        written_files(plan, session.output),
-    )
-    check_something_to_extract(plan, source, target)
-    warnings = surprises(plan, source, target)
-    for warning in warnings:
-        session.emit("warning", {"message": warning})
-    work = session.work
-    with session.locked() as previous:
-        if not run.resume:
-            work.clear()
-        work.create()
+    run, output = lora_location(run or RunOptions(), output, options.style)
+    command = Extraction(source_model, source_type, target_model, target_type, options)
+    return execute(command, run, output, progress)
+
+
+class Extraction:
+    """The extraction filled into the command skeleton."""
+
+    name = "extract"
+    work = "results"
+
+    def __init__(self, source: str, source_type: str, target: str, target_type: str, options):
+        self.paths = (source, source_type, target, target_type)
+        self.options: ExtractOptions = options
+        self.output_format = options.output_format
+
+    def prepare(self, session: Session) -> None:
+        source_model, source_type, target_model, target_type = self.paths
+        self.source: CheckpointIndex = index_checkpoint(source_model, source_type)
+        self.target: CheckpointIndex = index_checkpoint(target_model, target_type)
+        self.plan: ExtractionPlan = plan_extraction(self.source, self.target, self.options)
+        session.check_paths(
+            checkpoint_paths("--source-model", self.source)
+            + checkpoint_paths("--target-model", self.target),
+            self.options.written_beside(session.output),
+        )
+        check_something_to_extract(self.plan, self.source, self.target)
+        self.warnings = surprises(self.plan, self.source, self.target)
+        for warning in self.warnings:
+            session.emit("warning", {"message": warning})
+
+    def begin(self, session: Session, previous: dict | None) -> dict:
         manifest = {
-            "kernel": options.kernel.to_dict(),
+            "kernel": self.options.kernel.to_dict(),
             "device": device_type(session.device),
-            "inputs": {"source": source.fingerprint(), "target": target.fingerprint()},
+            "inputs": {"source": self.source.fingerprint(), "target": self.target.fingerprint()},
         }
-        changes = input_changes(previous, manifest)
-        session.write_manifest(manifest)
-        report, outputs = _run(plan, source, target, session, changes)
-        report["summary"]["work_dir"] = work.path if run.keep_work else None
-        report["summary"]["warnings"] = warnings
-        try:
-            session.publish([output.writer for output in outputs], report)
-        except BaseException:
-            abort(outputs)  # nothing at the output changed; the work directory has it all
-            raise
-    if not run.keep_work:
-        work.remove()
-    return report
+        self.changes = input_changes(previous, manifest)
+        return manifest
 
-
-def _run(
-    plan: ExtractionPlan, source, target, session: Session, changes: list[str]
-) -> tuple[dict, object]:
-    """Resume decisions, compute, write the output's temporaries; return the report and the
-    filled writer, for the caller to publish."""
-    work, dev, started = session.work, session.device, session.started
-    kernel = plan.options.kernel
-    phases = {"prepare": time.time() - started}
-    fingerprints, decisions, markers = resume_decisions(plan, work, dev)
-    pending = [t for t in plan.tasks if not decisions[t.key].reuse]
-    session.start(
-        tensors=len(plan.tasks),
-        total_bytes=plan.total_bytes,
-        done=len(plan.tasks) - len(pending),
-        done_bytes=plan.total_bytes - sum(t.read_bytes for t in pending),
-        changes=changes,
-    )
-
-    def recompute(task) -> dict:
-        # Where the tasks run (a --gpus worker, the cluster), not in this process: the client
-        # may be a head node without the workers' device.
-        return _compute_one(session, task, kernel, fingerprints[task.key])
-
-    phases["resume_check"] = time.time() - started - sum(phases.values())
-    _compute(session, pending, kernel, fingerprints, markers)
-    phases["compute"] = time.time() - started - sum(phases.values())
-    session.emit("write", {"tensors": len(plan.tasks)})
-    values, recomputed = singular_values(plan.tasks, markers, work, recompute)
-    outputs = open_outputs(plan, markers, values, session.output)
-    try:
-        dtype = plan.options.torch_dtype
-        recomputed.update(export(plan.tasks, markers, work, outputs, values, dtype, recompute))
-    except BaseException:
-        abort(outputs)
-        raise
-    phases["write"] = time.time() - started - sum(phases.values())
-    tensors = {}
-    for task in plan.tasks:
-        marker, decision = markers[task.key], decisions[task.key]
-        note = recomputed.get(task.key)
-        entry = {
-            "kind": "skipped" if marker["kind"] == "unchanged" else marker["kind"],
-            "shape": list(task.shape),
-            **_ranked(task.key, marker["kind"], outputs),
-            "seconds": marker.get("seconds"),
-            "status": _status(decision, note),
+    def run(self, session: Session) -> dict:
+        plan, started = self.plan, session.started
+        phases = {"prepare": time.time() - started}
+        fingerprints, decisions, markers = resume_decisions(plan, session.work, session.device)
+        calls = {
+            t.key: _call(session, t, plan.options.kernel, fingerprints[t.key]) for t in plan.tasks
         }
-        if marker.get("iterations") is not None:  # power iterations the kernel used
-            entry["iterations"] = marker["iterations"]
-        notes = [
-            n
-            for n in (
-                task.note,
-                note,
-                "unchanged (max |diff| <= 1e-8)" if marker["kind"] == "unchanged" else None,
-            )
-            if n
-        ]
-        if decision.sliced_from:
-            notes.append(f"sliced from stored rank {decision.sliced_from}")
-        if marker.get("blocked"):
-            notes.append(blocked_note(marker["blocked"]))
-        if decision.note:
-            notes.append(decision.note)
-        if decision.reason:
-            notes.append(f"recomputed: {decision.reason}")
-        if notes:
-            entry["note"] = "; ".join(notes)
-        tensors[task.key] = entry
-    for skipped in plan.skipped:
-        tensors[skipped.key] = {"kind": "skipped", "note": skipped.reason, "status": "planned"}
-    extra = {
-        "files": [file for output in outputs for file in output.writer.final_files],
-        "outputs": outputs_summary(outputs),
-        "output": session.output,
-        "device": dev,
-        "computed": sum(1 for d in decisions.values() if not d.reuse),
-        "reused": sum(1 for d in decisions.values() if d.reuse),
-        "source_only": plan.source_only,
-        "target_only": plan.target_only,
-        "input_changes": changes,
-        "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
-        "memory": memory_summary(session.budget, tensors),
+        pending = [t for t in plan.tasks if not decisions[t.key].reuse]
+        session.start(
+            tensors=len(plan.tasks),
+            total_bytes=plan.total_bytes,
+            done=len(plan.tasks) - len(pending),
+            done_bytes=plan.total_bytes - sum(t.read_bytes for t in pending),
+            changes=self.changes,
+        )
+        phases["resume_check"] = time.time() - started - sum(phases.values())
+        results = session.compute([calls[t.key] for t in pending])
+        markers.update({t.key: results[t.name] for t in pending})
+        phases["compute"] = time.time() - started - sum(phases.values())
+        session.emit("write", {"tensors": len(plan.tasks)})
+        exported = export_loras(
+            plan.tasks, markers, plan.options, session.output, session, Recompute(session, calls)
+        )
+        phases["write"] = time.time() - started - sum(phases.values())
+        tensors = {
+            task.key: _tensor_entry(task, markers[task.key], decisions[task.key], exported)
+            for task in plan.tasks
+        }
+        for skipped in plan.skipped:
+            tensors[skipped.key] = {"kind": "skipped", "note": skipped.reason, "status": "planned"}
+        extra = {
+            "files": [file for output in exported.outputs for file in output.writer.final_files],
+            "outputs": outputs_summary(exported.outputs),
+            "output": session.output,
+            "device": session.device,
+            "computed": sum(1 for d in decisions.values() if not d.reuse),
+            "reused": sum(1 for d in decisions.values() if d.reuse),
+            "source_only": plan.source_only,
+            "target_only": plan.target_only,
+            "input_changes": self.changes,
+            "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
+            "memory": memory_summary(session.budget, tensors),
+            "warnings": self.warnings,
+        }
+        inputs = {"source": self.source.path, "target": self.target.path}
+        return build_report("extract", plan.options.to_dict(), inputs, tensors, extra, started)
+
+
+def _tensor_entry(task: ExtractTask, marker: dict, decision: Decision, exported: Exported) -> dict:
+    """A tensor's line in the report: what it became, its rank and errors, how it was
+    obtained (computed, reused, sliced from a larger stored rank, recomputed) and why."""
+    note = exported.notes.get(task.key)
+    entry = {
+        "kind": "skipped" if marker["kind"] == "unchanged" else marker["kind"],
+        "shape": list(task.shape),
+        **_ranked(task.key, marker["kind"], exported.outputs),
+        "seconds": marker.get("seconds"),
+        "status": _status(decision, note),
     }
-    report = build_report(
-        "extract",
-        plan.options.to_dict(),
-        {"source": source.path, "target": target.path},
-        tensors,
-        extra,
-        started,
-    )
-    return report, outputs
+    if marker.get("iterations") is not None:  # power iterations the kernel used
+        entry["iterations"] = marker["iterations"]
+    notes = [n for n in (task.note, note) if n]
+    if marker["kind"] == "unchanged":
+        notes.append("unchanged (max |diff| <= 1e-8)")
+    if decision.sliced_from:
+        notes.append(f"sliced from stored rank {decision.sliced_from}")
+    if marker.get("blocked"):
+        notes.append(blocked_note(marker["blocked"]))
+    if decision.note:
+        notes.append(decision.note)
+    if decision.reason:
+        notes.append(f"recomputed: {decision.reason}")
+    if notes:
+        entry["note"] = "; ".join(notes)
+    return entry
 
 
 def _ranked(key: str, kind: str, outputs: list) -> dict:
@@ -189,7 +173,9 @@ def _status(decision: Decision, note: str | None) -> str:
     return "computed"
 
 
-def _call(session: Session, task, kernel, fingerprint: dict) -> TaskCall:
+def _call(
+    session: Session, task: ExtractTask, kernel: KernelOptions, fingerprint: dict
+) -> TaskCall:
     """The task of ``task``: whole when its working set fits the session's memory budget,
     else in row blocks (blocked.py), declaring the bytes it will hold either way."""
     dev = session.device
@@ -205,24 +191,6 @@ def _call(session: Session, task, kernel, fingerprint: dict) -> TaskCall:
         uses_gpu=dev.startswith("cuda"),  # every task uses the device
         stage_bytes=staging,
         memory_bytes=memory,
+        tensor=task.key,
+        read_bytes=task.read_bytes,
     )
-
-
-def _compute_one(session: Session, task, kernel, fingerprint: dict) -> dict:
-    """One task run through the session (as ``_compute`` runs them); its marker."""
-    results = {}
-    session.compute([_call(session, task, kernel, fingerprint)], results.__setitem__)
-    return results[task.name]
-
-
-def _compute(session: Session, pending: list, kernel, fingerprints: dict, markers: dict) -> None:
-    calls = [_call(session, task, kernel, fingerprints[task.key]) for task in pending]
-    by_key = {task.name: task for task in pending}
-
-    def finished(key: str, marker: dict) -> None:
-        task = by_key[key]
-        markers[task.key] = marker
-        maybe_crash("compute", len(markers))
-        session.emit("tensor", {"key": task.key, "bytes": task.read_bytes})
-
-    session.compute(calls, finished)

@@ -6,14 +6,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import torch
-
-from loraforge.kernels import SVD_METHODS, RankRule, SvdSettings
+from loraforge.kernels import SVD_METHODS, SvdSettings
 
 from ..errors import UsageError
-from ..io.dtypes import check_output_format, parse_dtype
-from ..lora.rank_options import checked_ranks, rule_from
-from ..lora.styles import DEFAULT_STYLE, KeyStyle, check_output, key_style
+from ..export.options import LoraOutput
 
 
 class _Frozen:
@@ -56,37 +52,20 @@ class KernelOptions(SvdSettings, _Frozen):
             raise UsageError(f"--max-power-iterations must be >= 1, got {self.max_iter}")
 
 
-@dataclass(frozen=True)
-class ExtractOptions(_Frozen):
-    """What decides an extraction's output. The rank rule is applied at export from the
-    stored spectra, so it is not part of what a resume compares (``resume.py``)."""
+@dataclass(frozen=True, kw_only=True)
+class ExtractOptions(LoraOutput, _Frozen):
+    """What decides an extraction's output: the kernel, which tensors are factored, and how the
+    LoRA is written (``LoraOutput``). The rank rule and the output options are applied at
+    export from the stored spectra, so they are not part of what a resume compares
+    (``resume.py``)."""
 
     kernel: KernelOptions = KernelOptions()
-    rank_rule: RankRule | None = None  # None: fixed at kernel.rank (normalised on creation)
-    ranks: tuple[int, ...] = ()  # one output per cap (--rank 16,32,64); () = (kernel.rank,)
     lowrank_min_params: int = 1_000_000
     diff_only: bool = False
-    output_dtype: str = "bf16"
-    output_format: str = "safetensors"
-    max_shard_size: int | None = None
-    key_style: str = DEFAULT_STYLE  # output key names (lora/styles.py); not in resume's check
 
     def __post_init__(self):
         if isinstance(self.kernel, dict):
             object.__setattr__(self, "kernel", KernelOptions.from_dict(self.kernel))
-        object.__setattr__(self, "rank_rule", rule_from(self.rank_rule, self.kernel.rank))
-        ranks = checked_ranks(self.ranks, self.rank_rule, "kernel rank")
-        object.__setattr__(self, "ranks", ranks)
-        parse_dtype(self.output_dtype)
-        check_output_format(self.output_format, self.max_shard_size)
-        check_output(key_style(self.key_style), self.output_format, self.max_shard_size)
+        self.check_output(self.kernel.rank, "kernel rank")
         if self.lowrank_min_params < 0:
             raise UsageError("--lowrank-min-params must be >= 0")
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return parse_dtype(self.output_dtype)
-
-    @property
-    def style(self) -> KeyStyle:
-        return key_style(self.key_style)

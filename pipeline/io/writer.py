@@ -18,6 +18,9 @@ from .layout import OutputEntry, Slot, index_file_name, shard_file_names, split_
 from .pytorch_writer import PytorchOutput
 from .slots import Slots
 
+# The header metadata of every file loraforge writes (safetensors' own "format" convention).
+PRODUCER = {"format": "pt", "producer": "loraforge"}
+
 
 def _reopen_if_matching(tmp: str, header: bytes, size: int) -> int | None:
     """An fd on ``tmp`` when it exists with exactly ``header`` and ``size`` (a temporary left by

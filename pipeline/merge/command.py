@@ -6,16 +6,16 @@ marker per tensor written; a rerun of the same merge computes only the tensors w
 
 from __future__ import annotations
 
-from ..errors import ClusterError, LoraforgeError, LoraMismatch
+from ..errors import LoraMismatch
 from ..io.reader import index_checkpoint
-from ..io.writer import open_output
+from ..io.writer import PRODUCER, open_output
 from ..lora.config import MergeConfig
 from ..lora.inputs import LoraInput, open_lora
 from ..lora.patches import refusal
 from ..lora.paths import lora_paths
 from ..lora.summary import lora_summaries
 from ..run.cluster import TaskCall
-from ..run.faults import maybe_crash
+from ..run.command import execute
 from ..run.options import RunOptions
 from ..run.paths import checkpoint_paths
 from ..run.report import blocked_note, build_report, memory_summary
@@ -26,9 +26,6 @@ from .options import MergeOptions
 from .plan import MergePlan, MergeTask, plan_merge
 from .resume import changes_since, components_digest, marker_valid, merge_components
 from .task import run_merge_task, stage_bytes
-
-METADATA = {"format": "pt", "producer": "loraforge"}
-
 
 # Tasks writing fp8 or a scale never run blocked (blocked.py can_block): said in the report.
 WHOLE_FP8 = "ran whole over the memory budget (fp8 output needs the whole tensor for its scale)"
@@ -48,57 +45,100 @@ def merge(
     """Merge ``loras`` into ``source_model``; return the report (also saved as JSON). A merge's
     work directory holds only markers, so it is removed after success whatever
     ``run.keep_work`` says."""
-    run = run or RunOptions()
-    session = Session.open("merge", run, output, options.output_format, progress)
-    base = index_checkpoint(source_model, source_type)
-    shapes = {key: info.shape for key, info in base.tensors.items()}
-    opened = [open_lora(s, shapes, lora_type, options.allow_nonfinite) for s in loras.loras]
-    session.check_paths(checkpoint_paths("--source-model", base) + lora_paths(opened, loras.path))
-    if loras.unused:
-        session.emit("note", {"message": _unused_note(loras)})
-    plan = plan_merge(base, opened, options)
-    if options.strict:
-        _refuse_unmatched(base, opened, plan, session)
-    for lora in opened:
-        for warning in lora.warnings:
-            session.emit("warning", {"message": f"{lora.label}: {warning}"})
-    session.emit("loras", {"loras": lora_summaries(opened, plan.unmatched)})
+    command = Merge(source_model, source_type, loras, lora_type, options)
+    return execute(command, run or RunOptions(), output, progress)
 
-    work = session.work
-    with session.locked() as previous:
-        components = merge_components(plan, base, opened, session.device)
-        fingerprint = components_digest(components)
-        same = run.resume and previous is not None and previous.get("fingerprint") == fingerprint
-        changes = [] if same or not run.resume else changes_since(previous, components, work.path)
-        if not same:
-            work.clear()
-        work.create()
-        writer = open_output(
-            session.output,
-            options.output_format,
-            plan.entries,
-            options.max_shard_size,
-            metadata={**METADATA, **plan.metadata},
-            reuse=same,
+
+class Merge:
+    """The merge filled into the command skeleton: the temporary output, written in place, is
+    what a rerun resumes, vouched for by one marker per tensor in the work directory."""
+
+    name = "merge"
+    work = "markers"
+
+    def __init__(self, source: str, source_type: str, loras: MergeConfig, lora_type, options):
+        self.source, self.source_type = source, source_type
+        self.loras, self.lora_type, self.options = loras, lora_type, options
+        self.output_format = options.output_format
+
+    def prepare(self, session: Session) -> None:
+        loras, options = self.loras, self.options
+        self.base = base = index_checkpoint(self.source, self.source_type)
+        shapes = {key: info.shape for key, info in base.tensors.items()}
+        self.opened = opened = [
+            open_lora(s, shapes, self.lora_type, options.allow_nonfinite) for s in loras.loras
+        ]
+        session.check_paths(
+            checkpoint_paths("--source-model", base) + lora_paths(opened, loras.path)
         )
-        session.write_manifest({"fingerprint": fingerprint, "components": components})
-        try:
-            markers = _run(plan, writer, session, fingerprint, changes)
-            session.emit("write", {"tensors": len(plan.tasks)})
-            report = _report(plan, base, opened, markers, writer.final_files, session, changes)
-            report["summary"]["config"] = _config_summary(loras)
-            session.publish(writer, report)
-        except BaseException as failure:
-            if isinstance(failure, LoraforgeError) and not isinstance(failure, ClusterError):
-                writer.abort()  # bad input: a rerun needs other inputs, so nothing to resume
-                session.discard_work()
-            else:  # interrupted, out of space, workers lost: a rerun resumes
-                temporaries = writer.temporaries
-                writer.close()
-                session.keep_for_resume(temporaries)
-            raise
-    work.remove()
-    return report
+        if loras.unused:
+            session.emit("note", {"message": _unused_note(loras)})
+        self.plan = plan_merge(base, opened, options)
+        if options.strict:
+            _refuse_unmatched(base, opened, self.plan, session)
+        for lora in opened:
+            for warning in lora.warnings:
+                session.emit("warning", {"message": f"{lora.label}: {warning}"})
+        session.emit("loras", {"loras": lora_summaries(opened, self.plan.unmatched)})
+
+    def begin(self, session: Session, previous: dict | None) -> dict:
+        components = merge_components(self.plan, self.base, self.opened, session.device)
+        self.fingerprint = components_digest(components)
+        resume = session.run.resume
+        self.same = (
+            resume and previous is not None and previous.get("fingerprint") == self.fingerprint
+        )
+        if self.same or not resume:
+            self.changes = []
+        else:
+            self.changes = changes_since(previous, components, session.work.path)
+            session.work.clear()
+        return {"fingerprint": self.fingerprint, "components": components}
+
+    def run(self, session: Session) -> dict:
+        plan, options = self.plan, self.options
+        writer = session.add_writer(
+            open_output(
+                session.output,
+                options.output_format,
+                plan.entries,
+                options.max_shard_size,
+                metadata={**PRODUCER, **plan.metadata},
+                reuse=self.same,
+            )
+        )
+        markers = _reused_markers(plan, writer, session, self.fingerprint)
+        pending = [t for t in plan.tasks if t.key not in markers]
+        session.start(
+            tensors=len(plan.tasks),
+            total_bytes=plan.total_bytes,
+            done=len(markers),
+            done_bytes=plan.total_bytes - sum(t.read_bytes for t in pending),
+            changes=self.changes,
+        )
+        calls = [_call(task, writer, session, self.fingerprint, options) for task in pending]
+        results = session.compute(calls)
+        for task in pending:
+            markers[task.key] = {**results[task.name], "status": "computed"}
+            writer.mark_written(task.key, markers[task.key]["crc"])
+        session.emit("write", {"tensors": len(plan.tasks)})
+        report = _report(plan, self.base, self.opened, markers, writer.final_files, session)
+        report["summary"]["input_changes"] = self.changes
+        report["summary"]["config"] = _config_summary(self.loras)
+        return report
+
+
+def _reused_markers(plan: MergePlan, writer, session: Session, fingerprint: str) -> dict:
+    """Every tensor whose marker still vouches for its bytes in the reused temporary output."""
+    markers: dict[str, dict] = {}
+    for task in plan.tasks:
+        marker = session.work.read_marker(task.key)
+        if writer.final_file(task.key) in writer.reused and marker_valid(
+            marker, fingerprint, writer.slot(task.key)
+        ):
+            markers[task.key] = {**marker, "status": "reused"}
+            writer.mark_written(task.key, marker.get("crc", 0))
+    return markers
 
 
 def _call(task: MergeTask, writer, session: Session, fingerprint: dict, options) -> TaskCall:
@@ -125,6 +165,8 @@ def _call(task: MergeTask, writer, session: Session, fingerprint: dict, options)
         uses_gpu=dev.startswith("cuda") and task.kind == "merged",
         stage_bytes=staging,
         memory_bytes=memory,
+        tensor=task.key,
+        read_bytes=task.read_bytes,
     )
 
 
@@ -169,45 +211,7 @@ def _save_refusal_report(base, opened, plan, session: Session, message: str) -> 
     session.save_report(report)
 
 
-def _run(plan: MergePlan, writer, session: Session, fingerprint: str, changes: list[str]) -> dict:
-    """Reuse every tensor whose marker still vouches for its bytes, compute the rest."""
-    markers: dict[str, dict] = {}
-    for task in plan.tasks:
-        marker = session.work.read_marker(task.key)
-        if writer.final_file(task.key) in writer.reused and marker_valid(
-            marker, fingerprint, writer.slot(task.key)
-        ):
-            markers[task.key] = {**marker, "status": "reused"}
-            writer.mark_written(task.key, marker.get("crc", 0))
-    pending = [t for t in plan.tasks if t.key not in markers]
-    session.start(
-        tensors=len(plan.tasks),
-        total_bytes=plan.total_bytes,
-        done=len(markers),
-        done_bytes=plan.total_bytes - sum(t.read_bytes for t in pending),
-        changes=changes,
-    )
-    _compute(pending, plan.options, writer, session, fingerprint, markers)
-    return markers
-
-
-def _compute(
-    pending: list[MergeTask], options: MergeOptions, writer, session: Session, fingerprint, markers
-) -> None:
-    calls = [_call(task, writer, session, fingerprint, options) for task in pending]
-    by_key = {task.name: task for task in pending}
-
-    def finished(key: str, result: dict) -> None:
-        task = by_key[key]
-        marker = markers[task.key] = {**result, "status": "computed"}
-        writer.mark_written(task.key, marker["crc"])
-        session.emit("tensor", {"key": task.key, "bytes": task.read_bytes})
-        maybe_crash("compute", len(markers))
-
-    session.compute(calls, finished)
-
-
-def _report(plan, base, opened, markers, files, session: Session, changes) -> dict:
+def _report(plan, base, opened, markers, files, session: Session) -> dict:
     tensors = {}
     for task in plan.tasks:
         marker = markers[task.key]
@@ -230,10 +234,8 @@ def _report(plan, base, opened, markers, files, session: Session, changes) -> di
         "computed": sum(1 for m in markers.values() if m["status"] == "computed"),
         "reused": sum(1 for m in markers.values() if m["status"] == "reused"),
         "loras": lora_summaries(opened, plan.unmatched),
-        "input_changes": changes,
         "dropped": plan.dropped,
         "warnings": [f"{lora.label}: {w}" for lora in opened for w in lora.warnings],
-        "work_dir": None,
         "memory": memory_summary(session.budget, tensors),
     }
     inputs = {"source": base.path, "loras": [lora.label for lora in opened]}

@@ -9,33 +9,24 @@ from __future__ import annotations
 import math
 
 from ..errors import LoraMismatch
+from ..export.outputs import lowrank_entry, outputs_summary
+from ..export.write import Exported, export_loras
+from ..export.writer import lora_location
 from ..io.reader import TensorInfo, index_checkpoint
 from ..lora.config import MergeConfig
-from ..lora.export import (
-    RankedOutput,
-    abort,
-    export,
-    lowrank_entry,
-    open_outputs,
-    outputs_summary,
-    singular_values,
-    written_beside,
-)
 from ..lora.inputs import LoraInput, find_weights, open_lora
 from ..lora.keys import KOHYA_PREFIXES
 from ..lora.modules import own_targets
 from ..lora.paths import lora_paths
-from ..lora.rank_options import ranked_outputs
 from ..lora.summary import lora_summaries
-from ..lora.writer import beside_directory, weights_file
 from ..run.cluster import TaskCall
-from ..run.faults import maybe_crash
+from ..run.command import execute
 from ..run.options import RunOptions
 from ..run.paths import checkpoint_paths
 from ..run.report import build_report
-from ..run.session import Progress, Session
+from ..run.session import Progress, Recompute, Session
 from .options import ResizeOptions
-from .plan import ResizePlan, plan_resize
+from .plan import ResizePlan, ResizeTask, plan_resize
 from .resume import resume_decisions
 from .task import run_resize_task
 
@@ -54,36 +45,74 @@ def resize(
     """Refactor Σ strengthᵢ·LoRAᵢ into one LoRA at the ranks ``options.rank_rule`` chooses;
     return the report (also saved as JSON). ``base`` (optional) only names the targets (kohya
     names need it); its tensors are never read."""
-    run = beside_directory(run or RunOptions(device="cpu"), output, options.style)
-    output = weights_file(output, options.style)
-    session = Session.open("resize", run, output, options.output_format, progress)
-    index = index_checkpoint(base, base_type) if base else None
-    targets = index.tensors if index else _own_targets(loras, lora_type)
-    shapes = {key: info.shape for key, info in targets.items()}
-    opened = [open_lora(s, shapes, lora_type, options.allow_nonfinite) for s in loras.loras]
-    inputs = lora_paths(opened, loras.path) + (checkpoint_paths("--base", index) if index else [])
-    session.check_paths(inputs, written_beside(session.output, options.ranks, options.style))
-    plan = plan_resize(targets, opened, options)
-    _check_something_to_write(plan, opened)
-    for warning in _warnings(opened, plan, index is None):
-        session.emit("warning", {"message": warning})
-    session.emit("loras", {"loras": lora_summaries(opened, plan.unmatched)})
-    work = session.work
-    with session.locked():
-        if not run.resume:
-            work.clear()
-        work.create()
-        session.write_manifest({"loras": [lora.file for lora in opened], "base": base})
-        report, outputs = _run(plan, opened, session)
-        report["summary"]["work_dir"] = work.path if run.keep_work else None
-        try:
-            session.publish([output.writer for output in outputs], report)
-        except BaseException:
-            abort(outputs)
-            raise
-    if not run.keep_work:
-        work.remove()
-    return report
+    run, output = lora_location(run or RunOptions(device="cpu"), output, options.style)
+    return execute(Resize(loras, options, base, base_type, lora_type), run, output, progress)
+
+
+class Resize:
+    """The resize filled into the command skeleton."""
+
+    name = "resize"
+    work = "results"
+
+    def __init__(self, loras: MergeConfig, options: ResizeOptions, base, base_type, lora_type):
+        self.loras, self.options = loras, options
+        self.base, self.base_type, self.lora_type = base, base_type, lora_type
+        self.output_format = options.output_format
+
+    def prepare(self, session: Session) -> None:
+        loras, options = self.loras, self.options
+        index = index_checkpoint(self.base, self.base_type) if self.base else None
+        targets = index.tensors if index else _own_targets(loras, self.lora_type)
+        shapes = {key: info.shape for key, info in targets.items()}
+        self.opened = [
+            open_lora(s, shapes, self.lora_type, options.allow_nonfinite) for s in loras.loras
+        ]
+        inputs = lora_paths(self.opened, loras.path)
+        if index:
+            inputs += checkpoint_paths("--base", index)
+        session.check_paths(inputs, options.written_beside(session.output))
+        self.plan = plan_resize(targets, self.opened, options)
+        _check_something_to_write(self.plan, self.opened)
+        for warning in _warnings(self.opened, self.plan, index is None):
+            session.emit("warning", {"message": warning})
+        session.emit("loras", {"loras": lora_summaries(self.opened, self.plan.unmatched)})
+
+    def begin(self, session: Session, previous: dict | None) -> dict:
+        return {"loras": [lora.file for lora in self.opened], "base": self.base}
+
+    def run(self, session: Session) -> dict:
+        """Resume decisions, compute, choose ranks, write the outputs' temporaries; the
+        report."""
+        plan, options = self.plan, self.options
+        fingerprints, reasons, markers = resume_decisions(plan, session.work)
+        calls = {t.key: _call(t, session, fingerprints[t.key], options) for t in plan.tasks}
+        pending = [t for t in plan.tasks if reasons[t.key] is not None]
+        session.start(
+            tensors=len(plan.tasks),
+            total_bytes=plan.total_bytes,
+            done=len(plan.tasks) - len(pending),
+            done_bytes=plan.total_bytes - sum(t.read_bytes for t in pending),
+            changes=sorted({r for r in reasons.values() if r}),
+        )
+        results = session.compute([calls[t.key] for t in pending])
+        markers.update({t.key: results[t.name] for t in pending})
+        session.emit("write", {"tensors": len(plan.tasks)})
+        exported = export_loras(
+            plan.tasks, markers, options, session.output, session, Recompute(session, calls)
+        )
+        return _report(plan, self.opened, markers, reasons, exported, session)
+
+
+def _call(task: ResizeTask, session: Session, fingerprint: dict, options) -> TaskCall:
+    return TaskCall(
+        task.name,
+        run_resize_task,
+        (task, session.work.path, fingerprint, options.allow_nonfinite),
+        memory_bytes=task.memory_bytes,
+        tensor=task.key,
+        read_bytes=task.read_bytes,
+    )
 
 
 def _own_targets(loras: MergeConfig, lora_type: str | None) -> dict[str, TensorInfo]:
@@ -124,67 +153,8 @@ def _warnings(opened: list[LoraInput], plan: ResizePlan, without_base: bool) -> 
     return warnings
 
 
-def _run(
-    plan: ResizePlan, opened: list[LoraInput], session: Session
-) -> tuple[dict, list[RankedOutput]]:
-    """Resume decisions, compute, choose ranks, write the outputs' temporaries; return the
-    report and the filled outputs (one per cap), for the caller to publish."""
-    work = session.work
-    options = plan.options
-    fingerprints, reasons, markers = resume_decisions(plan, work)
-    pending = [t for t in plan.tasks if reasons[t.key] is not None]
-    session.start(
-        tensors=len(plan.tasks),
-        total_bytes=plan.total_bytes,
-        done=len(plan.tasks) - len(pending),
-        done_bytes=plan.total_bytes - sum(t.read_bytes for t in pending),
-        changes=sorted({r for r in reasons.values() if r}),
-    )
-
-    def call(task) -> TaskCall:
-        args = (task, work.path, fingerprints[task.key], options.allow_nonfinite)
-        return TaskCall(task.name, run_resize_task, args, memory_bytes=task.memory_bytes)
-
-    def recompute(task) -> dict:
-        results = {}
-        session.compute([call(task)], results.__setitem__)
-        return results[task.name]
-
-    by_name = {task.name: task for task in pending}
-
-    def finished(name: str, marker: dict) -> None:
-        task = by_name[name]
-        markers[task.key] = marker
-        maybe_crash("compute", len(markers))
-        session.emit("tensor", {"key": task.key, "bytes": task.read_bytes})
-
-    session.compute([call(task) for task in pending], finished)
-    session.emit("write", {"tensors": len(plan.tasks)})
-    values, notes = singular_values(plan.tasks, markers, work, recompute)
-    paths = ranked_outputs(session.output, options.ranks, options.style.directory)
-    outputs = open_outputs(
-        plan.tasks,
-        markers,
-        values,
-        paths,
-        options.rank_rule,
-        options.style,
-        options.torch_dtype,
-        options.output_format,
-        options.max_shard_size,
-    )
-    try:
-        notes.update(
-            export(plan.tasks, markers, work, outputs, values, options.torch_dtype, recompute)
-        )
-    except BaseException:
-        abort(outputs)
-        raise
-    report = _report(plan, opened, markers, reasons, notes, outputs, session)
-    return report, outputs
-
-
-def _report(plan, opened, markers, reasons, notes, outputs: list[RankedOutput], session) -> dict:
+def _report(plan, opened, markers, reasons, exported: Exported, session) -> dict:
+    notes, outputs = exported.notes, exported.outputs
     tensors = {}
     for task in plan.tasks:
         marker, reason, note = markers[task.key], reasons[task.key], notes.get(task.key)

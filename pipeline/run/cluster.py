@@ -169,8 +169,9 @@ def dask_client(
 class TaskCall:
     """One Dask task: a readable, stable key, the function and its arguments (addresses and
     small option values, never tensors), whether it uses the device, for a GPU task the
-    pinned staging it needs (bytes; ``fn`` then takes the keyword ``stage_nbytes``), and the
-    host memory it allocates (bytes, from the plan), which the memory gate admits."""
+    pinned staging it needs (bytes; ``fn`` then takes the keyword ``stage_nbytes``), the
+    host memory it allocates (bytes, from the plan), which the memory gate admits, and for
+    progress the tensor it computes and the bytes it reads."""
 
     key: str
     fn: Callable
@@ -178,6 +179,8 @@ class TaskCall:
     uses_gpu: bool = False
     stage_bytes: int = 0
     memory_bytes: int = 0
+    tensor: str = ""
+    read_bytes: int = 0
 
 
 def run_tasks(

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from ..errors import WorkDirConflict
+from ..errors import ClusterError, LoraforgeError, WorkDirConflict
 from ..io.atomic import remove_quietly, temporary_name, write_json, write_json_to
 from ..io.layout import output_candidates, output_path
 from ..workdir import RunLock, WorkDir
 from ..workdir.clean import leftover_temporaries
 from .cluster import TaskCall, run_tasks
 from .device import resolve_device
+from .faults import maybe_crash
 from .gpu import select_gpus, visible_gpus
 from .memory import default_budget
 from .options import RunOptions
@@ -59,6 +60,7 @@ class Session:
     given_output: str = ""  # --output as typed (absolute), before the suffix rule
     budget: int = 0  # bytes the running tasks may hold together (--max-memory or default)
     outputs: list[str] = field(default_factory=list)  # written beside --output (check_paths)
+    writers: list = field(default_factory=list)  # the run's outputs, published together
     _discard: bool = False
 
     @classmethod
@@ -179,12 +181,23 @@ class Session:
             },
         )
 
-    def compute(self, calls: list[TaskCall], on_done: Callable[[str, object], None]) -> None:
+    def compute(self, calls: list[TaskCall], progress: bool = True) -> dict[str, object]:
         """Run ``calls`` where the options say (threads here, ``--gpus`` workers or a running
-        cluster); ``on_done(key, result)`` gets each result in this thread."""
+        cluster); return each call's result by its key. With ``progress``, a ``tensor`` event
+        as each finishes."""
+        results: dict[str, object] = {}
+        by_key = {call.key: call for call in calls}
+
+        def finished(key: str, result: object) -> None:
+            results[key] = result
+            if progress:
+                call = by_key[key]
+                self.emit("tensor", {"key": call.tensor, "bytes": call.read_bytes})
+                maybe_crash("compute", len(results))
+
         run_tasks(
             calls,
-            on_done,
+            finished,
             workers=self.run.workers,
             device=self.device,
             scheduler=self.run.scheduler,
@@ -193,6 +206,7 @@ class Session:
             on_warning=lambda message: self.emit("warning", {"message": message}),
             max_memory=self.budget,
         )
+        return results
 
     def write_manifest(self, manifest: dict) -> None:
         """``run.json``: what the run depends on, plus its command and outputs (so ``clean``
@@ -213,27 +227,46 @@ class Session:
             {**manifest, "command": self.command, "output": self.output, "outputs": outputs}
         )
 
-    def publish(self, writer, report: dict) -> dict:
-        """Make the output and the report appear together: the output's temporaries are
+    def add_writer(self, writer):
+        """An output of this run (``io.writer``'s or ``export.writer``'s): published with the
+        report, or aborted (or kept to resume) when the run fails. Returns it."""
+        self.writers.append(writer)
+        return writer
+
+    def publish(self, report: dict) -> dict:
+        """Make the outputs and the report appear together: every output's temporaries are
         sealed, the report written under a temporary name, then all are renamed into place
-        (output files first, report last). Before that nothing at the output changed.
-        ``writer`` may be a list (one output per rank): every one is sealed before any is
-        renamed."""
-        writers = writer if isinstance(writer, list) else [writer]
-        for each in writers:
+        (output files first, report last). Before that nothing at the output changed."""
+        for each in self.writers:
             each.seal()
-        report["summary"]["files"] = [file for each in writers for file in each.final_files]
+        report["summary"]["files"] = [file for w in self.writers for file in w.final_files]
         report["summary"]["report"] = self.report_path
         pending = temporary_name(self.report_path)
         try:
             write_json_to(pending, report)
-            for each in writers:
+            for each in self.writers:
                 each.publish()
         except BaseException:
             remove_quietly(pending)
             raise
         os.replace(pending, self.report_path)
         return report
+
+    def fail(self, failure: BaseException, output_resumes: bool) -> None:
+        """After ``failure``: nothing at the outputs changes. Where the temporary output is what
+        a rerun resumes from (``output_resumes``: merge writes in place), it is kept, unless the
+        input was bad (a rerun needs other inputs): then it and the work directory go."""
+        bad_input = isinstance(failure, LoraforgeError) and not isinstance(failure, ClusterError)
+        if output_resumes and not bad_input:
+            temporaries = [file for writer in self.writers for file in writer.temporaries]
+            for writer in self.writers:
+                writer.close()
+            self.keep_for_resume(temporaries)
+            return
+        for writer in self.writers:
+            writer.abort()
+        if output_resumes:
+            self.discard_work()
 
     def save_report(self, report: dict) -> None:
         """The report alone, for a run refused after its checks (``merge --strict``)."""
@@ -250,3 +283,18 @@ class Session:
                 f"`loraforge clean {self.work.path}` to remove them"
             },
         )
+
+
+@dataclass(frozen=True)
+class Recompute:
+    """Planned tasks run again where the run's tasks run (its workers or cluster, with their
+    device), for results whose intermediates did not read back. Built by a command from its
+    task calls (data) before the export, which runs them through this and never calls back
+    into the command."""
+
+    session: Session
+    calls: Mapping[str, TaskCall]  # by the tensor key a call computes
+
+    def __call__(self, key: str) -> dict:
+        call = self.calls[key]
+        return self.session.compute([call], progress=False)[call.key]

@@ -79,19 +79,19 @@ def verify(
     session.start(
         tensors=len(plan.tasks), total_bytes=plan.total_bytes, done=0, done_bytes=0, changes=[]
     )
-    results: dict[str, dict] = {}
-    by_name = {task.name: task for task in plan.tasks}
-
-    def finished(name: str, result: dict) -> None:
-        task = by_name[name]
-        results[task.key] = result
-        session.emit("tensor", {"key": task.key, "bytes": task.read_bytes})
-
     calls = [
-        TaskCall(task.name, run_verify_task, (task,), memory_bytes=4 * 8 * BLOCK_ELEMENTS)
+        TaskCall(
+            task.name,
+            run_verify_task,
+            (task,),
+            memory_bytes=4 * 8 * BLOCK_ELEMENTS,
+            tensor=task.key,
+            read_bytes=task.read_bytes,
+        )
         for task in plan.tasks
     ]
-    session.compute(calls, finished)
+    done = session.compute(calls)
+    results = {task.key: done[task.name] for task in plan.tasks}
     session.emit("write", {"tensors": len(plan.tasks)})
     report = _report(plan, opened, results, session, base.path, target.path)
     report["summary"]["warnings"] = warnings

@@ -212,7 +212,8 @@ def test_temporaries_of_a_rank_list_are_cleaned_or_replaced(tmp_path, monkeypatc
     """A run of --rank 4,8 killed while writing leaves a temporary per rank: ``clean`` finds
     them all, and a rerun with another rank list removes the ones it will not finish. (The
     kill is an interrupt whose clean-up is switched off: what SIGKILL leaves.)"""
-    from loraforge.pipeline.extract import command as extract_command
+    from loraforge.pipeline.export import write as export_write
+    from loraforge.pipeline.run.session import Session
     from loraforge.pipeline.workdir.clean import clean_work_dir
 
     base, target = pair_tensors()
@@ -226,8 +227,8 @@ def test_temporaries_of_a_rank_list_are_cleaned_or_replaced(tmp_path, monkeypatc
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(extract_command, "export", interrupted)
-        patch.setattr(extract_command, "abort", lambda outputs: None)
+        patch.setattr(export_write, "_write", interrupted)  # the outputs are open
+        patch.setattr(Session, "fail", lambda *args, **kwargs: None)
         assert run_cli(*args, "--rank", "4,8").exit_code == 130
     partial = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".partial"))
     assert partial == [".y-r4.safetensors.partial", ".y-r8.safetensors.partial"]
@@ -238,8 +239,8 @@ def test_temporaries_of_a_rank_list_are_cleaned_or_replaced(tmp_path, monkeypatc
     assert "removed the previous run's " in result.stderr + result.stdout
 
     with monkeypatch.context() as patch:
-        patch.setattr(extract_command, "export", interrupted)
-        patch.setattr(extract_command, "abort", lambda outputs: None)
+        patch.setattr(export_write, "_write", interrupted)  # the outputs are open
+        patch.setattr(Session, "fail", lambda *args, **kwargs: None)
         assert run_cli(*args, "--rank", "2,4").exit_code == 130
     cleaned = clean_work_dir(str(tmp_path / "y.safetensors.work"))
     assert [os.path.basename(f) for f in cleaned.temporaries] == [

@@ -184,9 +184,9 @@ def test_an_unreadable_intermediate_is_recomputed_where_the_tasks_run(many, tmp_
     calls = []
     compute = Session.compute
 
-    def recorded(self, task_calls, on_done):
+    def recorded(self, task_calls, progress=True):
         calls.append([(c.key, c.fn, c.args[2], c.uses_gpu) for c in task_calls])
-        return compute(self, task_calls, on_done)
+        return compute(self, task_calls, progress)
 
     monkeypatch.setattr(Session, "compute", recorded)
     second = tmp_path / "b.safetensors"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from loraforge.pipeline.extract import command as extract_command
+from loraforge.pipeline.export import write as export_write
 from loraforge.pipeline.merge import command as merge_command
 from loraforge.pipeline.merge.task import run_merge_task
 from tests.helpers.checkpoints import MIN_PARAMS, Q, lora_pair, make_base, pair_tensors, save_lora
@@ -119,7 +119,7 @@ def test_a_failing_write_leaves_the_old_output_and_report_untouched(
     def full_disk(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(extract_command, "export", full_disk)
+    monkeypatch.setattr(export_write, "_write", full_disk)  # after the outputs are opened
     failed = run_cli(*args, "--rank", "4")
     assert failed.exit_code == 1
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}

@@ -19,10 +19,10 @@ import torch
 from ..io.atomic import remove_quietly, temporary_name, write_json_to
 from ..io.layout import OutputEntry
 from ..io.writer import open_output
+from ..lora.adapter_config import METADATA_KEY, build_config, diffusers_metadata
+from ..lora.inputs import PEFT_CONFIG
+from ..lora.styles import KeyStyle, check_output, module_of
 from ..run.options import RunOptions
-from .adapter_config import METADATA_KEY, build_config, diffusers_metadata
-from .inputs import PEFT_CONFIG
-from .styles import KeyStyle, check_output, module_of
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # what PeftModel.from_pretrained reads first
 
@@ -60,17 +60,20 @@ def weights_file(output: str, style: KeyStyle) -> str:
     return os.path.join(os.path.abspath(os.path.expanduser(output.rstrip("/\\"))), ADAPTER_WEIGHTS)
 
 
-def beside_directory(run: RunOptions, output: str, style: KeyStyle) -> RunOptions:
-    """For a PEFT directory, the report and work directory default to ``<dir>.report.json``
-    and ``<dir>.work`` beside it, so the adapter directory holds only the adapter."""
+def lora_location(run: RunOptions, output: str, style: KeyStyle) -> tuple[RunOptions, str]:
+    """The run options and weights file of a LoRA written at ``output`` (``weights_file``).
+    For a PEFT directory the report and work directory default to ``<dir>.report.json`` and
+    ``<dir>.work`` beside it, so the adapter directory holds only the adapter."""
+    weights = weights_file(output, style)
     if not style.directory:
-        return run
-    folder = os.path.dirname(weights_file(output, style))
-    return dataclasses.replace(
+        return run, weights
+    folder = os.path.dirname(weights)
+    run = dataclasses.replace(
         run,
         report=run.report or folder + ".report.json",
         work_dir=run.work_dir or folder + ".work",
     )
+    return run, weights
 
 
 def config_file(weights: str, style: KeyStyle) -> str | None:

@@ -1,0 +1,202 @@
+"""The write stage of every command that writes a LoRA from factored results kept in its work
+directory (``extract``, ``resize``): each low-rank result's stored spectrum, the outputs laid out
+at the ranks chosen from it (``outputs.py``), then every result cast and written with the error
+of what is stored. Runs where the output is (the client), one batch of results in memory at a
+time."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import torch
+
+from loraforge.kernels import product_distance_sq, squared_norm, truncated_residual_sq
+from loraforge.stages.cast import cast
+
+from ..io.slots import RowWriter
+from ..run.faults import maybe_crash
+from ..run.session import Recompute, Session
+from ..workdir import CorruptEntry, WorkDir
+from .options import LoraOutput
+from .outputs import RankedOutput, open_outputs
+
+
+@dataclass
+class Exported:
+    outputs: list[RankedOutput]  # one per cap, ascending
+    notes: dict[str, str]  # per tensor whose intermediate did not read back: recomputed, why
+
+
+def export_loras(
+    tasks: Sequence,
+    markers: dict[str, dict],
+    options: LoraOutput,
+    output: str,
+    session: Session,
+    recompute: Recompute,
+) -> Exported:
+    """Write every finished result of ``tasks`` (their ``markers``, in the session's work
+    directory) into one output per cap of ``options`` at ``output``: the writers are the
+    session's, published with the report. An intermediate that cannot be read back intact is
+    run again through ``recompute`` (where the run's tasks run, not in this process); factors
+    are deterministic (the same seed, device and kernel), so ranks chosen from the old spectrum
+    still apply."""
+    work = session.work
+    values, notes = _singular_values(tasks, markers, work, recompute)
+    outputs = open_outputs(tasks, markers, values, options, output, session)
+    notes.update(_write(tasks, markers, work, outputs, values, options.torch_dtype, recompute))
+    return Exported(outputs, notes)
+
+
+def _recomputed(task, markers: dict, work: WorkDir, recompute: Recompute, why) -> str:
+    work.discard(task.key)
+    markers[task.key] = recompute(task.key)
+    return f"intermediate was unreadable ({why}); recomputed"
+
+
+def _singular_values(
+    tasks: Sequence, markers: dict[str, dict], work: WorkDir, recompute: Recompute
+) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Each low-rank result's stored singular values, and notes for results whose metadata did
+    not read back and were recomputed first."""
+    values, notes = {}, {}
+    for task in tasks:
+        if markers[task.key]["kind"] != "lowrank":
+            continue
+        try:
+            values[task.key] = list(work.attributes(task.key, "up")["singular_values"])
+        except (CorruptEntry, KeyError) as why:
+            notes[task.key] = _recomputed(task, markers, work, recompute, why)
+            values[task.key] = list(work.attributes(task.key, "up")["singular_values"])
+    return values, notes
+
+
+def lowrank_tensors(
+    task, arrays: dict, marker: dict, values: Sequence[float], rank: int, dtype: torch.dtype
+) -> tuple[dict, float, float]:
+    """The rank-``rank`` factors cast to ``dtype`` with alpha = rank (scale 1), the relative
+    error of the stored product (kernel residual plus cast rounding, by the triangle
+    inequality: an upper bound) and the kernel's own relative error at that rank."""
+    up = torch.from_numpy(arrays["up"][:, :rank])
+    down = torch.from_numpy(arrays["down"][:rank])
+    up_out, down_out = cast(up, dtype), cast(down, dtype)
+    sq_norm = float(marker["sq_norm"])
+    residual = truncated_residual_sq(float(marker["residual_sq"]), values, rank)
+    rounding = product_distance_sq(up_out.float(), down_out.float(), up, down)
+    kernel_error = math.sqrt(max(residual, 0.0) / sq_norm) if sq_norm else 0.0
+    stored_error = (
+        (math.sqrt(max(residual, 0.0)) + math.sqrt(rounding)) / math.sqrt(sq_norm)
+        if sq_norm
+        else 0.0
+    )
+    tensors = {
+        task.outputs["up"]: up_out,
+        task.outputs["down"]: down_out.reshape(rank, *task.shape[1:]),
+    }
+    if "alpha" in task.outputs:
+        tensors[task.outputs["alpha"]] = torch.tensor(float(rank), dtype=dtype)
+    return tensors, stored_error, kernel_error
+
+
+def diff_tensors(task, arrays: dict, dtype: torch.dtype) -> tuple[dict, float, float]:
+    delta = torch.from_numpy(arrays["diff"])
+    stored = cast(delta, dtype)
+    norm = squared_norm(delta)
+    rounding = squared_norm(delta - stored.float())
+    error = math.sqrt(rounding / norm) if norm else 0.0
+    return {task.outputs["diff"]: stored}, error, 0.0
+
+
+def _is_streamed(marker: dict) -> bool:
+    """A diff that ran blocked (larger than the memory budget) is read back chunk by chunk."""
+    return marker["kind"] == "diff" and bool(marker.get("blocked"))
+
+
+def _write_streamed_diff(
+    task, marker: dict, work: WorkDir, outputs: Sequence[RankedOutput], dtype: torch.dtype
+) -> None:
+    """``diff_tensors`` a stored chunk of rows at a time, written at its place in every
+    output: the whole diff is never in memory."""
+    name = task.outputs["diff"]
+    norm = rounding = 0.0
+    with ExitStack() as stack:
+        rows = [stack.enter_context(RowWriter(output.writer.slot(name))) for output in outputs]
+        for chunk in work.row_chunks(task.key, "diff", marker["array_shapes"]["diff"]):
+            delta = torch.from_numpy(chunk)
+            stored = cast(delta, dtype)
+            norm += squared_norm(delta)
+            rounding += squared_norm(delta - stored.float())
+            for writer in rows:
+                writer.write(stored)
+        crcs = [writer.close() for writer in rows]
+    error = math.sqrt(rounding / norm) if norm else 0.0
+    for output, crc in zip(outputs, crcs, strict=True):
+        output.writer.mark_written(name, crc)
+        output.errors[task.key] = (error, 0.0)
+
+
+BATCH_ENTRIES = 32
+BATCH_BYTES = 256 * 2**20
+
+
+def _batches(tasks: Sequence, markers: dict[str, dict]):
+    """Groups of tasks read back together: at most 32 entries or 256 MiB of fp32 data."""
+    batch, size = [], 0
+    for task in tasks:
+        shapes = markers[task.key].get("array_shapes", {}).values()
+        nbytes = sum(4 * math.prod(shape) for shape in shapes)
+        if batch and (len(batch) == BATCH_ENTRIES or size + nbytes > BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(task)
+        size += nbytes
+    if batch:
+        yield batch
+
+
+def _write(
+    tasks: Sequence,
+    markers: dict[str, dict],
+    work: WorkDir,
+    outputs: Sequence[RankedOutput],
+    values: dict[str, list[float]],
+    dtype: torch.dtype,
+    recompute: Recompute,
+) -> dict[str, str]:
+    """Every finished result into each output's writer; each output's ``errors`` fills in.
+    Returns notes for results recomputed on the way."""
+    notes: dict[str, str] = {}
+    stored = [t for t in tasks if markers[t.key]["kind"] != "unchanged"]
+    streamed = [t for t in stored if _is_streamed(markers[t.key])]
+    for task in streamed:
+        try:
+            _write_streamed_diff(task, markers[task.key], work, outputs, dtype)
+        except CorruptEntry as e:
+            notes[task.key] = _recomputed(task, markers, work, recompute, e)
+            _write_streamed_diff(task, markers[task.key], work, outputs, dtype)
+    stored = [t for t in stored if not _is_streamed(markers[t.key])]
+    written = len(streamed)
+    for batch in _batches(stored, markers):
+        loaded = work.load_many([(task.key, markers[task.key]) for task in batch])
+        for task in batch:
+            if isinstance(loaded[task.key], CorruptEntry):
+                notes[task.key] = _recomputed(task, markers, work, recompute, loaded[task.key])
+                loaded[task.key] = work.load(task.key, markers[task.key])
+                if markers[task.key]["kind"] == "lowrank":  # now factored at the task's rank
+                    values[task.key] = list(loaded[task.key][1]["up"]["singular_values"])
+            arrays, _attributes = loaded.pop(task.key)
+            marker = markers[task.key]
+            same = diff_tensors(task, arrays, dtype) if marker["kind"] == "diff" else None
+            for output in outputs:
+                tensors, error, kernel_error = same or lowrank_tensors(
+                    task, arrays, marker, values[task.key], output.ranks[task.key], dtype
+                )
+                for name, tensor in tensors.items():
+                    output.writer.write(name, tensor)
+                output.errors[task.key] = (error, kernel_error)
+            written += 1
+            maybe_crash("write", written)
+    return notes
