@@ -13,7 +13,7 @@ import sys
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -206,12 +206,14 @@ class Bar:
         return f"{self.bytes_done / 1e9:.2f}/{self.bytes_total / 1e9:.2f} GB read"
 
     def finish(self, report: dict) -> None:
+        self.close()
         if not self.quiet:
             print_summary(report)
 
     def close(self) -> None:
         if self.progress:
             self.progress.stop()
+            self.progress = None
 
 
 def print_summary(report: dict) -> None:
@@ -277,17 +279,18 @@ def print_cleaned(cleaned) -> None:
     )
 
 
-def run_command(command: str, run: RunOptions, body: Callable[[Callable], dict]) -> None:
-    """Run ``body(progress)`` (a command returning its report) under the console: a bar or JSON
-    events, one-line errors (``Failed``), then the summary."""
+@contextmanager
+def command_output(command: str, run: RunOptions) -> Iterator[Bar | JsonLog]:
+    """What a command's run shows: a bar (or ``--json`` events), fed by the progress callback
+    this yields, and one-line errors (``Failed``). The caller hands the report to its
+    ``finish`` for the summary."""
     log = JsonLog(command) if run.json else None
     with user_errors(log):
         display = log or Bar(run.quiet)
         try:
-            report = body(display)
+            yield display
         finally:
             display.close()
-        display.finish(report)
 
 
 def json_line(data: object) -> str:

@@ -4,12 +4,14 @@ entry point."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import typer
 from typer.core import TyperGroup
 
-from ..console import Failed, JsonLog, print_error
+from ..console import Bar, Failed, JsonLog, command_output, print_error
+from ..run.options import RunOptions
 
 # typer vendors click in recent releases (typer._click) and uses click itself in older ones: find
 # click's exception classes through typer's public ones instead of importing either.
@@ -52,11 +54,21 @@ app = typer.Typer(
 )
 
 
-def exit_on_failure(body: Callable[[], None]) -> None:
+@contextmanager
+def exit_on_failure() -> Iterator[None]:
+    """An error already printed as its one line (``Failed``) ends the command with its code."""
     try:
-        body()
+        yield
     except Failed as failed:
         raise typer.Exit(failed.exit_code) from None
+
+
+@contextmanager
+def running(command: str, run: RunOptions) -> Iterator[Bar | JsonLog]:
+    """A command's run under the console (``console.command_output``): yields the progress
+    callback to hand to the command, and its ``finish`` for the report."""
+    with exit_on_failure(), command_output(command, run) as display:
+        yield display
 
 
 def main() -> None:

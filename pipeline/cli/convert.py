@@ -2,32 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Annotated
 
 import typer
 
-from ..console import run_command
+from ..convert.command import convert
 from ..io.dtypes import parse_size
 from ..lora.styles import KEY_STYLE_HELP
 from ..run.options import RunOptions
-from .app import app, exit_on_failure
-from .options import (
-    CheckpointType,
-    JsonOutput,
-    KeyStyleName,
-    MaxShardSize,
-    Quiet,
-    ReportPath,
-)
+from .app import app, running
+from .options import RUN, CheckpointType, KeyStyleName, MaxShardSize
+from .parameters import expand
 
 
 @app.command(
+    "convert",
     epilog="Examples:\n\n  loraforge convert lora.safetensors lora_peft --to peft\n\n  "
     "loraforge convert kohya_lora.safetensors lora.safetensors --to lightx2v --base base/\n\n  "
-    "loraforge convert peft_adapter/ lora_diffusers.safetensors --to diffusers"
+    "loraforge convert peft_adapter/ lora_diffusers.safetensors --to diffusers",
 )
-def convert(
+@expand(RUN.only("report", "quiet", "json_output"))
+def convert_command(
     lora: Annotated[
         str,
         typer.Argument(
@@ -56,29 +51,22 @@ def convert(
         typer.Option("--lora-type", help="Format of IN (default: from its name)."),
     ] = None,
     max_shard_size: MaxShardSize = None,
-    report: ReportPath = None,
-    quiet: Quiet = False,
-    json_output: JsonOutput = False,
+    run: RunOptions = None,
 ) -> None:
     """Rewrite a LoRA in another key style, tensor by tensor: factors and diffs keep their
     dtype and bytes, alpha / rank keeps its value, so merging the result gives the same bytes
     as merging IN. What the target style cannot hold (full diffs in peft and diffusers) is
     listed in the summary and the report."""
-    from ..convert.command import convert as run_convert
-
-    run = RunOptions(report=report, json=json_output, quiet=quiet)
-
-    def body(progress: Callable) -> dict:
-        return run_convert(
+    with running("convert", run) as display:
+        report = convert(
             lora=lora,
             output=output,
             to=KeyStyleName(to).value,
             base=base,
             lora_type=lora_type.value if lora_type else None,
-            base_type=base_type.value,
+            base_type=CheckpointType(base_type).value,
             max_shard_size=parse_size(max_shard_size),
             run=run,
-            progress=progress,
+            progress=display,
         )
-
-    exit_on_failure(lambda: run_command("convert", run, body))
+        display.finish(report)

@@ -7,18 +7,18 @@ from typing import Annotated
 
 import typer
 
-from ..console import JsonLog, user_errors
+from ..console import JsonLog, json_line, print_inspect, user_errors
+from ..inspect.command import inspect_lora
 from .app import app, exit_on_failure
-from .options import (
-    CheckpointType,
-)
+from .options import CheckpointType
 
 
 @app.command(
+    "inspect",
     epilog="Examples:\n\n  loraforge inspect lora.safetensors\n\n  loraforge inspect "
-    "peft_adapter/ --base base/ --json"
+    "peft_adapter/ --base base/ --json",
 )
-def inspect(
+def inspect_command(
     path: Annotated[
         str,
         typer.Argument(
@@ -49,15 +49,9 @@ def inspect(
     each delta's Frobenius norm with its scale (low-rank ones from their factors, to about
     1e-6 relative, without forming the product). Modules are named as in the LoRA's own keys;
     with --base, also the base tensors they patch."""
-    from ..console import json_line, print_inspect
-    from ..inspect.command import inspect_lora
-
-    def body() -> None:
-        with user_errors(JsonLog("inspect") if json_output else None):
-            report = inspect_lora(path, base, lora_type.value if lora_type else None)
-            if json_output:
-                sys.stdout.write(json_line(report) + "\n")
-            else:
-                print_inspect(report)
-
-    exit_on_failure(body)
+    with exit_on_failure(), user_errors(JsonLog("inspect") if json_output else None):
+        report = inspect_lora(path, base, lora_type.value if lora_type else None)
+        if json_output:
+            sys.stdout.write(json_line(report) + "\n")
+        else:
+            print_inspect(report)

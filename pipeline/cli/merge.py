@@ -2,38 +2,56 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Annotated
 
 import typer
 
-from ..console import run_command
 from ..io.dtypes import parse_dtype, parse_size
+from ..lora.config import parse_number
+from ..merge.command import merge
+from ..merge.options import MergeOptions
 from ..run.options import RunOptions
-from .app import app, exit_on_failure
+from .app import app, running
 from .options import (
+    LORAS,
+    RUN,
     CheckpointType,
-    ConfigName,
-    Device,
-    Gpus,
-    JsonOutput,
-    LoraConfig,
-    MaxMemory,
+    LoraFlags,
     MaxShardSize,
     MergeOutputDtype,
     OutputFormat,
     OutputPath,
-    Quiet,
-    ReportPath,
-    Scheduler,
     SourceModel,
     SourceType,
-    WorkDirOpt,
-    Workers,
+)
+from .parameters import expand
+
+MERGE_RUN = RUN.only(
+    "device",
+    "workers",
+    "scheduler",
+    "gpus",
+    "max_memory",
+    "work_dir",
+    "resume",
+    "report",
+    "quiet",
+    "json_output",
+    resume=(
+        Annotated[
+            bool,
+            typer.Option(
+                "--resume/--no-resume",
+                help="Keep what an interrupted run of the same merge wrote.",
+            ),
+        ],
+        True,
+    ),
 )
 
 
 @app.command(
+    "merge",
     epilog="Examples:\n\n  loraforge merge --source-model base/ --lora-model lora.safetensors "
     "--output merged.safetensors\n\n  loraforge merge --source-model base/ --lora-model "
     "a.safetensors --strength 0.8 --lora-model peft_adapter/ --strength 0.5 --output "
@@ -44,30 +62,13 @@ from .options import (
     "\n\n  loraforge merge --source-model base/ --lora-model lora.safetensors --output "
     "/shared/merged.safetensors --scheduler tcp://head:8786 --device cuda"
     "\n\n  loraforge merge --source-model wan_fp8_scaled.safetensors --lora-model "
-    "lora.safetensors --output merged_fp8.safetensors --output-dtype fp8_e4m3fn"
+    "lora.safetensors --output merged_fp8.safetensors --output-dtype fp8_e4m3fn",
 )
-def merge(
+@expand(LORAS, MERGE_RUN)
+def merge_command(
     source_model: SourceModel,
     output: OutputPath,
-    lora_model: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--lora-model",
-            metavar="PATH",
-            help="LoRA: a .safetensors or .pt file, a shard directory, or a PEFT adapter "
-            "directory (adapter_model.* + adapter_config.json). Repeatable.",
-        ),
-    ] = None,
-    strength: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--strength",
-            metavar="FLOAT",
-            help="Strength of each --lora-model, in the same order (default 1.0). Repeatable.",
-        ),
-    ] = None,
-    config: LoraConfig = None,
-    config_name: ConfigName = None,
+    lora_flags: LoraFlags = None,
     alpha: Annotated[
         str,
         typer.Option(
@@ -84,17 +85,6 @@ def merge(
     output_format: OutputFormat = CheckpointType.safetensors,
     output_dtype: MergeOutputDtype = "bf16",
     max_shard_size: MaxShardSize = None,
-    device: Device = "auto",
-    workers: Workers = None,
-    scheduler: Scheduler = None,
-    report: ReportPath = None,
-    work_dir: WorkDirOpt = None,
-    resume: Annotated[
-        bool,
-        typer.Option(
-            "--resume/--no-resume", help="Keep what an interrupted run of the same merge wrote."
-        ),
-    ] = True,
     strict: Annotated[
         bool, typer.Option("--strict", help="Fail when any LoRA key would not be merged.")
     ] = False,
@@ -102,10 +92,7 @@ def merge(
         bool,
         typer.Option("--allow-nonfinite", help="Merge LoRA tensors holding NaN/Inf anyway."),
     ] = False,
-    quiet: Quiet = False,
-    gpus: Gpus = None,
-    max_memory: MaxMemory = None,
-    json_output: JsonOutput = False,
+    run: RunOptions = None,
 ) -> None:
     """Merge one or many LoRAs into a base checkpoint, tensor by tensor with bounded memory.
 
@@ -130,43 +117,25 @@ def merge(
     An interrupted merge keeps the temporary output beside --output; rerunning the same
     command writes only the missing tensors and gives the same bytes.
     """
-    from ..lora.config import loras_from_arguments, parse_number
-    from ..merge.command import merge as run_merge
-    from ..merge.options import MergeOptions
-
-    run = RunOptions(
-        device=device,
-        workers=workers,
-        scheduler=scheduler,
-        gpus=gpus,
-        work_dir=work_dir,
-        resume=resume,
-        report=report,
-        json=json_output,
-        quiet=quiet,
-        max_memory=max_memory,
-    )
-
-    def body(progress: Callable) -> dict:
-        loras = loras_from_arguments(config, config_name, lora_model, strength)
+    with running("merge", run) as display:
+        loras = lora_flags.loras()
         parse_dtype(output_dtype, fp8=True)
         options = MergeOptions(
             alpha=parse_number(alpha, "--alpha"),
             output_dtype=output_dtype.lower(),
-            output_format=output_format.value,
+            output_format=CheckpointType(output_format).value,
             max_shard_size=parse_size(max_shard_size),
             strict=strict,
             allow_nonfinite=allow_nonfinite,
         )
-        return run_merge(
+        report = merge(
             source_model=source_model,
             loras=loras,
             output=output,
             options=options,
             run=run,
-            source_type=source_type.value,
+            source_type=CheckpointType(source_type).value,
             lora_type=lora_type.value if lora_type else None,
-            progress=progress,
+            progress=display,
         )
-
-    exit_on_failure(lambda: run_command("merge", run, body))
+        display.finish(report)

@@ -3,14 +3,20 @@ command that takes ``--device`` (or ``--output``, ``--json``, ...) spells and do
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated
 
 import typer
 
-from loraforge.kernels import RANK_MODES, SVD_METHODS
+from loraforge.kernels import RANK_MODES, SVD_METHODS, RankRule
 
+from ..export.ranks import parse_ranks, rank_rule
+from ..io.dtypes import parse_dtype, parse_size
+from ..lora.config import MergeConfig, loras_from_arguments
 from ..lora.styles import DEFAULT_STYLE, KEY_STYLE_HELP, KEY_STYLES
+from ..run.options import RunOptions
+from .parameters import OptionSet
 
 
 class CheckpointType(str, Enum):
@@ -49,7 +55,6 @@ def _memory_size(value: str | None) -> int | None:
     """``--max-memory`` in bytes, refused as a usage error (one line, exit 2) when unreadable
     or below the smallest budget a run can work in."""
     from ..errors import UsageError
-    from ..io.dtypes import parse_size
     from ..run.memory import MIN_BUDGET
 
     try:
@@ -207,3 +212,126 @@ KeepWork = Annotated[
     bool,
     typer.Option("--keep-work/--no-keep-work", help="Keep the work directory after success."),
 ]
+
+
+# ---- option sets: declared once, expanded into each command that takes them ----
+def _run_options(*, json_output: bool = False, **fields) -> RunOptions:
+    return RunOptions(json=json_output, **fields)
+
+
+RUN = OptionSet(
+    "run",
+    _run_options,
+    {
+        "device": (Device, "auto"),
+        "workers": (Workers, None),
+        "scheduler": (Scheduler, None),
+        "gpus": (Gpus, None),
+        "max_memory": (MaxMemory, None),
+        "work_dir": (WorkDirOpt, None),
+        "resume": (Resume, True),
+        "keep_work": (KeepWork, True),
+        "report": (ReportPath, None),
+        "quiet": (Quiet, False),
+        "json_output": (JsonOutput, False),
+    },
+)
+
+
+@dataclass(frozen=True)
+class LoraFlags:
+    """The LoRAs a command was given, read when ``loras()`` is called (in the command's run,
+    so a bad config is a one-line error)."""
+
+    lora_model: list[str] | None
+    strength: list[str] | None
+    config: str | None
+    config_name: str | None
+
+    def loras(self) -> MergeConfig:
+        return loras_from_arguments(self.config, self.config_name, self.lora_model, self.strength)
+
+
+LORAS = OptionSet(
+    "lora_flags",
+    LoraFlags,
+    {
+        "lora_model": (LoraModels, None),
+        "strength": (Strengths, None),
+        "config": (LoraConfig, None),
+        "config_name": (ConfigName, None),
+    },
+)
+
+
+@dataclass(frozen=True)
+class LoraOutputFlags:
+    """How a LoRA is written (extract, resize): the ranks, the rank rule and the output
+    options, checked when ``fields()`` is called (in the command's run)."""
+
+    rank: str
+    rank_mode: str
+    min_rank: int
+    energy: float | None
+    sv_ratio: float | None
+    sv_threshold: float | None
+    rank_budget: int | None
+    output_dtype: str
+    output_format: CheckpointType
+    max_shard_size: str | None
+    key_style: str
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return parse_ranks(self.rank)
+
+    def rule(self) -> RankRule:
+        return rank_rule(
+            mode=RankModeName(self.rank_mode).value,
+            rank=self.ranks[-1],
+            min_rank=self.min_rank,
+            energy=self.energy,
+            sv_ratio=self.sv_ratio,
+            sv_threshold=self.sv_threshold,
+            rank_budget=self.rank_budget,
+        )
+
+    def fields(self) -> dict:
+        """The ``export.options.LoraOutput`` fields."""
+        parse_dtype(self.output_dtype)
+        return {
+            "rank_rule": self.rule(),
+            "ranks": self.ranks,
+            "output_dtype": self.output_dtype.lower(),
+            "output_format": CheckpointType(self.output_format).value,
+            "max_shard_size": parse_size(self.max_shard_size),
+            "key_style": KeyStyleName(self.key_style).value,
+        }
+
+
+Rank = Annotated[
+    str,
+    typer.Option(
+        "--rank",
+        metavar="R|R1,R2,...",
+        help="LoRA rank: the factorisation rank and every rank mode's cap. Several (16,32,64): "
+        "one factorisation at the largest, one file per rank, OUTPUT-STEM-r16.safetensors, ...",
+    ),
+]
+LORA_OUTPUT = OptionSet(
+    "output_flags",
+    LoraOutputFlags,
+    {
+        "rank": (Rank, "32"),
+        "rank_mode": (RankMode, RankModeName.fixed),
+        "min_rank": (MinRank, 1),
+        "energy": (Energy, None),
+        "sv_ratio": (SvRatio, None),
+        "sv_threshold": (SvThreshold, None),
+        "rank_budget": (RankBudget, None),
+        "output_dtype": (OutputDtype, "bf16"),
+        "output_format": (OutputFormat, CheckpointType.safetensors),
+        "max_shard_size": (MaxShardSize, None),
+        "key_style": (KeyStyleOpt, DEFAULT_STYLE),
+    },
+)
