@@ -15,6 +15,7 @@ from .app import app, running
 from .options import (
     LORAS,
     RUN,
+    AllowNonfinite,
     CheckpointType,
     LoraFlags,
     MaxShardSize,
@@ -78,20 +79,13 @@ def merge_command(
         ),
     ] = "1.0",
     source_type: SourceType = CheckpointType.safetensors,
-    lora_type: Annotated[
-        CheckpointType | None,
-        typer.Option("--lora-type", help="Format of the LoRA files (default: from each name)."),
-    ] = None,
     output_format: OutputFormat = CheckpointType.safetensors,
     output_dtype: MergeOutputDtype = "bf16",
     max_shard_size: MaxShardSize = None,
     strict: Annotated[
         bool, typer.Option("--strict", help="Fail when any LoRA key would not be merged.")
     ] = False,
-    allow_nonfinite: Annotated[
-        bool,
-        typer.Option("--allow-nonfinite", help="Merge LoRA tensors holding NaN/Inf anyway."),
-    ] = False,
+    allow_nonfinite: AllowNonfinite = False,
     run: RunOptions = None,
 ) -> None:
     """Merge one or many LoRAs into a base checkpoint, tensor by tensor with bounded memory.
@@ -135,7 +129,7 @@ def merge_command(
             options=options,
             run=run,
             source_type=CheckpointType(source_type).value,
-            lora_type=lora_type.value if lora_type else None,
+            lora_type=lora_flags.file_format,
             progress=display,
         )
         display.finish(report)

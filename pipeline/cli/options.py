@@ -10,8 +10,10 @@ from typing import Annotated
 import typer
 
 from loraforge.kernels import RANK_MODES, SVD_METHODS, RankRule
+from loraforge.kernels.svd import DEFAULT_MAX_ITER, DEFAULT_TOL
 
-from ..export.ranks import parse_ranks, rank_rule
+from ..export.ranks import parse_iterations, parse_ranks, rank_rule
+from ..extract.options import KernelOptions
 from ..io.dtypes import parse_dtype, parse_size
 from ..lora.config import MergeConfig, loras_from_arguments
 from ..lora.styles import DEFAULT_STYLE, KEY_STYLE_HELP, KEY_STYLES
@@ -42,6 +44,12 @@ SourceModel = Annotated[
     ),
 ]
 SourceType = Annotated[CheckpointType, typer.Option("--source-type")]
+TargetModel = Annotated[str, typer.Option("--target-model", help="Fine-tuned checkpoint.")]
+TargetType = Annotated[CheckpointType, typer.Option("--target-type")]
+LoraType = Annotated[
+    CheckpointType | None,
+    typer.Option("--lora-type", help="Format of the LoRA files (default: from each name)."),
+]
 OutputPath = Annotated[
     str, typer.Option("--output", help="Output file; shards and the index are named after it.")
 ]
@@ -207,6 +215,10 @@ ConfigName = Annotated[
     ),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar or summary.")]
+AllowNonfinite = Annotated[
+    bool,
+    typer.Option("--allow-nonfinite", help="Use LoRA tensors holding NaN/Inf anyway."),
+]
 Resume = Annotated[bool, typer.Option("--resume/--no-resume", help="Reuse finished intermediates.")]
 KeepWork = Annotated[
     bool,
@@ -247,9 +259,15 @@ class LoraFlags:
     strength: list[str] | None
     config: str | None
     config_name: str | None
+    lora_type: CheckpointType | None
 
     def loras(self) -> MergeConfig:
         return loras_from_arguments(self.config, self.config_name, self.lora_model, self.strength)
+
+    @property
+    def file_format(self) -> str | None:
+        """``--lora-type``: the LoRA files' format, or None to tell from each name."""
+        return CheckpointType(self.lora_type).value if self.lora_type else None
 
 
 LORAS = OptionSet(
@@ -260,6 +278,7 @@ LORAS = OptionSet(
         "strength": (Strengths, None),
         "config": (LoraConfig, None),
         "config_name": (ConfigName, None),
+        "lora_type": (LoraType, None),
     },
 )
 
@@ -333,5 +352,62 @@ LORA_OUTPUT = OptionSet(
         "output_format": (OutputFormat, CheckpointType.safetensors),
         "max_shard_size": (MaxShardSize, None),
         "key_style": (KeyStyleOpt, DEFAULT_STYLE),
+    },
+)
+
+
+@dataclass(frozen=True)
+class KernelFlags:
+    """The SVD flags of ``extract``, checked when ``options(rank)`` is called."""
+
+    svd: str
+    oversample: int
+    power_iterations: str
+    svd_tol: float
+    max_power_iterations: int
+
+    def options(self, rank: int) -> KernelOptions:
+        return KernelOptions(
+            method=SvdMethod(self.svd).value,
+            rank=rank,
+            oversample=self.oversample,
+            n_iter=parse_iterations(self.power_iterations),
+            tol=self.svd_tol,
+            max_iter=self.max_power_iterations,
+        )
+
+
+PowerIterations = Annotated[
+    str,
+    typer.Option(
+        "--power-iterations",
+        metavar="auto|N",
+        help="auto: iterate until the captured energy settles (--svd-tol, at most "
+        "--max-power-iterations); N: exactly N.",
+    ),
+]
+KERNEL = OptionSet(
+    "kernel_flags",
+    KernelFlags,
+    {
+        "svd": (Annotated[SvdMethod, typer.Option("--svd", help=SVD_HELP)], "randomized"),
+        "oversample": (Annotated[int, typer.Option("--oversample")], 16),
+        "power_iterations": (PowerIterations, "auto"),
+        "svd_tol": (
+            Annotated[
+                float,
+                typer.Option(
+                    "--svd-tol", help="auto iterations stop when one gains < this of the rest."
+                ),
+            ],
+            DEFAULT_TOL,
+        ),
+        "max_power_iterations": (
+            Annotated[
+                int,
+                typer.Option("--max-power-iterations", help="Cap of auto power iterations."),
+            ],
+            DEFAULT_MAX_ITER,
+        ),
     },
 )

@@ -14,6 +14,7 @@ from .options import (
     LORA_OUTPUT,
     LORAS,
     RUN,
+    AllowNonfinite,
     CheckpointType,
     LoraFlags,
     LoraOutputFlags,
@@ -66,15 +67,8 @@ def resize_command(
         ),
     ] = None,
     base_type: Annotated[CheckpointType, typer.Option("--base-type")] = CheckpointType.safetensors,
-    lora_type: Annotated[
-        CheckpointType | None,
-        typer.Option("--lora-type", help="Format of the LoRA files (default: from each name)."),
-    ] = None,
     output_flags: LoraOutputFlags = None,
-    allow_nonfinite: Annotated[
-        bool,
-        typer.Option("--allow-nonfinite", help="Read LoRA tensors holding NaN/Inf anyway."),
-    ] = False,
+    allow_nonfinite: AllowNonfinite = False,
     run: RunOptions = None,
 ) -> None:
     """Resize one LoRA, or sum several into one, at chosen ranks.
@@ -94,7 +88,7 @@ def resize_command(
             options=options,
             base=base,
             base_type=CheckpointType(base_type).value,
-            lora_type=lora_type.value if lora_type else None,
+            lora_type=lora_flags.file_format,
             run=run,
             progress=display,
         )

@@ -12,7 +12,16 @@ from ..run.options import RunOptions
 from ..verify.command import verify
 from ..verify.options import VerifyOptions
 from .app import app, running
-from .options import LORAS, RUN, CheckpointType, LoraFlags, SourceModel, SourceType
+from .options import (
+    LORAS,
+    RUN,
+    CheckpointType,
+    LoraFlags,
+    SourceModel,
+    SourceType,
+    TargetModel,
+    TargetType,
+)
 from .parameters import expand
 
 VERIFY_RUN = RUN.only(
@@ -42,7 +51,7 @@ VERIFY_RUN = RUN.only(
 @expand(LORAS, VERIFY_RUN)
 def verify_command(
     source_model: SourceModel,
-    target_model: Annotated[str, typer.Option("--target-model", help="Fine-tuned checkpoint.")],
+    target_model: TargetModel,
     lora_flags: LoraFlags = None,
     alpha: Annotated[
         str,
@@ -58,13 +67,7 @@ def verify_command(
     ] = None,
     worst: Annotated[int, typer.Option("--worst", min=0, help="Tensors listed as the worst.")] = 10,
     source_type: SourceType = CheckpointType.safetensors,
-    target_type: Annotated[
-        CheckpointType, typer.Option("--target-type")
-    ] = CheckpointType.safetensors,
-    lora_type: Annotated[
-        CheckpointType | None,
-        typer.Option("--lora-type", help="Format of the LoRA files (default: from each name)."),
-    ] = None,
+    target_type: TargetType = CheckpointType.safetensors,
     run: RunOptions = None,
 ) -> None:
     """Check how closely base + LoRAs reproduce a fine-tuned checkpoint, tensor by tensor.
@@ -86,7 +89,7 @@ def verify_command(
             run=run,
             source_type=CheckpointType(source_type).value,
             target_type=CheckpointType(target_type).value,
-            lora_type=lora_type.value if lora_type else None,
+            lora_type=lora_flags.file_format,
             progress=display,
         )
         display.finish(report)

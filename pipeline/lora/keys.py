@@ -26,7 +26,7 @@ PEFT adapter's scaling comes from ``adapter_config.py``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -294,34 +294,46 @@ def map_lora(
     """
     alphas = alphas or {}
     keys = read_keys(lora_shapes, alphas, source)
-    unmatched = [Unmatched(key, "not a LoRA key name") for key in keys.not_lora]
     resolver = _Resolver(base_shapes)
-    patches: dict[str, LoraPatch] = {}
+
+    def plan(module: str, naming: str, roles: dict[str, str]):
+        if naming in DIFF_LEAF:
+            return _plan_diff(module, naming, roles["diff"], lora_shapes, resolver)
+        key = keys.alpha_keys.get(module)
+        alpha = alphas[key] if key is not None else None
+        return _plan_lowrank(module, roles, lora_shapes, resolver, key, alpha, peft_config)
+
+    patches, unmatched = first_in_file_order(
+        keys,
+        plan,
+        slot=lambda patch: patch.base_key,
+        duplicate=lambda first, patch: (
+            f"duplicate target: {patch.base_key} already patched by "
+            f"{first.up_key or first.diff_key}"
+        ),
+    )
+    return LoraMapping(patches=patches, unmatched=unmatched)
+
+
+def first_in_file_order(keys: LoraKeys, plan: Callable, slot: Callable, duplicate: Callable):
+    """Each group of ``keys`` (a module in one naming) through ``plan(module, naming, roles)``
+    → (found, None) or (None, why not); a found one whose ``slot`` is taken by an earlier group
+    is a duplicate (``duplicate(first, found)`` says why). Returns the found ones sorted by
+    slot and every key left out with its reason, sorted (an ``.alpha`` no found one uses
+    included)."""
+    unmatched = [Unmatched(key, "not a LoRA key name") for key in keys.not_lora]
+    found: dict = {}
     used_alphas: set[str] = set()
     for (module, naming), all_roles in keys.groups.items():
         roles, mid = split_mid(all_roles)
         unmatched += mid
-        if naming in DIFF_LEAF:
-            patch, reason = _plan_diff(module, naming, roles["diff"], lora_shapes, resolver)
-        elif mid:
-            patch, reason = None, LOCON_MID
-        else:
-            key = keys.alpha_keys.get(module)
-            alpha = alphas[key] if key is not None else None
-            patch, reason = _plan_lowrank(
-                module, roles, lora_shapes, resolver, key, alpha, peft_config
-            )
-        if patch is not None and patch.base_key in patches:
-            first = patches[patch.base_key]
-            by = first.up_key or first.diff_key
-            reason = f"duplicate target: {patch.base_key} already patched by {by}"
-        elif patch is not None:
-            patches[patch.base_key] = patch
-            if patch.alpha_key is not None:
-                used_alphas.add(patch.alpha_key)
+        item, reason = (None, LOCON_MID) if mid else plan(module, naming, roles)
+        if item is not None and slot(item) in found:
+            item, reason = None, duplicate(found[slot(item)], item)
+        if item is not None:
+            found[slot(item)] = item
+            if item.alpha_key is not None:
+                used_alphas.add(item.alpha_key)
         unmatched.extend(Unmatched(k, reason) for k in roles.values() if reason)
     unmatched += keys.unused_alphas(used_alphas)
-    return LoraMapping(
-        patches=[patches[k] for k in sorted(patches)],
-        unmatched=sorted(unmatched, key=lambda u: u.lora_key),
-    )
+    return [found[k] for k in sorted(found)], sorted(unmatched, key=lambda u: u.lora_key)

@@ -14,15 +14,14 @@ from .adapter_config import PeftConfig
 from .keys import (
     DIFF_LEAF,
     KOHYA_PREFIXES,
-    LOCON_MID,
     Shapes,
     Unmatched,
     check_pair,
+    first_in_file_order,
     group_keys,
     lowrank_scale,
     parse_key,
     read_keys,
-    split_mid,
     strip_forms,
     unpaired,
 )
@@ -61,33 +60,19 @@ def group_lora(
     When one module has two namings, the first in file order is kept (as ``map_lora``)."""
     alphas = alphas or {}
     keys = read_keys(lora_shapes, alphas, source)
-    unmatched = [Unmatched(key, "not a LoRA key name") for key in keys.not_lora]
-    modules: dict[tuple[str, str], LoraModule] = {}
-    used_alphas: set[str] = set()
-    for (module, naming), all_roles in keys.groups.items():
-        roles, mid = split_mid(all_roles)
-        unmatched += mid
-        if mid:
-            found, reason = None, LOCON_MID
-        else:
-            alpha_key = keys.alpha_keys.get(module)
-            alpha = alphas[alpha_key] if alpha_key else None
-            found, reason = _module(
-                module, naming, roles, lora_shapes, alpha_key, alpha, peft_config
-            )
-        if found is not None and (module, found.leaf) in modules:
-            first = modules[(module, found.leaf)]
-            found, reason = None, f"duplicate: {first.up_key or first.diff_key} has that module"
-        if found is not None:
-            modules[(module, found.leaf)] = found
-            if found.alpha_key:
-                used_alphas.add(found.alpha_key)
-        unmatched.extend(Unmatched(k, reason) for k in roles.values() if reason)
-    unmatched += keys.unused_alphas(used_alphas)
-    return LoraModules(
-        modules=[modules[k] for k in sorted(modules)],
-        unmatched=sorted(unmatched, key=lambda u: u.lora_key),
+
+    def plan(module: str, naming: str, roles: dict[str, str]):
+        alpha_key = keys.alpha_keys.get(module)
+        alpha = alphas[alpha_key] if alpha_key else None
+        return _module(module, naming, roles, lora_shapes, alpha_key, alpha, peft_config)
+
+    modules, unmatched = first_in_file_order(
+        keys,
+        plan,
+        slot=lambda found: (found.module, found.leaf),
+        duplicate=lambda first, _: f"duplicate: {first.up_key or first.diff_key} has that module",
     )
+    return LoraModules(modules=modules, unmatched=unmatched)
 
 
 def _module(module, naming, roles, shapes, alpha_key, alpha, peft_config):
