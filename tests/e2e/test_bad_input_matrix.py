@@ -6,7 +6,7 @@ For every row: the exit code; stdout empty; stderr exactly one printable line ``
 file, directory and symlink of the tree (inputs, links, the user's directory, the output
 directory) byte-for-byte as before; and nothing new anywhere in the tree (hidden
 ``.partial`` files and work directories included) except the row's ``leaves``, which must be
-there. The README's "Safety" rules are the specification.
+there. The "Safety" rules in docs/safety.md are the specification.
 """
 
 from __future__ import annotations
@@ -776,7 +776,7 @@ INPUT_ROWS = [
         1,
         "{in}/nan_target.safetensors: tensor 'head.weight': holds NaN or Inf, so the delta is "
         "not finite (fix or re-save the checkpoint)",
-        # finished tensors stay for the rerun (README: an extraction keeps its work directory)
+        # finished tensors stay for the rerun (docs/safety.md: an extraction keeps its work dir)
         leaves=("out/lora.safetensors.work",),
     ),
     # merge inputs

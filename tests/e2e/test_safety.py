@@ -1,5 +1,5 @@
-"""What the README's "Safety" section promises beyond the bad-input matrix: loud warnings, a
-stopped merge that says where it left its temporaries, and outputs that appear together."""
+"""What docs/safety.md's "Safety" section promises beyond the bad-input matrix: loud warnings,
+a stopped merge that says where it left its temporaries, and outputs that appear together."""
 
 import errno
 import json
