@@ -147,3 +147,31 @@ def test_bash_blocks_use_commands_and_flags_the_cli_has(page, cli):
     assert not bad, f"{_name(page)}:\n" + "\n".join(bad)
     if page == README:
         assert {name for _line, name, _flags in found} >= set(cli.commands)
+
+
+def test_the_module_map_names_every_package_and_module():
+    """docs/architecture.md's tree is kept in step with the code: every package folder under
+    pipeline/ and every module file of pipeline/, stages/ and kernels/ is named in it (by its
+    file name, or for stages/ in the stage list)."""
+    with open(os.path.join(ROOT, "docs", "architecture.md")) as f:
+        doc = f.read()
+    tree = doc[doc.index("### Where things live") : doc.index("### The parts")]
+    missing = []
+    for top in ("pipeline", "stages", "kernels"):
+        for directory, _dirs, files in os.walk(os.path.join(ROOT, top)):
+            if "__pycache__" in directory:
+                continue
+            folder = os.path.basename(directory)
+            if (
+                top == "pipeline"
+                and directory != os.path.join(ROOT, top)
+                and folder + "/" not in tree
+            ):
+                missing.append(os.path.relpath(directory, ROOT) + "/")
+            for name in files:
+                if not name.endswith(".py") or name == "__init__.py":
+                    continue
+                stem = name[:-3]
+                if name not in tree and not re.search(rf"\b{re.escape(stem)}\b", tree):
+                    missing.append(os.path.relpath(os.path.join(directory, name), ROOT))
+    assert missing == []
