@@ -32,6 +32,7 @@ from functools import cached_property
 
 from ..errors import CheckpointFormatError
 from .adapter_config import PeftConfig
+from .layouts import LAYOUT_NAMES, renamed
 
 PREFIXES = ("diffusion_model.", "model.", "unet.", "transformer.", "base_model.model.")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_transformer_")
@@ -117,6 +118,11 @@ def _one(hits: set[str], what: str) -> tuple[str | None, str]:
 
 
 class _Resolver:
+    """Finds the base key a LoRA's ``<module>.<leaf>`` patches: as written, with wrapper
+    prefixes stripped on either side, in the other layout of the base's model family
+    (``layouts.py``: a LoRA with Wan's original names patches a diffusers-named base and the
+    other way round), or as a kohya name."""
+
     def __init__(self, base_shapes: Shapes):
         self.base = base_shapes
 
@@ -129,12 +135,23 @@ class _Resolver:
         return index
 
     @cached_property
+    def relaid(self) -> dict[str, set[str]]:
+        """Each base key's stripped forms renamed into the other layout of its family."""
+        index: dict[str, set[str]] = {}
+        for form, keys in self.stripped.items():
+            for layout in LAYOUT_NAMES:
+                other = renamed(form, layout)
+                if other is not None and other != form:
+                    index.setdefault(other, set()).update(keys)
+        return index
+
+    @cached_property
     def kohya(self) -> dict[tuple[str, str], set[str]]:
         index: dict[tuple[str, str], set[str]] = {}
-        for key in self.base:
-            module, dot, leaf = key.rpartition(".")
-            for form in strip_forms(module) if dot else ():
-                index.setdefault((form.replace(".", "_"), leaf), set()).add(key)
+        for form, keys in (*self.stripped.items(), *self.relaid.items()):
+            module, dot, leaf = form.rpartition(".")
+            if dot:
+                index.setdefault((module.replace(".", "_"), leaf), set()).update(keys)
         return index
 
     def resolve(self, module: str, leaf: str) -> tuple[str | None, str]:
@@ -145,6 +162,9 @@ class _Resolver:
                 return f"{form}.{leaf}", ""
         for form in forms:
             if hits := self.stripped.get(f"{form}.{leaf}"):
+                return _one(hits, "ambiguous name")
+        for form in forms:
+            if hits := self.relaid.get(f"{form}.{leaf}"):
                 return _one(hits, "ambiguous name")
         for prefix in KOHYA_PREFIXES:
             if module.startswith(prefix):
