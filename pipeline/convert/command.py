@@ -26,7 +26,7 @@ from ..run.options import RunOptions
 from ..run.paths import UserPath, checkpoint_paths
 from ..run.report import build_report
 from ..run.session import Progress, Session
-from .plan import ConvertPlan, ConvertWeight, alpha_dtype, plan_convert
+from .plan import ConvertPlan, ConvertWeight, plan_convert
 
 
 def convert(
@@ -98,7 +98,7 @@ class Conversion:
         writer = session.add_writer(
             open_lora_output(
                 session.output,
-                self.style,
+                plan.style,
                 [w.written() for w in plan.weights],
                 plan.entries,
                 max_shard_size=self.max_shard_size,
@@ -123,11 +123,15 @@ def _input_paths(lora: str, opened: OpenedLora) -> list[UserPath]:
 
 
 def _tensor(weight: ConvertWeight, role: str) -> torch.Tensor:
-    """The source tensor for ``role`` as stored, or a new alpha holding the source's value."""
+    """The source tensor for ``role`` as stored, the identity of a diff written as an exact
+    pair, or a new alpha holding the source's value."""
     info = weight.sources.get(role)
     if info is not None:
         return load_tensor(info)
-    return torch.tensor(weight.alpha, dtype=stf.DTYPE_BY_CODE[alpha_dtype(weight)])
+    if role == weight.identity:
+        diff = next(iter(weight.sources.values()))
+        return torch.eye(weight.rank, dtype=stf.DTYPE_BY_CODE[diff.dtype])
+    return torch.tensor(weight.alpha, dtype=stf.DTYPE_BY_CODE[weight.alpha_code])
 
 
 def _read_bytes(weight: ConvertWeight) -> int:

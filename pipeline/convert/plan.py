@@ -15,13 +15,12 @@ import torch
 
 from ..errors import UsageError
 from ..export.writer import LoraWeight
-from ..io import safetensors_format as stf
 from ..io.layout import OutputEntry
 from ..io.reader import TensorInfo
 from ..lora.inputs import OpenedLora
 from ..lora.keys import LoraPatch, Unmatched, map_lora
 from ..lora.modules import kohya_keys, own_targets
-from ..lora.styles import KeyStyle
+from ..lora.styles import KeyStyle, diff_pair
 
 
 @dataclass(frozen=True)
@@ -32,6 +31,7 @@ class ConvertWeight:
     names: dict[str, str]  # role -> output key
     rank: int | None = None
     alpha: float | None = None  # scale = alpha / rank
+    identity: str | None = None  # a diff written as an exact pair: the identity factor's role
 
     @property
     def name(self) -> str:
@@ -44,9 +44,19 @@ class ConvertWeight:
             info = self.sources.get(role)
             if info is not None:
                 out.append(OutputEntry(name, info.dtype, info.shape))
+            elif role == self.identity:
+                diff = next(iter(self.sources.values()))
+                out.append(OutputEntry(name, diff.dtype, (self.rank, self.rank)))
             else:  # an alpha the source kept elsewhere (a config) or did not have
-                out.append(OutputEntry(name, alpha_dtype(self), ()))
+                out.append(OutputEntry(name, self.alpha_code, ()))
         return out
+
+    @property
+    def alpha_code(self) -> str:
+        """The dtype of a new alpha tensor: fp32 (exact for any rank), or fp64 where fp32
+        would round the value (an rsLoRA scale times the rank)."""
+        exact = torch.tensor(self.alpha, dtype=torch.float32).item() == self.alpha
+        return "F32" if exact else "F64"
 
     def written(self) -> LoraWeight:
         return LoraWeight(self.key, tuple(self.names.values()), self.rank, self.alpha)
@@ -61,17 +71,6 @@ class ConvertPlan:
     @property
     def entries(self) -> list[OutputEntry]:
         return sorted((e for w in self.weights for e in w.entries()), key=lambda e: e.name)
-
-
-def alpha_dtype(weight: ConvertWeight) -> str:
-    """The dtype of a new alpha tensor: the up factor's when it holds the value exactly, else
-    fp32 or fp64, so alpha / rank is the scale the source had."""
-    value = torch.tensor(weight.alpha, dtype=torch.float64)
-    for code in (weight.sources["up"].dtype, "F32"):
-        dtype = stf.DTYPE_BY_CODE.get(code)
-        if dtype is not None and dtype.is_floating_point and value.to(dtype).double() == value:
-            return code
-    return "F64"
 
 
 def own_base(opened: OpenedLora) -> dict[str, tuple[int, ...]]:
@@ -91,11 +90,16 @@ def own_base(opened: OpenedLora) -> dict[str, tuple[int, ...]]:
 def _weight(patch: LoraPatch, opened: OpenedLora, style: KeyStyle) -> ConvertWeight | Unmatched:
     tensors = opened.index.tensors
     if patch.kind == "diff":
-        name = style.diff_name(patch.base_key)
-        if name is None:
+        diff = tensors[patch.diff_key]
+        names = style.diff_outputs(patch.base_key, diff.shape, keep_diff=True)
+        if names is None:
             return Unmatched(patch.diff_key, style.cannot_hold(patch.base_key))
+        if "diff" in names:
+            return ConvertWeight(patch.base_key, "diff", {"diff": diff}, names)
+        rank, holder = diff_pair(diff.shape)  # a style without diffs: the exact pair
+        identity = "down" if holder == "up" else "up"
         return ConvertWeight(
-            patch.base_key, "diff", {"diff": tensors[patch.diff_key]}, {"diff": name}
+            patch.base_key, "diff", {holder: diff}, names, rank, float(rank), identity
         )
     sources = {"up": tensors[patch.up_key], "down": tensors[patch.down_key]}
     if patch.alpha_key is not None:
@@ -104,7 +108,7 @@ def _weight(patch: LoraPatch, opened: OpenedLora, style: KeyStyle) -> ConvertWei
         alpha = patch.alpha
     else:  # no alpha anywhere: scale 1 (alpha = rank); rsLoRA: the scale times the rank
         alpha = float(patch.rank) if patch.scale == 1.0 else patch.scale * patch.rank
-    names = style.lowrank_names(patch.base_key)
+    names = style.lowrank_names(patch.base_key, alpha_is_rank=alpha == patch.rank)
     return ConvertWeight(patch.base_key, "lowrank", sources, names, patch.rank, alpha)
 
 
@@ -119,6 +123,7 @@ def plan_convert(
         peft_config=opened.peft,
         source=opened.file,
     )
+    style = style.for_model(base)
     weights, left_out = [], list(mapping.unmatched)
     for patch in mapping.patches:
         planned = _weight(patch, opened, style)

@@ -19,6 +19,7 @@ from ..errors import UsageError
 from ..io import safetensors_format as stf
 from ..io.layout import OutputEntry
 from ..io.writer import PRODUCER
+from ..lora.styles import KeyStyle, diff_pair
 from ..run.session import Session
 from .options import LoraOutput
 from .ranks import with_cap
@@ -102,10 +103,18 @@ def planned_entries(
                 OutputEntry(task.outputs["up"], code, (task.shape[0], r)),
                 OutputEntry(task.outputs["down"], code, (r, *task.shape[1:])),
             ]
-            if "alpha" in task.outputs:  # styles that keep alpha in a config have no key
-                entries.append(OutputEntry(task.outputs["alpha"], code, ()))
-        elif kind == "diff":
+            if "alpha" in task.outputs:  # fp32 whatever the factors' dtype: exact for any rank
+                entries.append(OutputEntry(task.outputs["alpha"], "F32", ()))
+        elif kind == "diff" and "diff" in task.outputs:
             entries.append(OutputEntry(task.outputs["diff"], code, task.shape))
+        elif kind == "diff":  # a 2-D diff written as an exact pair (styles.diff_pair)
+            r, _ = diff_pair(task.shape)
+            entries += [
+                OutputEntry(task.outputs["up"], code, (task.shape[0], r)),
+                OutputEntry(task.outputs["down"], code, (r, task.shape[1])),
+            ]
+            if "alpha" in task.outputs:
+                entries.append(OutputEntry(task.outputs["alpha"], "F32", ()))
     return sorted(entries, key=lambda e: e.name)
 
 
@@ -114,6 +123,7 @@ def open_outputs(
     markers: dict[str, dict],
     values: dict[str, list[float]],
     options: LoraOutput,
+    style: KeyStyle,
     output: str,
     session: Session,
 ) -> list[RankedOutput]:
@@ -131,7 +141,7 @@ def open_outputs(
         ranks = choose_ranks(with_cap(options.rank_rule, cap), spectra)
         writer = open_lora_output(
             path,
-            options.style,
+            style,
             task_weights(tasks, markers, ranks),
             planned_entries(tasks, markers, ranks, code),
             options.output_format,

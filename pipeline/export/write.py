@@ -17,10 +17,10 @@ from loraforge.kernels import product_distance_sq, squared_norm, truncated_resid
 from loraforge.stages.cast import cast
 
 from ..io.slots import RowWriter
+from ..lora.styles import diff_pair
 from ..run.faults import maybe_crash
 from ..run.session import Recompute, Session
 from ..workdir import CorruptEntry, WorkDir
-from .options import LoraOutput
 from .outputs import RankedOutput, open_outputs
 
 
@@ -31,22 +31,18 @@ class Exported:
 
 
 def export_loras(
-    tasks: Sequence,
-    markers: dict[str, dict],
-    options: LoraOutput,
-    output: str,
-    session: Session,
-    recompute: Recompute,
+    plan, markers: dict[str, dict], session: Session, recompute: Recompute
 ) -> Exported:
-    """Write every finished result of ``tasks`` (their ``markers``, in the session's work
-    directory) into one output per cap of ``options`` at ``output``: the writers are the
+    """Write every finished result of ``plan.tasks`` (their ``markers``, in the session's work
+    directory) into one output per cap of ``plan.options`` (a ``LoraOutput``) at the session's
+    output, named in ``plan.style`` (the options' style for this model): the writers are the
     session's, published with the report. An intermediate that cannot be read back intact is
     run again through ``recompute`` (where the run's tasks run, not in this process); factors
     are deterministic (the same seed, device and kernel), so ranks chosen from the old spectrum
     still apply."""
-    work = session.work
+    tasks, options, work = plan.tasks, plan.options, session.work
     values, notes = _singular_values(tasks, markers, work, recompute)
-    outputs = open_outputs(tasks, markers, values, options, output, session)
+    outputs = open_outputs(tasks, markers, values, options, plan.style, session.output, session)
     notes.update(_write(tasks, markers, work, outputs, values, options.torch_dtype, recompute))
     return Exported(outputs, notes)
 
@@ -96,9 +92,28 @@ def lowrank_tensors(
         task.outputs["up"]: up_out,
         task.outputs["down"]: down_out.reshape(rank, *task.shape[1:]),
     }
-    if "alpha" in task.outputs:
-        tensors[task.outputs["alpha"]] = torch.tensor(float(rank), dtype=dtype)
+    if "alpha" in task.outputs:  # fp32 whatever the factors' dtype: exact for any rank
+        tensors[task.outputs["alpha"]] = torch.tensor(float(rank), dtype=torch.float32)
     return tensors, stored_error, kernel_error
+
+
+def _diff_holder(task) -> str:
+    """The output role a stored diff's values go to: ``diff``, or the factor of the exact pair
+    that holds them (``styles.diff_pair``)."""
+    return "diff" if "diff" in task.outputs else diff_pair(task.shape)[1]
+
+
+def _identity(task, dtype: torch.dtype) -> dict:
+    """The identity factor of a diff written as an exact pair, and its alpha (= rank) where
+    the style keeps one as a key (none for a ``.diff``)."""
+    if "diff" in task.outputs:
+        return {}
+    rank, holder = diff_pair(task.shape)
+    other = "down" if holder == "up" else "up"
+    tensors = {task.outputs[other]: torch.eye(rank, dtype=dtype)}
+    if "alpha" in task.outputs:
+        tensors[task.outputs["alpha"]] = torch.tensor(float(rank), dtype=torch.float32)
+    return tensors
 
 
 def diff_tensors(task, arrays: dict, dtype: torch.dtype) -> tuple[dict, float, float]:
@@ -107,7 +122,7 @@ def diff_tensors(task, arrays: dict, dtype: torch.dtype) -> tuple[dict, float, f
     norm = squared_norm(delta)
     rounding = squared_norm(delta - stored.float())
     error = math.sqrt(rounding / norm) if norm else 0.0
-    return {task.outputs["diff"]: stored}, error, 0.0
+    return {task.outputs[_diff_holder(task)]: stored, **_identity(task, dtype)}, error, 0.0
 
 
 def _is_streamed(marker: dict) -> bool:
@@ -120,7 +135,7 @@ def _write_streamed_diff(
 ) -> None:
     """``diff_tensors`` a stored chunk of rows at a time, written at its place in every
     output: the whole diff is never in memory."""
-    name = task.outputs["diff"]
+    name = task.outputs[_diff_holder(task)]
     norm = rounding = 0.0
     with ExitStack() as stack:
         rows = [stack.enter_context(RowWriter(output.writer.slot(name))) for output in outputs]
@@ -136,6 +151,8 @@ def _write_streamed_diff(
     for output, crc in zip(outputs, crcs, strict=True):
         output.writer.mark_written(name, crc)
         output.errors[task.key] = (error, 0.0)
+        for other, identity in _identity(task, dtype).items():
+            output.writer.write(other, identity)
 
 
 BATCH_ENTRIES = 32

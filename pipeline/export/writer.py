@@ -21,7 +21,7 @@ from ..io.layout import OutputEntry
 from ..io.writer import open_output
 from ..lora.adapter_config import METADATA_KEY, build_config, diffusers_metadata
 from ..lora.inputs import PEFT_CONFIG
-from ..lora.styles import KeyStyle, check_output, module_of
+from ..lora.styles import KeyStyle, check_output, diff_pair, module_of
 from ..run.options import RunOptions
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # what PeftModel.from_pretrained reads first
@@ -41,14 +41,19 @@ class LoraWeight:
 def task_weights(
     tasks: Sequence, markers: dict[str, dict], ranks: dict[str, int]
 ) -> list[LoraWeight]:
-    """The written weights of a command's tasks (anything with ``key`` and ``outputs``, role →
-    output key) at the chosen ranks, alpha = rank; unchanged tensors have none."""
+    """The written weights of a command's tasks (anything with ``key``, ``shape`` and
+    ``outputs``, role → output key) at the chosen ranks, alpha = rank (a diff written as a pair:
+    its pair's rank); unchanged tensors have none."""
     weights = []
     for task in tasks:
         kind = markers[task.key]["kind"]
-        if kind in ("lowrank", "diff"):
-            rank = ranks[task.key] if kind == "lowrank" else None
-            weights.append(LoraWeight(task.key, tuple(task.outputs.values()), rank, rank))
+        if kind == "lowrank":
+            rank = ranks[task.key]
+        elif kind == "diff":
+            rank = None if "diff" in task.outputs else diff_pair(task.shape)[0]
+        else:
+            continue
+        weights.append(LoraWeight(task.key, tuple(task.outputs.values()), rank, rank))
     return weights
 
 
@@ -141,7 +146,7 @@ def open_lora_output(
     if missing:
         raise ValueError(f"entries of no planned weight: {', '.join(missing[:5])}")
     modules = [
-        (module_of(w.key), w.rank, float(w.rank if w.alpha is None else w.alpha))
+        (style.relaid(module_of(w.key)), w.rank, float(w.rank if w.alpha is None else w.alpha))
         for w in weights
         if w.rank is not None
     ]

@@ -97,9 +97,7 @@ class Extraction:
         markers.update({t.key: results[t.name] for t in pending})
         phases["compute"] = time.time() - started - sum(phases.values())
         session.emit("write", {"tensors": len(plan.tasks)})
-        exported = export_loras(
-            plan.tasks, markers, plan.options, session.output, session, Recompute(session, calls)
-        )
+        exported = export_loras(plan, markers, session, Recompute(session, calls))
         phases["write"] = time.time() - started - sum(phases.values())
         tensors = {
             task.key: _tensor_entry(task, markers[task.key], decisions[task.key], exported)

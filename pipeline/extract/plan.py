@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..io.reader import CheckpointIndex, TensorInfo
+from ..lora.styles import KeyStyle
 from .options import ExtractOptions
 
 
@@ -41,6 +42,7 @@ class Skipped:
 @dataclass(frozen=True)
 class ExtractionPlan:
     options: ExtractOptions
+    style: KeyStyle  # the options' key style for this model (``KeyStyle.for_model``)
     tasks: list[ExtractTask]
     skipped: list[Skipped] = field(default_factory=list)
     source_only: list[str] = field(default_factory=list)
@@ -55,6 +57,7 @@ def plan_extraction(
     source: CheckpointIndex, target: CheckpointIndex, options: ExtractOptions
 ) -> ExtractionPlan:
     tasks: list[ExtractTask] = []
+    style = options.style.for_model(source.tensors)
     # Scaled-fp8 bookkeeping (scales, markers) is read with its weight, never diffed itself.
     companions = {**target.fp8.companions, **source.fp8.companions}
     skipped = [Skipped(k, companions[k]) for k in sorted(companions)]
@@ -66,13 +69,14 @@ def plan_extraction(
         if not (src.is_float and tgt.is_float):
             skipped.append(Skipped(key, f"not a float tensor ({src.dtype}/{tgt.dtype})"))
             continue
-        task = _plan_tensor(key, src, tgt, options)
+        task = _plan_tensor(key, src, tgt, options, style)
         if isinstance(task, Skipped):
             skipped.append(task)
         else:
             tasks.append(task)
     return ExtractionPlan(
         options=options,
+        style=style,
         tasks=tasks,
         skipped=skipped,
         source_only=sorted(set(source.tensors) - set(target.tensors) - set(companions)),
@@ -81,16 +85,16 @@ def plan_extraction(
 
 
 def _plan_tensor(
-    key: str, src: TensorInfo, tgt: TensorInfo, options: ExtractOptions
+    key: str, src: TensorInfo, tgt: TensorInfo, options: ExtractOptions, style: KeyStyle
 ) -> ExtractTask | Skipped:
     shape = src.shape
     large = src.numel >= options.lowrank_min_params and len(shape) > 1
     if not options.diff_only and large and len(shape) == 2 and key.endswith(".weight"):
         rank = min(options.kernel.rank, *shape)
-        return ExtractTask(key, "lowrank", shape, rank, src, tgt, options.style.lowrank_names(key))
-    name = options.style.diff_name(key)
-    if name is None:
-        return Skipped(key, options.style.cannot_hold(key))
+        return ExtractTask(key, "lowrank", shape, rank, src, tgt, style.lowrank_names(key))
+    outputs = style.diff_outputs(key, shape, keep_diff=options.diff_only)
+    if outputs is None:
+        return Skipped(key, style.cannot_hold(key))
     note = None
     if large and not options.diff_only:
         note = (
@@ -98,4 +102,4 @@ def _plan_tensor(
             if len(shape) != 2
             else "large tensor without .weight suffix stored as a diff"
         )
-    return ExtractTask(key, "diff", shape, 0, src, tgt, {"diff": name}, note)
+    return ExtractTask(key, "diff", shape, 0, src, tgt, outputs, note)

@@ -6,7 +6,9 @@ same fields prefixed with ``transformer.``).
 
 Every module gets scale = alpha / rank exactly: the most common rank and alpha are ``r`` and
 ``lora_alpha``; other modules are listed in ``rank_pattern`` / ``alpha_pattern`` under their
-full name, escaped (PEFT matches a pattern as ``(.*\\.)?<pattern>$``)."""
+full name, escaped and anchored: PEFT matches a pattern as ``(.*\\.)?(<pattern>)$``
+(``peft/utils/other.py::get_pattern_key``), so a bare ``proj_out`` would also set
+``blocks.0.proj_out``; ``^proj_out`` is that module alone (as diffusers writes them)."""
 
 from __future__ import annotations
 
@@ -45,8 +47,8 @@ def build_config(modules: Sequence[tuple[str, int, float]]) -> dict:
         "r": r,
         "lora_alpha": _number(alpha),
         "target_modules": sorted(m for m, _, _ in modules),
-        "rank_pattern": {re.escape(m): k for m, k, _ in sorted(modules) if k != r},
-        "alpha_pattern": {re.escape(m): _number(a) for m, _, a in sorted(modules) if a != alpha},
+        "rank_pattern": {_anchored(m): k for m, k, _ in sorted(modules) if k != r},
+        "alpha_pattern": {_anchored(m): _number(a) for m, _, a in sorted(modules) if a != alpha},
         "bias": "none",
         "use_rslora": False,
         "use_dora": False,
@@ -54,6 +56,11 @@ def build_config(modules: Sequence[tuple[str, int, float]]) -> dict:
         "fan_in_fan_out": False,
         "inference_mode": True,
     }
+
+
+def _anchored(module: str) -> str:
+    """The pattern that matches ``module`` and nothing else under PEFT's rule."""
+    return "^" + re.escape(module)
 
 
 def diffusers_metadata(config: dict) -> str:
@@ -115,7 +122,8 @@ class PeftConfig:
 
 
 def _pattern_value(patterns: Mapping[str, float], module: str, default: float) -> float:
-    # PEFT's get_pattern_key: the first pattern matching `(.*\.)?{pattern}$` wins
+    # PEFT's get_pattern_key (peft/utils/other.py): the first pattern, in the config's order,
+    # matching `(.*\.)?({pattern})$` wins; `^name` matches the full name only
     for pattern, value in patterns.items():
         if re.fullmatch(rf"(.*\.)?(?:{pattern})", module):
             return value

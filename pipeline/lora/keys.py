@@ -284,9 +284,20 @@ def lowrank_scale(
     if alpha is not None:
         return float(alpha) / rank, float(alpha)
     if peft_config is not None:
-        alpha = None if peft_config.use_rslora else peft_config.alpha_for(module)
-        return peft_config.scale_for(module, rank), alpha
+        name = _model_name(module)
+        alpha = None if peft_config.use_rslora else peft_config.alpha_for(name)
+        return peft_config.scale_for(name, rank), alpha
     return 1.0, None
+
+
+def _model_name(module: str) -> str:
+    """A PEFT or diffusers file's module as the model names it, which their configs' patterns
+    are matched against: without the ``base_model.model.`` (PEFT) or ``transformer.``
+    (diffusers) the file adds."""
+    for prefix in ("base_model.model.", "transformer."):
+        if module.startswith(prefix):
+            return module[len(prefix) :]
+    return module
 
 
 LOCON_MID = "has a lora_mid (LoCon Tucker): up@down alone is not its delta"

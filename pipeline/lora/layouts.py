@@ -69,6 +69,9 @@ def _pattern(path: str) -> re.Pattern:
 class ModelLayout:
     family: str
     renames: tuple[tuple[str, str], ...] = field(repr=False)  # (original, diffusers) paths
+    # Original paths whose presence (in either layout) says the names are this family's: a
+    # model that only shares a generic name (``blocks.0.ffn.0``) is not renamed.
+    signatures: tuple[str, ...] = field(repr=False, default=())
 
     @cached_property
     def _rules(self) -> dict[str, list[tuple[re.Pattern, str]]]:
@@ -92,18 +95,29 @@ class ModelLayout:
                 return head + name[match.end() :]
         return None
 
+    @cached_property
+    def _signatures(self) -> dict[str, list[re.Pattern]]:
+        """Per layout, the patterns of the signature modules as that layout names them."""
+        pairs = [pair for pair in self.renames if pair[0] in self.signatures]
+        return {
+            ORIGINAL: [_pattern(orig) for orig, _ in pairs],
+            DIFFUSERS: [_pattern(diff) for _, diff in pairs],
+        }
+
     def layout_of(self, names: Iterable[str]) -> str | None:
         """``original`` or ``diffusers`` when the names (tensor keys or module paths, wrapper
-        prefixes allowed) hold any module this table renames; None when they hold none or
-        both."""
-        seen = set()
+        prefixes allowed) hold a signature module of this family in that layout and no module
+        in the other; None otherwise."""
+        seen, signed = set(), set()
         for name in names:
             bare = strip_wrappers(name)
             for layout in LAYOUT_NAMES:
                 other = DIFFUSERS if layout == ORIGINAL else ORIGINAL
                 if self.rename(bare, other) is not None:
                     seen.add(layout)
-        return seen.pop() if len(seen) == 1 else None
+                    if any(p.match(bare) for p in self._signatures[layout]):
+                        signed.add(layout)
+        return signed.pop() if len(seen) == 1 and len(signed) == 1 else None
 
 
 def strip_wrappers(name: str) -> str:
@@ -117,7 +131,15 @@ def strip_wrappers(name: str) -> str:
     return name
 
 
-WAN = ModelLayout("wan", WAN_RENAMES)
+WAN = ModelLayout(
+    "wan",
+    WAN_RENAMES,
+    signatures=tuple(
+        f"blocks.{{n}}.{attention}.{projection}"
+        for attention in ("self_attn", "cross_attn")
+        for projection in "qkvo"
+    ),
+)
 LAYOUTS = (WAN,)
 
 

@@ -98,9 +98,7 @@ class Resize:
         results = session.compute([calls[t.key] for t in pending])
         markers.update({t.key: results[t.name] for t in pending})
         session.emit("write", {"tensors": len(plan.tasks)})
-        exported = export_loras(
-            plan.tasks, markers, options, session.output, session, Recompute(session, calls)
-        )
+        exported = export_loras(plan, markers, session, Recompute(session, calls))
         return _report(plan, self.opened, markers, reasons, exported, session)
 
 

@@ -14,6 +14,7 @@ from ..io.reader import TensorInfo
 from ..lora.inputs import LoraInput
 from ..lora.keys import Unmatched
 from ..lora.patches import PatchRef, collect_patches
+from ..lora.styles import KeyStyle
 from .options import ResizeOptions
 
 
@@ -56,6 +57,7 @@ class ResizeTask:
 @dataclass(frozen=True)
 class ResizePlan:
     options: ResizeOptions
+    style: KeyStyle  # the options' key style for this model (``KeyStyle.for_model``)
     tasks: list[ResizeTask]  # sorted by key
     unmatched: list[list[Unmatched]]  # per LoRA, in the given order
 
@@ -68,7 +70,7 @@ def plan_resize(
     targets: Mapping[str, TensorInfo], loras: Sequence[LoraInput], options: ResizeOptions
 ) -> ResizePlan:
     patches, unmatched = collect_patches(targets, loras)
-    style = options.style
+    style = options.style.for_model(targets)
     tasks = []
     for key in sorted(patches):
         refs, shape = tuple(patches[key]), tuple(targets[key].shape)
@@ -76,12 +78,14 @@ def plan_resize(
         if factored and all(p.kind == "lowrank" for p in refs):
             tasks.append(ResizeTask(key, "lowrank", shape, refs, style.lowrank_names(key)))
             continue
-        name = style.diff_name(key)
-        if name is None:
+        outputs = style.diff_outputs(key, shape)
+        if outputs is None:
             reason = f"targets {key}: {style.cannot_hold(key)}"
             for p in refs:
                 unmatched[p.lora] += [Unmatched(t.key, reason) for t in p.tensors]
             continue
         note = "a full diff patches it: stored as the dense sum" if factored else None
-        tasks.append(ResizeTask(key, "diff", shape, refs, {"diff": name}, note))
-    return ResizePlan(options, tasks, [sorted(u, key=lambda u: u.lora_key) for u in unmatched])
+        tasks.append(ResizeTask(key, "diff", shape, refs, outputs, note))
+    return ResizePlan(
+        options, style, tasks, [sorted(u, key=lambda u: u.lora_key) for u in unmatched]
+    )

@@ -71,23 +71,25 @@ def test_output_naming_is_lightx2vs(pair_files, tmp_path):
     out = tmp_path / "lora.safetensors"
     report = extract(*pair_files, out, "--rank", "4")
     lora = load_file(out)
+    # No .alpha keys: alpha = rank, the scale (1) every loader reads where alpha is absent.
     assert set(lora) == {
         "diffusion_model.blocks.0.attn.q.lora_up.weight",
         "diffusion_model.blocks.0.attn.q.lora_down.weight",
-        "diffusion_model.blocks.0.attn.q.alpha",
         "diffusion_model.blocks.0.ffn.0.lora_up.weight",
         "diffusion_model.blocks.0.ffn.0.lora_down.weight",
-        "diffusion_model.blocks.0.ffn.0.alpha",
         "diffusion_model.blocks.0.attn.q.diff_b",
         "diffusion_model.blocks.0.ffn.0.diff_b",
         "diffusion_model.blocks.0.diff_m",
         "diffusion_model.patch_embedding.diff",
-        "diffusion_model.head.diff",
+        "diffusion_model.head.lora_up.weight",
+        "diffusion_model.head.lora_down.weight",
     }
     assert lora["diffusion_model.blocks.0.ffn.0.lora_up.weight"].shape == (160, 4)
     assert lora["diffusion_model.blocks.0.ffn.0.lora_down.weight"].shape == (4, 96)
-    assert float(lora["diffusion_model.blocks.0.ffn.0.alpha"]) == 4.0
-    assert lora["diffusion_model.head.diff"].dtype == torch.bfloat16
+    # head.weight (8x32) is below MIN_PARAMS: its diff D as the exact pair I @ D.
+    assert torch.equal(lora["diffusion_model.head.lora_up.weight"], torch.eye(8).bfloat16())
+    assert lora["diffusion_model.head.lora_down.weight"].shape == (8, 32)
+    assert lora["diffusion_model.head.lora_down.weight"].dtype == torch.bfloat16
     # The 5-D patch embedding (20480 elements) is at least MIN_PARAMS: a diff, with a note.
     entry = report["tensors"]["patch_embedding.weight"]
     assert {k: v for k, v in entry.items() if k not in ("rel_error", "seconds")} == {
@@ -145,7 +147,7 @@ def test_sharded_and_single_file_hold_the_same_tensors(pair_files, tmp_path):
     )
     index = json.loads((tmp_path / "many.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
-    assert shards == [f"many-{i:05d}-of-00004.safetensors" for i in (1, 2, 3, 4)]
+    assert shards == [f"many-{i:05d}-of-00005.safetensors" for i in (1, 2, 3, 4, 5)]
     assert not (tmp_path / "many.safetensors").exists()
     sharded, single = (
         load_output(str(tmp_path / "many.safetensors")),

@@ -66,7 +66,7 @@ def test_each_style_holds_what_converting_the_default_gives(
     if style == "peft":
         configs = [json.load(open(tmp_path / d / "adapter_config.json")) for d in ("x", "c")]
         assert configs[0] == configs[1]
-        assert configs[0]["target_modules"] == [Q, F]
+        assert configs[0]["target_modules"] == [Q, F, "head"]  # head: its diff as a pair
     if style == "diffusers":
         assert header(tmp_path / "x.safetensors") == header(tmp_path / "c.safetensors")
 
@@ -79,7 +79,8 @@ def test_peft_extraction_lists_the_diffs_it_cannot_hold(pair_files, tmp_path):
         "--key-style", "peft",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "5 tensors changed but not in the LoRA, e.g. 'blocks.0.attn.q.bias': the peft key " in (
+    # The biases, the modulation and the 5-D patch embedding; the 2-D head's diff is a pair.
+    assert "4 tensors changed but not in the LoRA, e.g. 'blocks.0.attn.q.bias': the peft key " in (
         result.output
     )
     report = json.load(open(tmp_path / "adapter.report.json"))

@@ -116,7 +116,7 @@ def test_merge_json_events(pair_files, tmp_path):
     (entry,) = log[0]["loras"]
     assert (entry["file"], entry["keys"], entry["patches"], entry["unmatched"]) == (
         str(lora),
-        7,  # default --lowrank-min-params: seven diffs
+        10,  # default --lowrank-min-params: seven diffs, three of them 2-D weights as pairs
         7,
         {},
     )

@@ -42,10 +42,9 @@ def test_lowrank_task_fields_and_names():
     task = only_task(plan)
     assert task.key == "blocks.0.attn.q.weight"
     assert task.kind == "lowrank" and task.shape == (64, 48) and task.rank == 8
-    assert task.outputs == {
+    assert task.outputs == {  # alpha = rank: no key in the lightx2v style
         "up": "diffusion_model.blocks.0.attn.q.lora_up.weight",
         "down": "diffusion_model.blocks.0.attn.q.lora_down.weight",
-        "alpha": "diffusion_model.blocks.0.attn.q.alpha",
     }
     assert task.name == "lowrank-blocks.0.attn.q.weight"
     assert task.source == TensorInfo(task.key, "s.safetensors", "BF16", (64, 48), 0)
@@ -65,7 +64,6 @@ def test_rank_is_capped_at_the_smaller_dimension(shape, rank, expected):
 @pytest.mark.parametrize(
     "key, shape, name",
     [
-        ("blocks.0.q.weight", (8, 4), "diffusion_model.blocks.0.q.diff"),
         ("blocks.0.q.bias", (8,), "diffusion_model.blocks.0.q.diff_b"),
         ("blocks.0.modulation", (1, 6, 4), "diffusion_model.blocks.0.diff_m"),
         ("norm.weight", (4,), "diffusion_model.norm.diff"),
@@ -76,6 +74,16 @@ def test_diff_names(key, shape, name):
     assert task.kind == "diff" and task.rank == 0 and task.note is None
     assert task.outputs == {"diff": name}
     assert task.name == f"diff-{key}"
+
+
+def test_a_small_2d_weight_diff_is_written_as_an_exact_pair_unless_diff_only():
+    task = only_task(plan_one((8, 4), key="blocks.0.q.weight"))
+    assert task.kind == "diff" and task.outputs == {
+        "up": "diffusion_model.blocks.0.q.lora_up.weight",
+        "down": "diffusion_model.blocks.0.q.lora_down.weight",
+    }
+    kept = only_task(plan_one((8, 4), key="blocks.0.q.weight", diff_only=True))
+    assert kept.outputs == {"diff": "diffusion_model.blocks.0.q.diff"}
 
 
 def test_diff_only_stores_large_weights_as_plain_diffs():

@@ -124,7 +124,8 @@ def test_every_mode_chooses_the_formula_rank_and_reexports_without_computing(pai
                 assert (entry["rank"], entry["status"]) == (want, "reused"), (mode, value, key)
                 stem = "diffusion_model." + key.removesuffix(".weight")
                 assert lora[f"{stem}.lora_up.weight"].shape == (SHAPES[key][0], want)
-                assert float(lora[f"{stem}.alpha"]) == want
+                assert lora[f"{stem}.lora_down.weight"].shape[0] == want
+                assert f"{stem}.alpha" not in lora  # alpha = rank: scale 1 without a key
                 s = spectrum(key)
                 kept = sum(v * v for v in s[:want]) / sum(v * v for v in s)
                 assert entry["kept_energy"] == pytest.approx(kept, abs=1e-6)

@@ -3,7 +3,7 @@
 import pytest
 
 from loraforge.pipeline.errors import UsageError
-from loraforge.pipeline.lora.styles import KEY_STYLES, check_output, key_style
+from loraforge.pipeline.lora.styles import KEY_STYLES, check_output, diff_pair, key_style
 
 W = "blocks.0.attn.q.weight"
 
@@ -16,7 +16,6 @@ W = "blocks.0.attn.q.weight"
             {
                 "up": "diffusion_model.blocks.0.attn.q.lora_up.weight",
                 "down": "diffusion_model.blocks.0.attn.q.lora_down.weight",
-                "alpha": "diffusion_model.blocks.0.attn.q.alpha",
             },
         ),
         (
@@ -45,6 +44,59 @@ W = "blocks.0.attn.q.weight"
 )
 def test_lowrank_names(style, names):
     assert KEY_STYLES[style].lowrank_names(W) == names
+
+
+def test_lightx2v_writes_an_alpha_key_only_where_alpha_is_not_the_rank():
+    assert KEY_STYLES["lightx2v"].lowrank_names(W, alpha_is_rank=False) == {
+        "up": "diffusion_model.blocks.0.attn.q.lora_up.weight",
+        "down": "diffusion_model.blocks.0.attn.q.lora_down.weight",
+        "alpha": "diffusion_model.blocks.0.attn.q.alpha",
+    }
+    assert "alpha" in KEY_STYLES["kohya"].lowrank_names(W, alpha_is_rank=True)
+
+
+@pytest.mark.parametrize("style", list(KEY_STYLES))
+def test_a_2d_weight_diff_is_an_exact_pair_in_every_style_unless_diffs_are_kept(style):
+    kind = KEY_STYLES[style]
+    assert kind.diff_outputs(W, (8, 4)) == kind.lowrank_names(W)
+    kept = kind.diff_outputs(W, (8, 4), keep_diff=True)
+    assert kept == ({"diff": kind.diff_name(W)} if kind.diffs else kind.lowrank_names(W))
+    # not 2-D, or not a weight: a diff where the style holds one, else nothing
+    assert kind.diff_outputs("blocks.0.attn.q.bias", (8,)) == (
+        {"diff": kind.diff_name("blocks.0.attn.q.bias")} if kind.diffs else None
+    )
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"), [((8, 4), (4, "up")), ((4, 8), (4, "down")), ((5, 5), (5, "up"))]
+)
+def test_the_exact_pair_of_a_diff_puts_it_in_the_factor_of_its_shape(shape, expected):
+    assert diff_pair(shape) == expected
+
+
+WAN_ORIGINAL = ["blocks.0.self_attn.q.weight", "blocks.0.ffn.0.weight", "head.head.weight"]
+WAN_DIFFUSERS = ["blocks.0.attn1.to_q.weight", "blocks.0.ffn.net.0.proj.weight", "proj_out.weight"]
+
+
+def test_a_wan_model_is_written_in_each_styles_layout():
+    lightx2v = KEY_STYLES["lightx2v"].for_model(WAN_DIFFUSERS)
+    assert lightx2v.lowrank_names("blocks.0.attn1.to_q.weight")["up"] == (
+        "diffusion_model.blocks.0.self_attn.q.lora_up.weight"
+    )
+    assert lightx2v.diff_name("scale_shift_table") == "diffusion_model.head.diff_m"
+    diffusers = KEY_STYLES["diffusers"].for_model(WAN_ORIGINAL)
+    assert diffusers.lowrank_names("head.head.weight")["up"] == "transformer.proj_out.lora_B.weight"
+    # the peft style keeps the model's own names; a style in the model's layout renames nothing
+    assert KEY_STYLES["peft"].for_model(WAN_ORIGINAL).lowrank_names("head.head.weight")["up"] == (
+        "base_model.model.head.head.lora_B.weight"
+    )
+    same = KEY_STYLES["lightx2v"].for_model(WAN_ORIGINAL)
+    assert same.lowrank_names("head.head.weight")["up"] == "diffusion_model.head.head.lora_up.weight"
+
+
+def test_a_model_that_only_shares_generic_names_is_not_renamed():
+    toy = KEY_STYLES["diffusers"].for_model(["blocks.0.ffn.0.weight", "blocks.0.modulation"])
+    assert toy.lowrank_names("blocks.0.ffn.0.weight")["up"] == "transformer.blocks.0.ffn.0.lora_B.weight"
 
 
 @pytest.mark.parametrize(

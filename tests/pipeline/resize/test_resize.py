@@ -72,7 +72,8 @@ def run(tmp_path, specs, rule, name="out.safetensors", base=None, **options):
 def stored_product(lora: dict, module: str) -> torch.Tensor:
     stem = f"diffusion_model.{module}"
     up, down = lora[f"{stem}.lora_up.weight"].double(), lora[f"{stem}.lora_down.weight"].double()
-    return float(lora[f"{stem}.alpha"]) / up.shape[1] * up @ down
+    alpha = float(lora[f"{stem}.alpha"]) if f"{stem}.alpha" in lora else up.shape[1]
+    return alpha / up.shape[1] * up @ down
 
 
 @pytest.mark.parametrize("rank", [16, 3])
@@ -85,7 +86,7 @@ def test_two_loras_equal_the_exact_sum_within_the_reported_error(tmp_path, loras
         [
             f"diffusion_model.{m}.{s}"
             for m in (Q, FFN)
-            for s in ("lora_up.weight", "lora_down.weight", "alpha")
+            for s in ("lora_up.weight", "lora_down.weight")  # alpha = rank: no key
         ]
         + [f"diffusion_model.{Q}.diff_b"]
     )
@@ -112,7 +113,8 @@ def test_resizing_a_lora_to_its_own_rank_reproduces_it(tmp_path, loras):
     path_a, _path_b, a, _b = loras
     report = run(tmp_path, [(path_a, 1.0)], RankRule(rank=4))
     out = load_file(tmp_path / "out.safetensors")
-    assert sorted(out) == sorted([*a, f"diffusion_model.{FFN}.alpha"])  # alpha = rank, always
+    # alpha = rank everywhere, so no alpha key (A's alpha 2 on rank 4 is folded into the factors)
+    assert sorted(out) == sorted(k for k in a if not k.endswith(".alpha"))
     assert [report["tensors"][f"{m}.weight"]["rank"] for m in (Q, FFN)] == [4, 3]
     for module, scale in ((Q, 0.5), (FFN, 1.0)):
         stem = f"diffusion_model.{module}"
@@ -151,12 +153,12 @@ def test_kohya_names_are_mapped_through_a_base(tmp_path):
 
 
 def test_nothing_the_output_style_can_hold_is_refused_before_any_file(tmp_path):
-    path = save_lora(tmp_path, "diff.safetensors", {f"{Q}.diff": rand(48, 32, seed=1)})
+    path = save_lora(tmp_path, "diff.safetensors", {f"{Q}.diff_b": rand(48, seed=1)})
     with pytest.raises(LoraMismatch) as info:
         run(tmp_path, [(path, 1.0)], RankRule(rank=4), name="out", key_style="peft")
     assert str(info.value) == (
-        f"{path}: nothing to write in the peft style, e.g. '{Q}.diff': targets {Q}.weight: "
-        f"{key_style('peft').cannot_hold(f'{Q}.weight')}"
+        f"{path}: nothing to write in the peft style, e.g. '{Q}.diff_b': targets {Q}.bias: "
+        f"{key_style('peft').cannot_hold(f'{Q}.bias')}"
     )
     assert sorted(os.listdir(tmp_path)) == ["diff.safetensors"]
 
