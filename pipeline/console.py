@@ -352,6 +352,8 @@ def print_inspect(report: dict) -> None:
         out.print(f"not read: {key}: {reason}", markup=False, soft_wrap=True)
     for warning in report["warnings"]:
         out.print(f"warning: {warning}", markup=False, soft_wrap=True)
+    for client in (report["clients"] or {}).values():
+        out.print(f"loads in {client['summary']}", markup=False, soft_wrap=True)
     base = report["base"]
     if base is None:
         return

@@ -14,6 +14,7 @@ import os
 import torch
 
 from ..errors import CheckpointNotFound, LoraMismatch
+from ..export.clients import judge
 from ..export.writer import config_file, lora_location, open_lora_output
 from ..io import safetensors_format as stf
 from ..io.reader import index_checkpoint, load_tensor
@@ -79,7 +80,12 @@ class Conversion:
             first = plan.left_out[0] if plan.left_out else None
             example = f", e.g. '{first.lora_key}': {first.reason}" if first else ""
             raise LoraMismatch(f"nothing to write in the {style.name} style{example}", path=lora)
-        self.warnings = [*opened.warnings, *_left_out_warning(plan.left_out)]
+        self.clients = judge(plan.style, plan.entries)
+        self.warnings = [
+            *opened.warnings,
+            *_left_out_warning(plan.left_out),
+            *(self.clients.warnings() if self.clients else ()),
+        ]
         for warning in self.warnings:
             session.emit("warning", {"message": warning})
 
@@ -110,7 +116,12 @@ class Conversion:
                 writer.write(name, _tensor(weight, role))
             session.emit("tensor", {"key": weight.key, "bytes": _read_bytes(weight)})
         session.emit("write", {"tensors": len(plan.weights)})
-        return _report(plan, self.opened, self.lora, self.base, session, self.warnings)
+        report = _report(plan, self.opened, self.lora, self.base, session, self.warnings)
+        if self.clients is not None:
+            for key, why in self.clients.per_tensor(plan.weights, plan.style).items():
+                report["tensors"][key]["not_applied_by"] = why
+        report["summary"]["clients"] = self.clients.summary() if self.clients else None
+        return report
 
 
 def _input_paths(lora: str, opened: OpenedLora) -> list[UserPath]:

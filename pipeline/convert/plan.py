@@ -38,6 +38,11 @@ class ConvertWeight:
         """Readable, stable task key."""
         return f"{self.kind}-{self.key}"
 
+    @property
+    def outputs(self) -> dict[str, str]:
+        """Role → output key, as the other commands' tasks name them."""
+        return self.names
+
     def entries(self) -> list[OutputEntry]:
         out = []
         for role, name in self.names.items():

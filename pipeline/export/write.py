@@ -16,18 +16,30 @@ import torch
 from loraforge.kernels import product_distance_sq, squared_norm, truncated_residual_sq
 from loraforge.stages.cast import cast
 
+from ..io import safetensors_format as stf
 from ..io.slots import RowWriter
 from ..lora.styles import diff_pair
 from ..run.faults import maybe_crash
 from ..run.session import Recompute, Session
 from ..workdir import CorruptEntry, WorkDir
-from .outputs import RankedOutput, open_outputs
+from .clients import ClientVerdicts, judge
+from .outputs import RankedOutput, open_outputs, planned_entries
 
 
 @dataclass
 class Exported:
     outputs: list[RankedOutput]  # one per cap, ascending
     notes: dict[str, str]  # per tensor whose intermediate did not read back: recomputed, why
+    clients: ClientVerdicts | None = None  # what the style's loaders apply of the largest file
+
+    def report_clients(self, plan, tensors: dict[str, dict]) -> dict | None:
+        """The report's ``summary.clients`` (None: a model no client rules judge); each tensor
+        a client leaves out gets ``not_applied_by`` (client → why) in ``tensors``."""
+        if self.clients is None:
+            return None
+        for key, why in self.clients.per_tensor(plan.tasks, plan.style).items():
+            tensors[key]["not_applied_by"] = why
+        return self.clients.summary()
 
 
 def export_loras(
@@ -43,8 +55,12 @@ def export_loras(
     tasks, options, work = plan.tasks, plan.options, session.work
     values, notes = _singular_values(tasks, markers, work, recompute)
     outputs = open_outputs(tasks, markers, values, options, plan.style, session.output, session)
+    code = stf.CODE_BY_DTYPE[options.torch_dtype]
+    clients = judge(plan.style, planned_entries(tasks, markers, outputs[-1].ranks, code))
+    for warning in clients.warnings() if clients else ():
+        session.emit("warning", {"message": warning})
     notes.update(_write(tasks, markers, work, outputs, values, options.torch_dtype, recompute))
-    return Exported(outputs, notes)
+    return Exported(outputs, notes, clients)
 
 
 def _recomputed(task, markers: dict, work: WorkDir, recompute: Recompute, why) -> str:

@@ -118,6 +118,7 @@ class Extraction:
             "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
             "memory": memory_summary(session.budget, tensors),
             "warnings": self.warnings,
+            "clients": exported.report_clients(plan, tensors),
         }
         inputs = {"source": self.source.path, "target": self.target.path}
         return build_report("extract", plan.options.to_dict(), inputs, tensors, extra, started)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+from ..lora.clients import LoraFile, client_loadings, judges
 from .plan import InspectPlan, module_naming, namings, plan_inspect
 from .task import Workspace, delta_norm
 
@@ -61,6 +62,20 @@ def inspect_lora(
         "warnings": list(plan.lora.warnings),
         "modules": modules,
         "base": _base(plan),
+        "clients": _clients(plan),
+    }
+
+
+def _clients(plan: InspectPlan) -> dict | None:
+    """Per client (``lora/clients``), whether it loads the file and which entries it applies;
+    None for a LoRA of a model whose loaders' rules are not known (not Wan)."""
+    shapes = {key: info.shape for key, info in plan.lora.index.tensors.items()}
+    if not judges(shapes):
+        return None
+    file = LoraFile.from_shapes(shapes, peft_config=plan.lora.config is not None)
+    return {
+        name: {**loading.to_dict(), "summary": loading.summary()}
+        for name, loading in client_loadings(file).items()
     }
 
 

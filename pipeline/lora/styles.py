@@ -55,20 +55,22 @@ class KeyStyle:
     underscores: bool = False  # kohya: the module path written with "_" for "."
     directory: bool = False  # PEFT: a directory with adapter_model.safetensors + config
     title: str = ""  # how messages spell it, when not as its name
-    family: ModelLayout | None = None  # the model's family, when its names are in the other layout
+    clients: tuple[str, ...] = ()  # the loaders this style writes for (``clients/``)
+    family: ModelLayout | None = None  # the model's family, when known (``for_model``)
+    family_layout: str | None = None  # and the layout its names are in
 
     def for_model(self, names) -> KeyStyle:
         """This style for a model whose tensors are ``names``: a model of a known family in the
         other layout than the style's has its names renamed (``relaid``); any other model's
         names (unknown, mixed, or already in the style's layout) are written as they are."""
-        found = detect_layout(names) if self.layout else None
-        family = found[0] if found is not None and found[1] != self.layout else None
-        return dataclasses.replace(self, family=family)
+        found = detect_layout(names)
+        family, layout = found if found is not None else (None, None)
+        return dataclasses.replace(self, family=family, family_layout=layout)
 
     def relaid(self, name: str) -> str:
         """``name`` (a checkpoint key or module path) in this style's layout (``layouts.py``)
-        when the model is of a family in the other layout (``for_model``)."""
-        if self.family is None:
+        when the model is of a known family in the other layout (``for_model``)."""
+        if self.family is None or self.layout in (None, self.family_layout):
             return name
         return self.family.rename(name, self.layout) or name
 
@@ -150,6 +152,7 @@ KEY_STYLES: dict[str, KeyStyle] = {
             diffs=True,
             layout=ORIGINAL,
             title="LightX2V",
+            clients=("lightx2v", "comfyui", "diffusers"),
         ),
         KeyStyle(
             "kohya",
@@ -162,6 +165,7 @@ KEY_STYLES: dict[str, KeyStyle] = {
             diffs=True,
             layout=ORIGINAL,
             underscores=True,
+            clients=("comfyui", "diffusers"),
         ),
         KeyStyle(
             "peft",
@@ -173,6 +177,7 @@ KEY_STYLES: dict[str, KeyStyle] = {
             "config",
             diffs=False,
             directory=True,
+            clients=("peft",),
         ),
         KeyStyle(
             "diffusers",
@@ -184,6 +189,7 @@ KEY_STYLES: dict[str, KeyStyle] = {
             "metadata",
             diffs=False,
             layout=DIFFUSERS,
+            clients=("diffusers",),
         ),
     )
 }

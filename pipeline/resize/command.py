@@ -181,6 +181,7 @@ def _report(plan, opened, markers, reasons, exported: Exported, session) -> dict
         "device": "cpu",
         "computed": sum(1 for r in reasons.values() if r is not None),
         "reused": sum(1 for r in reasons.values() if r is None),
+        "clients": exported.report_clients(plan, tensors),
         "lowrank_params": largest.lowrank_params,
         "lowrank_rel_error": math.sqrt(dropped / sq_norm) if sq_norm else 0.0,
         "loras": lora_summaries(opened, plan.unmatched),

@@ -15,7 +15,7 @@ from tests.helpers.namings import MODULES, STYLES, factors, module_name, write_s
 REPORT_KEYS = [
     "path", "file", "format", "adapter_config", "naming", "namings", "tensors", "bytes", "dtypes",
     "lowrank", "diffs", "ranks", "alphas", "scales", "nonfinite", "unmatched", "warnings",
-    "modules", "base",
+    "modules", "base", "clients",
 ]  # fmt: skip
 MODULE_KEYS = [
     "module", "leaf", "kind", "naming", "shape", "rank", "alpha", "scale", "dtypes", "bytes",
@@ -53,6 +53,7 @@ def test_every_naming(tmp_path, style):
     assert report["alphas"] == {"2": 1, "8": 2}  # PEFT's from its adapter_config.json
     assert report["scales"] == {"0.5": 1, "1": 1, "2": 1}
     assert (report["unmatched"], report["warnings"], report["base"]) == ({}, [], None)
+    assert report["clients"] is None  # not a Wan LoRA: no loader rules judge it
     assert report["adapter_config"] == (
         os.path.join(path, "adapter_config.json") if style == "peft" else None
     )
