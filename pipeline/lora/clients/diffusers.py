@@ -66,6 +66,9 @@ def _original(file: LoraFile) -> Loading:
         why = _refusal(entry, _name(entry), modules, image_kv)
         if why:
             return _refused(f"{label(entry)}: {why}")
+    pairs = any(e.kind == "lowrank" for e in file.entries) or _has("head.head", "diff", modules)
+    if not pairs:
+        return _refused("no LoRA pair at all (it infers ranks from lora_B weights: IndexError)")
     return judged(CLIENT, file.entries, lambda entry: _dropped(entry, _name(entry), modules))
 
 
