@@ -387,3 +387,43 @@ def test_anchored_patterns_keep_a_top_level_module_apart_from_block_modules(tmp_
         want = shell[key] + 0.5 * (up @ down)
         torch.testing.assert_close(ours[key], want, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(fused[key], want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_convert_crosses_layouts_both_ways(wan_pair, extracted, tmp_path):
+    """The default-style file (Wan's original names) converted to the diffusers style, without
+    a base, holds diffusers' module names and loads there; converted back it is the same
+    file's pairs again."""
+    _folder, base, _paths = wan_pair
+    weights, _adapter, _run = extracted["original", "lightx2v"]
+    there = tmp_path / "diffusers"
+    result = run_cli("convert", weights, there, "--to", "diffusers", "--quiet")
+    assert result.exit_code == 0, result.output
+    names = sorted(load_file(f"{there}.safetensors"))
+    assert names[:2] == [
+        "transformer.blocks.0.attn1.to_k.lora_A.weight",
+        "transformer.blocks.0.attn1.to_k.lora_B.weight",
+    ]
+    fused = diffusers_fused(base, f"{there}.safetensors")
+    assert len(changed(fused, base)) == 26
+    assert_equal_to_merge(fused, merged(wan_pair, weights, "convert_source"), changed(fused, base))
+    back = tmp_path / "back"
+    result = run_cli("convert", f"{there}.safetensors", back, "--to", "lightx2v", "--quiet")
+    assert result.exit_code == 0, result.output
+    source = {k: v for k, v in load_file(weights).items() if ".lora_" in k}
+    assert load_file(f"{back}.safetensors").keys() == source.keys()
+
+
+def test_inspect_says_where_a_file_loads(extracted):
+    weights, _adapter, _run = extracted["original", "lightx2v"]
+    result = run_cli("inspect", weights)
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if line.startswith("loads in ")]
+    assert lines[:2] == ["loads in lightx2v: 69/69 applied", (
+        "loads in comfyui: 66/69 applied; not: 3 × ComfyUI reads no .diff_m ('lora key not "
+        "loaded')"
+    )]  # fmt: skip
+    assert lines[2].startswith("loads in diffusers: 52/69 applied; not: ")
+    report = json.loads(run_cli("inspect", weights, "--json").stdout)
+    assert report["clients"]["diffusers"]["applied"] == 52
+    assert report["clients"]["peft"]["loads"] is False
