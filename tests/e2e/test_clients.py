@@ -427,3 +427,29 @@ def test_inspect_says_where_a_file_loads(extracted):
     report = json.loads(run_cli("inspect", weights, "--json").stdout)
     assert report["clients"]["diffusers"]["applied"] == 52
     assert report["clients"]["peft"]["loads"] is False
+
+
+def test_a_lora_in_one_layout_applies_and_verifies_against_a_model_in_the_other(
+    wan_pair, extracted
+):
+    """The default-style file (Wan's original names) on diffusers' model: ``loraforge.apply``
+    patches what ``merge`` patches, bit for bit, and ``verify`` finds the fine-tune."""
+    import loraforge
+
+    _folder, base, paths = wan_pair
+    weights, _adapter, _run = extracted["original", "lightx2v"]
+    model = wan.model(state=base)
+    handle = loraforge.apply(model, [(weights, 1.0)], strict=True)
+    reference = merged(wan_pair, weights, "apply_reference")
+    state = model.state_dict()
+    assert len(handle.touched) == 69  # every entry: loraforge applies norm and modulation diffs
+    assert all(torch.equal(state[k], reference[k]) for k in reference)
+    handle.remove()
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
+    result = run_cli(
+        "verify", "--source-model", paths["diffusers"][0], "--target-model",
+        paths["diffusers"][1], "--lora-model", weights, "--max-error", "1e-5", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["event"] == "summary" and summary["rel_error"] < 1e-5
