@@ -23,6 +23,7 @@ from ..io.reader import CheckpointIndex, index_checkpoint, load_tensor
 from .adapter_config import METADATA_KEY, PeftConfig, header_config, load_peft_config
 from .config import LoraSpec
 from .keys import LoraMapping, map_lora
+from .numbers import RANGE, in_range
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = (("adapter_model.safetensors", "safetensors"), ("adapter_model.bin", "pytorch"))
@@ -88,6 +89,8 @@ def _alpha(index: CheckpointIndex, key: str, allow_nonfinite: bool) -> float:
             key=key,
             hint="fix the LoRA; merge and resize read it anyway with --allow-nonfinite",
         )
+    if math.isfinite(value) and not in_range(value):
+        raise CheckpointFormatError(f"alpha {value:g} is outside {RANGE}", path=info.file, key=key)
     return value
 
 

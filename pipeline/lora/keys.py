@@ -280,10 +280,12 @@ def lowrank_scale(
     module: str, rank: int, alpha: float | None, peft_config: PeftConfig | None
 ) -> tuple[float, float | None]:
     """(scale, alpha) of a low-rank module: its own ``.alpha`` / rank, else the PEFT config's
-    (alpha None with rsLoRA, whose scale is no alpha / rank), else scale 1 and no alpha."""
+    (alpha None with rsLoRA, whose scale is no alpha / rank; a config whose rank for the
+    module is not its factors' is refused), else scale 1 and no alpha."""
     if alpha is not None:
         return float(alpha) / rank, float(alpha)
     if peft_config is not None:
+        peft_config.check_rank(module, rank)
         alpha = None if peft_config.use_rslora else peft_config.alpha_for(module)
         return peft_config.scale_for(module, rank), alpha
     return 1.0, None
