@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import signal
 import sys
@@ -21,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .errors import Interrupted, LoraforgeError
+from .io.atomic import strict_json
 from .run.options import RunOptions
 
 err = Console(stderr=True, highlight=False, emoji=False)  # ":x:" in a path stays text
@@ -295,18 +295,8 @@ def command_output(command: str, run: RunOptions) -> Iterator[Bar | JsonLog]:
 
 def json_line(data: object) -> str:
     """``data`` as one line of strict JSON: a NaN or infinite number (an alpha holding NaN,
-    say) becomes null, which every JSON reader takes, instead of Python's bare ``NaN``."""
-
-    def strict(value: object) -> object:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: strict(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [strict(v) for v in value]
-        return value
-
-    return json.dumps(strict(data), default=str, allow_nan=False)
+    say) becomes null (``io.atomic.strict_json``), as in the reports."""
+    return json.dumps(strict_json(data), default=str, allow_nan=False)
 
 
 def print_inspect(report: dict) -> None:

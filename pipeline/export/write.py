@@ -16,6 +16,7 @@ import torch
 from loraforge.kernels import product_distance_sq, squared_norm, truncated_residual_sq
 from loraforge.stages.cast import cast
 
+from ..io.finite import check_written, output_fix
 from ..io.slots import RowWriter
 from ..run.faults import maybe_crash
 from ..run.session import Recompute, Session
@@ -47,8 +48,18 @@ def export_loras(
     work = session.work
     values, notes = _singular_values(tasks, markers, work, recompute)
     outputs = open_outputs(tasks, markers, values, options, output, session)
-    notes.update(_write(tasks, markers, work, outputs, values, options.torch_dtype, recompute))
+    checked = not getattr(options, "allow_nonfinite", False)  # resize's --allow-nonfinite
+    dtype = options.torch_dtype
+    notes.update(_write(tasks, markers, work, outputs, values, dtype, recompute, checked))
     return Exported(outputs, notes)
+
+
+def _check(task, tensors: dict, dtype: torch.dtype) -> None:
+    """Every tensor about to be written for ``task`` finite (``io/finite.py``), else one line
+    naming it, what it was made from (``task.made_from``) and how to avoid it."""
+    for name, tensor in tensors.items():
+        fix = output_fix(dtype, task.knob)
+        check_written(tensor, key=name, made_from=task.made_from, fix=fix, dtype=dtype)
 
 
 def _recomputed(task, markers: dict, work: WorkDir, recompute: Recompute, why) -> str:
@@ -116,7 +127,12 @@ def _is_streamed(marker: dict) -> bool:
 
 
 def _write_streamed_diff(
-    task, marker: dict, work: WorkDir, outputs: Sequence[RankedOutput], dtype: torch.dtype
+    task,
+    marker: dict,
+    work: WorkDir,
+    outputs: Sequence[RankedOutput],
+    dtype: torch.dtype,
+    checked: bool,
 ) -> None:
     """``diff_tensors`` a stored chunk of rows at a time, written at its place in every
     output: the whole diff is never in memory."""
@@ -127,6 +143,8 @@ def _write_streamed_diff(
         for chunk in work.row_chunks(task.key, "diff", marker["array_shapes"]["diff"]):
             delta = torch.from_numpy(chunk)
             stored = cast(delta, dtype)
+            if checked:
+                _check(task, {name: stored}, dtype)
             norm += squared_norm(delta)
             rounding += squared_norm(delta - stored.float())
             for writer in rows:
@@ -165,18 +183,20 @@ def _write(
     values: dict[str, list[float]],
     dtype: torch.dtype,
     recompute: Recompute,
+    checked: bool = True,
 ) -> dict[str, str]:
-    """Every finished result into each output's writer; each output's ``errors`` fills in.
-    Returns notes for results recomputed on the way."""
+    """Every finished result into each output's writer, each tensor checked finite as cast
+    (unless not ``checked``); each output's ``errors`` fills in. Returns notes for results
+    recomputed on the way."""
     notes: dict[str, str] = {}
     stored = [t for t in tasks if markers[t.key]["kind"] != "unchanged"]
     streamed = [t for t in stored if _is_streamed(markers[t.key])]
     for task in streamed:
         try:
-            _write_streamed_diff(task, markers[task.key], work, outputs, dtype)
+            _write_streamed_diff(task, markers[task.key], work, outputs, dtype, checked)
         except CorruptEntry as e:
             notes[task.key] = _recomputed(task, markers, work, recompute, e)
-            _write_streamed_diff(task, markers[task.key], work, outputs, dtype)
+            _write_streamed_diff(task, markers[task.key], work, outputs, dtype, checked)
     stored = [t for t in stored if not _is_streamed(markers[t.key])]
     written = len(streamed)
     for batch in _batches(stored, markers):
@@ -194,6 +214,8 @@ def _write(
                 tensors, error, kernel_error = same or lowrank_tensors(
                     task, arrays, marker, values[task.key], output.ranks[task.key], dtype
                 )
+                if checked:
+                    _check(task, tensors, dtype)
                 for name, tensor in tensors.items():
                     output.writer.write(name, tensor)
                 output.errors[task.key] = (error, kernel_error)

@@ -21,6 +21,7 @@ from ..io.slots import RowWriter
 from ..lora.patches import load_deltas
 from ..run.device import usable_device_memory
 from ..run.staging import thread_buffer
+from .checks import checked
 from .fp8 import is_fp8_task
 from .plan import MergeTask
 
@@ -113,7 +114,8 @@ def merge_blocked(
             buffer = None
             if needs_cast(value, dtype):
                 buffer = thread_buffer(shape, dtype, device, "cast")
-            writer.write(cast(value, dtype, out=buffer))
+            result = cast(value, dtype, out=buffer)
+            writer.write(checked(task, result, rows, dtype, allow_nonfinite))
             release(rows)
             for d in deltas:
                 if d.diff is not None:

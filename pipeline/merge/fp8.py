@@ -19,6 +19,7 @@ from ..io import safetensors_format as stf
 from ..io.reader import dequantized, mapped
 from ..lora.patches import load_deltas
 from ..run.staging import device_lock, thread_buffer
+from .checks import checked
 from .plan import MergeTask
 
 
@@ -47,7 +48,11 @@ def fp8_result(task: MergeTask, device: str, allow_nonfinite: bool = False) -> t
         value = dequantized(task.base, view.to(dev), out)
         deltas = load_deltas(task.patches, dev, allow_nonfinite) if task.patches else ()
         value = merge_weight(value, deltas, out=out)
-        return _encode(task, value, dtype).cpu()
+        result = _encode(task, value, dtype)
+        # fp8 saturates: its fp32 value tells whether it is finite
+        written = value if result.dtype in FP8_DTYPES else result
+        checked(task, written, view, dtype, allow_nonfinite)
+        return result.cpu()
 
 
 def _encode(task: MergeTask, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

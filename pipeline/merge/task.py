@@ -21,6 +21,7 @@ from ..lora.patches import load_deltas
 from ..run.staging import device_lock, stage, staging_size, thread_buffer
 from ..workdir import WorkDir
 from .blocked import device_block_rows, merge_blocked
+from .checks import checked
 from .fp8 import fp8_result, is_fp8_task
 from .plan import MergeTask
 
@@ -69,7 +70,8 @@ def run_merge_task(
         return _finish(task, slot, work_dir, stamp, checksum, start)
     with mapped(task.base) as view:
         if task.kind != "merged":
-            checksum = write_at(slot, _cast(view, dtype))
+            result = checked(task, _cast(view, dtype), view, dtype, allow_nonfinite)
+            checksum = write_at(slot, result)
         else:
             dev = torch.device(device)
             # GPU: read the base into pinned memory, then hold the device for the merge, the
@@ -84,8 +86,9 @@ def run_merge_task(
                     on_device = _cast(merged, dtype)
                     merged = thread_buffer(task.base.shape, on_device.dtype, "cpu", "result")
                     merged.copy_(on_device)
-    if task.kind == "merged":
-        checksum = write_at(slot, _cast(merged, dtype))
+            if task.kind == "merged":
+                result = checked(task, _cast(merged, dtype), view, dtype, allow_nonfinite)
+                checksum = write_at(slot, result)
     return _finish(task, slot, work_dir, stamp, checksum, start)
 
 

@@ -14,7 +14,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ..errors import ClusterError, LoraforgeError, WorkDirConflict
-from ..io.atomic import remove_quietly, temporary_name, write_json, write_json_to
+from ..io.atomic import (
+    remove_quietly,
+    strict_json,
+    temporary_name,
+    write_json,
+    write_json_to,
+)
 from ..io.layout import output_candidates, output_path
 from ..workdir import RunLock, WorkDir
 from ..workdir.clean import leftover_temporaries
@@ -243,7 +249,7 @@ class Session:
         report["summary"]["report"] = self.report_path
         pending = temporary_name(self.report_path)
         try:
-            write_json_to(pending, report)
+            write_json_to(pending, strict_json(report))
             for each in self.writers:
                 each.publish()
         except BaseException:
@@ -271,7 +277,7 @@ class Session:
     def save_report(self, report: dict) -> None:
         """The report alone, for a run refused after its checks (``merge --strict``)."""
         report["summary"]["report"] = self.report_path
-        write_json(self.report_path, report)
+        write_json(self.report_path, strict_json(report))
 
     def keep_for_resume(self, temporaries: list[str]) -> None:
         """Say where a failed run left what a rerun resumes from, and how to remove it."""
