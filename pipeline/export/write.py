@@ -22,7 +22,7 @@ from ..run.faults import maybe_crash
 from ..run.session import Recompute, Session
 from ..workdir import CorruptEntry, WorkDir
 from .options import LoraOutput
-from .outputs import RankedOutput, open_outputs
+from .outputs import RankedOutput, factor_shapes, open_outputs
 
 
 @dataclass
@@ -103,9 +103,10 @@ def lowrank_tensors(
         if sq_norm
         else 0.0
     )
+    up_shape, down_shape = factor_shapes(task.shape, rank)
     tensors = {
-        task.outputs["up"]: up_out,
-        task.outputs["down"]: down_out.reshape(rank, *task.shape[1:]),
+        task.outputs["up"]: up_out.reshape(up_shape),
+        task.outputs["down"]: down_out.reshape(down_shape),
     }
     if "alpha" in task.outputs:
         tensors[task.outputs["alpha"]] = torch.tensor(float(rank), dtype=dtype)
