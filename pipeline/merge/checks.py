@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from loraforge.stages.quantize import FP8_DTYPES
-
 from ..io.finite import check_written, is_finite, output_fix
 from ..lora.patches import describe
 from .plan import MergeTask
@@ -35,7 +33,7 @@ def checked(
     else:
         made_from = f"{task.base.file}, cast from {task.base.dtype}"
         knob = None
-    # fp8 saturates: only an fp32 overflow gets here, which no wider dtype would hold
-    fix = knob if dtype in FP8_DTYPES else output_fix(dtype, knob)
-    check_written(result, key=task.key, made_from=made_from, fix=fix, dtype=dtype)
+    fix = output_fix(dtype, knob)
+    key = task.base.key if task.part == "scale" else task.key  # a scale: its weight's value
+    check_written(result, key=key, made_from=made_from, fix=fix, dtype=dtype)
     return result

@@ -48,10 +48,11 @@ def fp8_result(task: MergeTask, device: str, allow_nonfinite: bool = False) -> t
         value = dequantized(task.base, view.to(dev), out)
         deltas = load_deltas(task.patches, dev, allow_nonfinite) if task.patches else ()
         value = merge_weight(value, deltas, out=out)
+        # the fp32 value first: fp8 saturates, and a weight's scale is computed from it
+        checked(task, value, view, torch.float32, allow_nonfinite)
         result = _encode(task, value, dtype)
-        # fp8 saturates: its fp32 value tells whether it is finite
-        written = value if result.dtype in FP8_DTYPES else result
-        checked(task, written, view, dtype, allow_nonfinite)
+        if result.dtype not in FP8_DTYPES:
+            checked(task, result, view, dtype, allow_nonfinite)
         return result.cpu()
 
 

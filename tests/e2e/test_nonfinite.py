@@ -276,9 +276,9 @@ ROWS = [
         "merge-fp8-overflow",
         merge("--strength", "1e38", "--output-dtype", "fp8_e4m3fn", lora="{r}/ones.safetensors"),
         1,
-        f"tensor '{Q}.weight': would be written holding NaN or Inf as float8_e4m3fn (largest "
-        f"finite value ±448); made from {{r}}/base.safetensors + {{r}}/ones.safetensors at "
-        "strength 1e+38 × scale 1 (lower --strength or --alpha)",
+        f"tensor '{Q}.weight': would be written holding NaN or Inf as fp32 (largest finite "
+        f"value ±3.4028e+38); made from {{r}}/base.safetensors + {{r}}/ones.safetensors at "
+        "strength 1e+38 × scale 1 (lower --strength or --alpha)",  # its fp32 value, quantized
     ),
     row(
         "resize-fp16-overflow",
