@@ -175,8 +175,10 @@ class _Resolver:
 
 def check_pair(up: tuple[int, ...], down: tuple[int, ...], base: tuple[int, ...]) -> str:
     """Why up@down cannot patch a base tensor of shape ``base``; "" when it can."""
-    if len(up) < 2 or len(down) < 2 or math.prod(up[2:]) != 1 or down[0] == 0:
+    if len(up) < 2 or len(down) < 2 or math.prod(up[2:]) != 1:
         return f"not a low-rank pair: up is {_dims(up)} and down is {_dims(down)}"
+    if up[1] == 0 or down[0] == 0:
+        return f"a rank-0 pair (up is {_dims(up)}, down is {_dims(down)}) holds no change"
     if up[1] != down[0]:
         return f"rank mismatch: up has rank {up[1]} but down has rank {down[0]}"
     product = (up[0], math.prod(down[1:]))
