@@ -249,14 +249,17 @@ def print_summary(report: dict) -> None:
                 markup=False,
             )
     if summary.get("worst") is not None:  # verify: the total and the worst tensors
+        undefined = "undefined (F equals B, B + LoRA does not)"
         total = summary["rel_error"]
         err.print(
-            f"total relative error {'nan' if total is None else f'{total:.4g}'}", markup=False
+            f"total relative error {undefined if total is None else f'{total:.4g}'}",
+            markup=False,
         )
         for worst in summary["worst"][:5]:
             value = worst["rel_error"]
             err.print(
-                f"  {worst['key']}: {'nan' if value is None else f'{value:.4g}'}", markup=False
+                f"  {worst['key']}: {undefined if value is None else f'{value:.4g}'}",
+                markup=False,
             )
     for file in summary["files"]:
         err.print(f"wrote {file}", markup=False)
