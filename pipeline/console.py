@@ -37,11 +37,41 @@ class Failed(Exception):
         self.exit_code = exit_code
 
 
+# Per command: what names the places it writes, and whether a rerun resumes; for the line a
+# full disk or an unwritable location gets.
+WRITES = {
+    "extract": ("--output / --work-dir", True),
+    "merge": ("--output / --work-dir", True),
+    "resize": ("--output / --work-dir", True),
+    "convert": ("OUT / --report", False),
+    "verify": ("--report", False),
+}
+FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def environment_line(e: OSError, command: str | None) -> str:
+    """The one line for an ``OSError`` of the machine's state (``ENVIRONMENT_ERRNOS``): free
+    space, or a writable place, named as ``command`` names it; "rerun to resume" only for
+    commands that keep finished work."""
+    where = f"{e.filename}: " if e.filename else ""
+    places, resumes = WRITES.get(command or "", ("", False))
+    if command == "clean":
+        fix = "loraforge removes nothing it cannot; fix the permissions and run clean again"
+    elif e.errno in FULL:
+        fix = f"free space or pick another {places}" if places else "free space"
+    else:
+        fix = f"pick a writable {places}" if places else "fix the permissions"
+    if resumes:
+        fix += "; finished tensors are kept, rerun to resume"
+    return f"{where}{e.strerror} ({fix})"
+
+
 @contextmanager
-def user_errors(log: JsonLog | None = None) -> Iterator[None]:
-    """One line and an exit code (``Failed``) for user errors, a full disk and interrupts
-    (SIGTERM counts as Ctrl-C); a traceback only with LORAFORGE_TRACEBACK=1. With ``--json``
-    the line is also an ``error`` event on stdout."""
+def user_errors(log: JsonLog | None = None, command: str | None = None) -> Iterator[None]:
+    """One line and an exit code (``Failed``) for user errors, a full disk or an unwritable
+    place (named as ``command`` names it) and interrupts (SIGTERM counts as Ctrl-C); a
+    traceback only with LORAFORGE_TRACEBACK=1. With ``--json`` the line is also an ``error``
+    event on stdout."""
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
@@ -54,13 +84,7 @@ def user_errors(log: JsonLog | None = None) -> Iterator[None]:
     except OSError as e:
         if e.errno not in ENVIRONMENT_ERRNOS:
             raise
-        where = f"{e.filename}: " if e.filename else ""
-        _fail(
-            f"{where}{e.strerror} (free space or pick another --output / --work-dir; "
-            "finished tensors are kept, rerun to resume)",
-            1,
-            log,
-        )
+        _fail(environment_line(e, command), 1, log)
     except KeyboardInterrupt:
         e = Interrupted(
             "interrupted; finished tensors are kept in the work directory",
@@ -288,7 +312,7 @@ def command_output(command: str, run: RunOptions) -> Iterator[Bar | JsonLog]:
     this yields, and one-line errors (``Failed``). The caller hands the report to its
     ``finish`` for the summary."""
     log = JsonLog(command) if run.json else None
-    with user_errors(log):
+    with user_errors(log, command):
         display = log or Bar(run.quiet)
         try:
             yield display

@@ -181,7 +181,7 @@ def test_converting_an_adapter_onto_itself_is_refused(setup, converted):
     before = {n: open(os.path.join(adapter, n), "rb").read() for n in os.listdir(adapter)}
     result = run_cli("convert", adapter, adapter, "--to", "peft", "--base", base)
     assert result.exit_code == 2
-    assert "--output would overwrite the input LORA" in result.output
+    assert "OUT would overwrite the input IN" in result.output  # named as the CLI names them
     assert {n: open(os.path.join(adapter, n), "rb").read() for n in os.listdir(adapter)} == before
 
 
@@ -219,8 +219,7 @@ def test_in_is_resolved_and_a_missing_in_names_the_argument(setup, converted, mo
     assert result.exit_code == 2
     config = f"{folder}/{adapter}/adapter_config.json"
     assert result.stderr == (
-        f"error: {config}: --output would overwrite the input LORA {config} (choose another "
-        "--output)\n"
+        f"error: {config}: OUT would overwrite the input IN {config} (choose another OUT)\n"
     )
     result = run_cli("convert", "gone.safetensors", "out", "--to", "kohya")
     assert result.exit_code == 1
