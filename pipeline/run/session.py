@@ -28,7 +28,7 @@ from .cluster import TaskCall, run_tasks
 from .device import resolve_device
 from .faults import maybe_crash
 from .gpu import select_gpus, visible_gpus
-from .memory import default_budget
+from .memory import check_budget, default_budget
 from .options import RunOptions
 from .paths import (
     UserPath,
@@ -50,6 +50,7 @@ def _resources(run: RunOptions) -> tuple[str, list[str] | None, int]:
     ``--gpus`` workers' GPUs and the memory budget."""
     device = resolve_device(run.device, scheduler=run.scheduler, gpus=run.gpus)
     gpus = select_gpus(run.gpus, visible_gpus()) if run.gpus else None
+    check_budget(run.max_memory, run.scheduler)
     return device, gpus, run.max_memory or default_budget()
 
 
