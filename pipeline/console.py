@@ -297,11 +297,11 @@ def print_cleaned(cleaned) -> None:
     if not os.path.exists(cleaned.path):
         err.print(f"removed {cleaned.path} ({freed})", markup=False)
         return
-    others = sorted(os.listdir(cleaned.path))
+    others = cleaned.kept or sorted(os.listdir(cleaned.path))
     more = f" and {len(others) - 1} more" if len(others) > 1 else ""
     err.print(
         f"removed loraforge's files from {cleaned.path} ({freed}); the directory is kept: it "
-        f"holds {others[0] if others else 'files of yours'}{more}",
+        f"holds {others[0] if others else 'files of yours'}{more}, not loraforge's",
         markup=False,
     )
 
