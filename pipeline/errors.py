@@ -104,7 +104,7 @@ class ArgumentTypeError(UsageError, TypeError):
     """A value of the wrong type given to the Python API (``set_strengths(0.5)``)."""
 
 
-class NotApplied(UsageError, LookupError):
+class NotApplied(UsageError, IndexError, KeyError):
     """A LoRA named to the Python API that the handle does not hold (a path, or a position)."""
 
 
@@ -118,6 +118,11 @@ class OriginalsChanged(LoraforgeError, RuntimeError):
 
 class OriginalsGone(OriginalsChanged, FileNotFoundError):
     """The checkpoint an ``apply()`` handle re-reads originals from is gone."""
+
+
+class RestoreFailed(LoraforgeError, RuntimeError):
+    """A change through the Python API failed, and putting back the weights it had already
+    changed failed too: those weights are named."""
 
 
 class Interrupted(LoraforgeError):

@@ -31,6 +31,15 @@ def is_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
+def casts_finite(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``tensor`` (finite or not) is finite once cast to ``dtype``, without the cast:
+    rounding is monotonic, so the extremes tell (for a caller that casts as it copies)."""
+    if tensor.numel() == 0 or not tensor.is_floating_point():
+        return True
+    extremes = torch.stack(torch.aminmax(tensor)).to(dtype)
+    return bool(torch.isfinite(extremes.float()).all())
+
+
 def dtype_range(dtype: torch.dtype) -> str:
     """``fp16 (largest finite value ±65504)``."""
     name = NAMES.get(dtype, str(dtype).removeprefix("torch."))
