@@ -16,7 +16,7 @@ from loraforge.stages.merge import Delta
 
 from ..errors import LoraMismatch, NonFiniteTensor, ShapeMismatch, UsageError
 from ..io.reader import TensorInfo, load_tensor, mapped
-from .inputs import LoraInput
+from .inputs import LoraInput, telling
 from .keys import Unmatched
 from .numbers import RANGE, in_range
 
@@ -128,11 +128,12 @@ def refusal(lora: LoraInput, unmatched: list[Unmatched]) -> LoraMismatch:
     by_cause: dict[str, list] = {}
     for u in unmatched:
         by_cause.setdefault(u.reason.split(":")[0], []).append(u)
-    causes = sorted(by_cause, key=lambda c: (not c.startswith("shape mismatch"), c))
-    first = by_cause[causes[0]][0]
+    first, _hint = telling(unmatched)  # the most telling key, not an alpha it left over
+    lead = first.reason.split(":")[0]
+    causes = sorted(by_cause, key=lambda c: (c != lead, not c.startswith("shape mismatch"), c))
     counts = ", ".join(f"{len(by_cause[c])} {c}" for c in causes)
     counts = f" ({counts})" if len(causes) > 1 else ""
-    error = ShapeMismatch if causes[0].startswith("shape mismatch") else LoraMismatch
+    error = ShapeMismatch if lead.startswith("shape mismatch") else LoraMismatch
     return error(
         f"{len(unmatched)} of its {len(lora.index.tensors)} keys would not be merged{counts}, "
         f"e.g. '{first.lora_key}': {first.reason}",

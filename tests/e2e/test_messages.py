@@ -293,3 +293,22 @@ def test_max_memory_0_is_below_the_minimum(tree):
     assert result.stderr.startswith(
         "error: Invalid value for '--max-memory': 0 is below the smallest budget, 64MiB (see "
     )
+
+
+def test_a_strict_refusal_leads_with_the_telling_cause_not_a_left_over_alpha(tree):
+    lora = {
+        **pair(Q, alpha=4),
+        **pair(f"diffusion_model.{Q}", seed=2),  # the same module again, in another naming
+        "blocks.9.alpha": torch.tensor(1.0),  # an alpha with no pair
+    }
+    save_file(lora, os.path.join(tree, "twice.safetensors"))
+    refused(
+        tree,
+        merge("twice", "--strict"),
+        1,
+        "{r}/twice.safetensors: 3 of its 6 keys would not be merged (2 duplicate target, 1 "
+        f"alpha without up/down), e.g. 'diffusion_model.{Q}.lora_down.weight': duplicate "
+        f"target: {Q}.weight already patched by {Q}.lora_up.weight (every key is listed in the "
+        "report; without --strict they are skipped)",
+        leaves=("out/m.report.json",),
+    )

@@ -289,3 +289,16 @@ def test_misuse_raises_typed_one_line_errors(loras, tmp_path):
     assert handle.loras == [loras["good"]]  # the LoRA add() refused is not in the list
     handle.remove()
     assert snapshot(m) == before
+
+
+def test_a_lora_for_other_shapes_is_blamed_on_its_shapes(tmp_path):
+    lora = lora_file(tmp_path / "other.safetensors", {"0": factors(OUT, 40)})
+    m = model()
+    before = snapshot(m)
+    with pytest.raises(errors.LoraMismatch) as info:
+        loraforge.apply(m, [lora])
+    assert str(info.value) == (
+        f"{lora}: none of its 2 keys patches the base, e.g. 'diffusion_model.0.lora_down.weight':"
+        " shape mismatch: up@down is 24x40 but base is 24x16 (is this LoRA for another model?)"
+    )
+    assert snapshot(m) == before
