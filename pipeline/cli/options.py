@@ -219,7 +219,10 @@ ConfigName = Annotated[
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar or summary.")]
 AllowNonfinite = Annotated[
     bool,
-    typer.Option("--allow-nonfinite", help="Use LoRA tensors holding NaN/Inf anyway."),
+    typer.Option(
+        "--allow-nonfinite",
+        help="Use LoRA tensors and alphas holding NaN/Inf anyway, and write results holding them.",
+    ),
 ]
 Resume = Annotated[bool, typer.Option("--resume/--no-resume", help="Reuse finished intermediates.")]
 KeepWork = Annotated[
