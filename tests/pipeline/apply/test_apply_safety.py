@@ -45,7 +45,9 @@ def lora_file(path, modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> st
 def snapshot(m) -> dict[str, bytes]:
     """Every byte of every tensor of ``m`` (a module or a state dict)."""
     state = m.state_dict() if isinstance(m, torch.nn.Module) else m
-    return {k: bytes(v.contiguous().view(torch.uint8).numpy()) for k, v in state.items()}
+    return {
+        k: bytes(v.detach().cpu().contiguous().view(torch.uint8).numpy()) for k, v in state.items()
+    }
 
 
 @pytest.fixture
@@ -301,4 +303,18 @@ def test_a_lora_for_other_shapes_is_blamed_on_its_shapes(tmp_path):
         f"{lora}: none of its 2 keys patches the base, e.g. 'diffusion_model.0.lora_down.weight':"
         " shape mismatch: up@down is 24x40 but base is 24x16 (is this LoRA for another model?)"
     )
+    assert snapshot(m) == before
+
+
+@pytest.mark.gpu
+def test_on_cuda_a_failure_in_the_middle_and_tied_weights_leave_every_byte(loras):
+    m = tied_model().cuda()
+    before = snapshot(m)
+    with pytest.raises(errors.NonFiniteTensor):
+        loraforge.apply(m, [(loras["bad"], 1.0)])
+    assert snapshot(m) == before
+    handle = loraforge.apply(m, [(loras["good"], 0.7)], originals="cpu")
+    assert m[2].weight is m[0].weight and m[0].weight.device.type == "cuda"
+    handle.set_strengths([-0.2])
+    handle.remove()
     assert snapshot(m) == before
