@@ -219,10 +219,7 @@ ConfigName = Annotated[
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar or summary.")]
 AllowNonfinite = Annotated[
     bool,
-    typer.Option(
-        "--allow-nonfinite",
-        help="Use LoRA tensors and alphas holding NaN/Inf anyway, and write results holding them.",
-    ),
+    typer.Option("--allow-nonfinite", help="Use NaN/Inf in LoRAs anyway; write such results."),
 ]
 Resume = Annotated[bool, typer.Option("--resume/--no-resume", help="Reuse finished intermediates.")]
 KeepWork = Annotated[
