@@ -21,7 +21,7 @@ from ..io.slots import RowWriter
 from ..lora.patches import load_deltas
 from ..run.device import usable_device_memory
 from ..run.staging import thread_buffer
-from .checks import checked
+from .checks import Carried, checked
 from .fp8 import is_fp8_task
 from .plan import MergeTask
 
@@ -94,6 +94,7 @@ def merge_blocked(
     dtype: torch.dtype,
     block_rows: int,
     allow_nonfinite: bool,
+    carried: Carried | None = None,
 ) -> int:
     """Merge (or cast) ``task`` into ``slot`` in blocks of ``block_rows`` rows on ``device``;
     return the CRC-32 of the bytes written."""
@@ -115,7 +116,7 @@ def merge_blocked(
             if needs_cast(value, dtype):
                 buffer = thread_buffer(shape, dtype, device, "cast")
             result = cast(value, dtype, out=buffer)
-            writer.write(checked(task, result, rows, dtype, allow_nonfinite))
+            writer.write(checked(task, result, rows, dtype, allow_nonfinite, carried))
             release(rows)
             for d in deltas:
                 if d.diff is not None:

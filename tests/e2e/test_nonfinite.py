@@ -341,10 +341,15 @@ def test_values_the_base_held_are_carried_and_computed_ones_are_finite(tree):
     argv = [a.replace("{r}", tree) for a in merge("--strength", "100", "--output-dtype", "fp16")]
     result = run_cli(*argv)
     assert result.exit_code == 0, result.output
+    assert result.stderr == (
+        "warning: 1 tensor(s) written holding NaN or Inf, e.g. 'mask' (the base held it)\n"
+    )
     merged = load_file(os.path.join(tree, "out", "m.safetensors"))
     base = load_file(os.path.join(tree, "base.safetensors"))
     assert torch.equal(merged["mask"], base["mask"].half())
     assert bool(torch.isfinite(merged[f"{Q}.weight"]).all())
+    with open(os.path.join(tree, "out", "m.report.json")) as f:
+        assert json.load(f)["tensors"]["mask"]["nonfinite"] == "the base held it"
 
 
 def test_allow_nonfinite_writes_them_and_the_report_stays_strict_json(tree):
