@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import signal
 import sys
@@ -21,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .errors import Interrupted, LoraforgeError
+from .io.atomic import strict_json
 from .run.options import RunOptions
 
 err = Console(stderr=True, highlight=False, emoji=False)  # ":x:" in a path stays text
@@ -37,11 +37,41 @@ class Failed(Exception):
         self.exit_code = exit_code
 
 
+# Per command: what names the places it writes, and whether a rerun resumes; for the line a
+# full disk or an unwritable location gets.
+WRITES = {
+    "extract": ("--output / --work-dir", True),
+    "merge": ("--output / --work-dir", True),
+    "resize": ("--output / --work-dir", True),
+    "convert": ("OUT / --report", False),
+    "verify": ("--report", False),
+}
+FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def environment_line(e: OSError, command: str | None) -> str:
+    """The one line for an ``OSError`` of the machine's state (``ENVIRONMENT_ERRNOS``): free
+    space, or a writable place, named as ``command`` names it; "rerun to resume" only for
+    commands that keep finished work."""
+    where = f"{e.filename}: " if e.filename else ""
+    places, resumes = WRITES.get(command or "", ("", False))
+    if command == "clean":
+        fix = "loraforge removes nothing it cannot; fix the permissions and run clean again"
+    elif e.errno in FULL:
+        fix = f"free space or pick another {places}" if places else "free space"
+    else:
+        fix = f"pick a writable {places}" if places else "fix the permissions"
+    if resumes:
+        fix += "; finished tensors are kept, rerun to resume"
+    return f"{where}{e.strerror} ({fix})"
+
+
 @contextmanager
-def user_errors(log: JsonLog | None = None) -> Iterator[None]:
-    """One line and an exit code (``Failed``) for user errors, a full disk and interrupts
-    (SIGTERM counts as Ctrl-C); a traceback only with LORAFORGE_TRACEBACK=1. With ``--json``
-    the line is also an ``error`` event on stdout."""
+def user_errors(log: JsonLog | None = None, command: str | None = None) -> Iterator[None]:
+    """One line and an exit code (``Failed``) for user errors, a full disk or an unwritable
+    place (named as ``command`` names it) and interrupts (SIGTERM counts as Ctrl-C); a
+    traceback only with LORAFORGE_TRACEBACK=1. With ``--json`` the line is also an ``error``
+    event on stdout."""
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
@@ -54,13 +84,7 @@ def user_errors(log: JsonLog | None = None) -> Iterator[None]:
     except OSError as e:
         if e.errno not in ENVIRONMENT_ERRNOS:
             raise
-        where = f"{e.filename}: " if e.filename else ""
-        _fail(
-            f"{where}{e.strerror} (free space or pick another --output / --work-dir; "
-            "finished tensors are kept, rerun to resume)",
-            1,
-            log,
-        )
+        _fail(environment_line(e, command), 1, log)
     except KeyboardInterrupt:
         e = Interrupted(
             "interrupted; finished tensors are kept in the work directory",
@@ -249,14 +273,17 @@ def print_summary(report: dict) -> None:
                 markup=False,
             )
     if summary.get("worst") is not None:  # verify: the total and the worst tensors
+        undefined = "undefined (F equals B, B + LoRA does not)"
         total = summary["rel_error"]
         err.print(
-            f"total relative error {'nan' if total is None else f'{total:.4g}'}", markup=False
+            f"total relative error {undefined if total is None else f'{total:.4g}'}",
+            markup=False,
         )
         for worst in summary["worst"][:5]:
             value = worst["rel_error"]
             err.print(
-                f"  {worst['key']}: {'nan' if value is None else f'{value:.4g}'}", markup=False
+                f"  {worst['key']}: {undefined if value is None else f'{value:.4g}'}",
+                markup=False,
             )
     for file in summary["files"]:
         err.print(f"wrote {file}", markup=False)
@@ -270,11 +297,11 @@ def print_cleaned(cleaned) -> None:
     if not os.path.exists(cleaned.path):
         err.print(f"removed {cleaned.path} ({freed})", markup=False)
         return
-    others = sorted(os.listdir(cleaned.path))
+    others = cleaned.kept or sorted(os.listdir(cleaned.path))
     more = f" and {len(others) - 1} more" if len(others) > 1 else ""
     err.print(
         f"removed loraforge's files from {cleaned.path} ({freed}); the directory is kept: it "
-        f"holds {others[0] if others else 'files of yours'}{more}",
+        f"holds {others[0] if others else 'files of yours'}{more}, not loraforge's",
         markup=False,
     )
 
@@ -285,7 +312,7 @@ def command_output(command: str, run: RunOptions) -> Iterator[Bar | JsonLog]:
     this yields, and one-line errors (``Failed``). The caller hands the report to its
     ``finish`` for the summary."""
     log = JsonLog(command) if run.json else None
-    with user_errors(log):
+    with user_errors(log, command):
         display = log or Bar(run.quiet)
         try:
             yield display
@@ -295,18 +322,8 @@ def command_output(command: str, run: RunOptions) -> Iterator[Bar | JsonLog]:
 
 def json_line(data: object) -> str:
     """``data`` as one line of strict JSON: a NaN or infinite number (an alpha holding NaN,
-    say) becomes null, which every JSON reader takes, instead of Python's bare ``NaN``."""
-
-    def strict(value: object) -> object:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: strict(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [strict(v) for v in value]
-        return value
-
-    return json.dumps(strict(data), default=str, allow_nan=False)
+    say) becomes null (``io.atomic.strict_json``), as in the reports."""
+    return json.dumps(strict_json(data), default=str, allow_nan=False)
 
 
 def print_inspect(report: dict) -> None:

@@ -64,6 +64,11 @@ class NonFiniteTensor(LoraforgeError, ValueError):
     pass
 
 
+class NonFiniteOutput(NonFiniteTensor):
+    """A tensor loraforge computed would be written holding NaN or Inf (a strength or scale
+    too large for the output dtype, say): refused as it is cast, before it is written."""
+
+
 class LoraMismatch(LoraforgeError, ValueError):
     """LoRA keys that patch nothing in the base (``--strict``), or a LoRA that fits nowhere."""
 
@@ -93,6 +98,31 @@ class WorkDirLocked(WorkDirConflict):
 class ClusterError(LoraforgeError, RuntimeError):
     """A Dask cluster that cannot be reached or cannot run the tasks (no GPU workers, workers
     that keep dying on one tensor)."""
+
+
+class ArgumentTypeError(UsageError, TypeError):
+    """A value of the wrong type given to the Python API (``set_strengths(0.5)``)."""
+
+
+class NotApplied(UsageError, IndexError, KeyError):
+    """A LoRA named to the Python API that the handle does not hold (a path, or a position)."""
+
+
+class AlreadyPatched(UsageError):
+    """A weight another live ``apply()`` handle has patched: change that handle instead."""
+
+
+class OriginalsChanged(LoraforgeError, RuntimeError):
+    """The checkpoint an ``apply()`` handle re-reads originals from no longer holds them."""
+
+
+class OriginalsGone(OriginalsChanged, FileNotFoundError):
+    """The checkpoint an ``apply()`` handle re-reads originals from is gone."""
+
+
+class RestoreFailed(LoraforgeError, RuntimeError):
+    """A change through the Python API failed, and putting back the weights it had already
+    changed failed too: those weights are named."""
 
 
 class Interrupted(LoraforgeError):

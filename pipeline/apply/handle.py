@@ -2,35 +2,43 @@
 them. Each touched weight becomes the cast of W₀ + Σ sᵢ·scaleᵢ·upᵢ·downᵢ computed in fp32 on the
 weight's own device, exactly as ``loraforge merge`` computes it, so the bytes are the same.
 
-Originals: only touched weights are remembered, as copies (on their device, or on the CPU), or,
-when ``checkpoint`` names the file the model was loaded from and it holds the same bytes, as
-addresses in that file, re-read through the memory map when needed: then nothing is held."""
+All or nothing: ``apply()`` and every handle method check what they are given first, then
+write the weights one by one, each checked finite before it is written; if anything fails on
+the way, the weights already written are put back as they were (recomputed from their
+originals, which gives the same bytes), so the model and the handle are exactly as before and
+the error is raised. Originals are kept once per storage (``originals.py``): a weight tied
+under two names gets the patches of both, once, and its original back. A weight another live
+handle has patched is refused: that handle alone can restore it."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import weakref
 from collections.abc import Iterable, Mapping
 
 import torch
 
 from loraforge.stages.merge import merge_weight
 
-from ..errors import UsageError
+from ..errors import AlreadyPatched, ArgumentTypeError, NotApplied, RestoreFailed, UsageError
 from ..io import safetensors_format as stf
-from ..io.reader import CheckpointIndex, TensorInfo, index_checkpoint, load_tensor
+from ..io.finite import casts_finite, check_written, is_finite
+from ..io.reader import TensorInfo
 from ..lora.inputs import LoraInput, open_lora
 from ..lora.keys import Unmatched
-from ..lora.patches import PatchRef, collect_patches, load_deltas, refusal
+from ..lora.patches import PatchRef, collect_patches, describe, load_deltas, refusal
 from ..run.staging import thread_buffer
-from .loraset import LoraSet
+from .loraset import LoraSet, strength_value
+from .originals import Originals, Storage, storage_of
 
 ORIGINALS = ("device", "cpu")
+_LIVE: dict[Storage, weakref.ref] = {}  # storage -> the live handle that patched it
 
 
 def apply(
     target: torch.nn.Module | Mapping[str, torch.Tensor],
-    loras: LoraSet | Iterable,
+    loras: LoraSet | Iterable | str | os.PathLike,
     *,
     strict: bool = False,
     originals: str = "device",
@@ -38,14 +46,22 @@ def apply(
     allow_nonfinite: bool = False,
 ) -> AppliedLoras:
     """Patch ``target`` (a module, through its ``state_dict`` names, or a state dict) in place
-    with ``loras``; return the handle that changes strengths, adds or removes LoRAs and
-    restores the original bytes. LoRA keys are matched with ``loraforge merge``'s rules; keys
-    that patch nothing are listed in ``handle.unmatched`` (``strict`` refuses them).
+    with ``loras`` (a ``LoraSet``, a list of paths or ``(path, strength)``, or one path);
+    return the handle that changes strengths, adds or removes LoRAs and restores the original
+    bytes. LoRA keys are matched with ``loraforge merge``'s rules; keys that patch nothing are
+    listed in ``handle.unmatched`` (``strict`` refuses them). On any error the target is left
+    exactly as it was.
 
     ``originals``: where copies of the touched weights' originals are kept, ``"device"`` (the
     weight's) or ``"cpu"``. ``checkpoint``: the safetensors file or shard directory the model
-    was loaded from; a touched weight whose bytes equal the stored tensor is re-read from it on
-    removal instead of being copied."""
+    was loaded from; a touched weight whose bytes equal the stored tensor is re-read from it
+    when needed instead of being copied (the file is fingerprinted now and checked then)."""
+    if isinstance(loras, (str, os.PathLike)):
+        loras = [loras]
+    elif not isinstance(loras, (LoraSet, Iterable)):
+        raise ArgumentTypeError(
+            f"apply() takes a LoraSet, a list of LoRAs or one path, got {type(loras).__name__}"
+        )
     handle = AppliedLoras(
         _tensors(target),
         originals=originals,
@@ -54,9 +70,7 @@ def apply(
         allow_nonfinite=allow_nonfinite,
     )
     loras = loras if isinstance(loras, LoraSet) else LoraSet(loras)
-    for spec in loras.specs:
-        handle._open(spec)
-    handle._update(set())
+    handle._change([handle._open(spec) for spec in loras.specs])
     return handle
 
 
@@ -77,15 +91,17 @@ class AppliedLoras:
         self.tensors = tensors
         self.strict = strict
         self.allow_nonfinite = allow_nonfinite
-        self._keep_on = originals
-        self._checkpoint: CheckpointIndex | None = (
-            index_checkpoint(os.fspath(checkpoint)) if checkpoint is not None else None
-        )
+        self._originals = Originals(originals, checkpoint)
+        self._storage = {key: storage_of(t) for key, t in tensors.items()}
+        first: dict[Storage, str] = {}
+        for key in sorted(tensors):
+            first.setdefault(self._storage[key], key)
+        self._weight = {key: first[storage] for key, storage in self._storage.items()}
         infos = {key: _info(key, t) for key, t in tensors.items()}
         self._infos = {key: info for key, info in infos.items() if info is not None}
         self._loras: list[LoraInput] = []
-        self._patches: dict[str, list[PatchRef]] = {}
-        self._originals: dict[str, torch.Tensor | TensorInfo] = {}
+        self._touched: list[str] = []
+        self._patches: dict[str, list[PatchRef]] = {}  # by weight (a tied one's first name)
         self.unmatched: list[list[Unmatched]] = []
 
     # ---- what is applied ----
@@ -99,50 +115,70 @@ class AppliedLoras:
 
     @property
     def touched(self) -> list[str]:
-        """The weights now patched, sorted."""
-        return sorted(self._patches)
+        """The names LoRA keys patch now, sorted (a tied weight is listed under each)."""
+        return list(self._touched)
 
     @property
     def held_bytes(self) -> int:
-        """Bytes held to restore originals: copies of touched weights (0 for those re-read
+        """Bytes held to restore originals: one copy per touched storage (0 for those re-read
         from ``checkpoint``)."""
-        return sum(o.nbytes for o in self._originals.values() if isinstance(o, torch.Tensor))
+        return self._originals.held_bytes
 
-    # ---- changes ----
+    # ---- changes: each all or nothing ----
     def set_strengths(self, strengths: Iterable[float]) -> None:
-        strengths = [float(s) for s in strengths]
+        """One strength per LoRA, in order; each recomputed from the originals."""
+        if isinstance(strengths, (str, bytes)) or not isinstance(strengths, Iterable):
+            raise ArgumentTypeError(
+                f"set_strengths takes a list of numbers, one per LoRA, got {strengths!r}"
+            )
+        strengths = list(strengths)
         if len(strengths) != len(self._loras):
             raise UsageError(f"{len(strengths)} strengths for {len(self._loras)} LoRAs")
-        before = set(self._patches)
-        pairs = zip(self._loras, strengths, strict=True)
-        self._loras = [dataclasses.replace(lora, strength=s) for lora, s in pairs]
-        self._update(before)
+        values = [
+            strength_value(s, lora.label) for s, lora in zip(strengths, self._loras, strict=True)
+        ]
+        pairs = zip(self._loras, values, strict=True)
+        self._change([dataclasses.replace(lora, strength=s) for lora, s in pairs])
 
     def add(self, lora, strength: float = 1.0) -> None:
         """Apply one more LoRA (a path, or a ``LoraSet`` entry) on top of the others."""
-        before = set(self._patches)
         (spec,) = LoraSet([(lora, strength)]).specs
-        self._open(spec)
-        self._update(before)
+        self._change([*self._loras, self._open(spec)])
 
-    def remove_lora(self, which: int | str) -> None:
+    def remove_lora(self, which: int | str | os.PathLike) -> None:
         """Take one LoRA off (by position, or by the path it was given as)."""
-        labels = self.loras
-        index = which if isinstance(which, int) else labels.index(os.path.abspath(which))
-        before = set(self._patches)
-        del self._loras[index]
-        self._update(before)
+        index = self._index(which)
+        self._change([lora for i, lora in enumerate(self._loras) if i != index])
 
     def remove(self) -> None:
         """Restore every touched weight's original bytes and forget every LoRA."""
-        before = set(self._patches)
-        self._loras = []
-        self._update(before)
+        self._change([])
+
+    def use_checkpoint(self, path: str | os.PathLike) -> None:
+        """Re-read originals from ``path`` from now on (the checkpoint given to ``apply()``
+        changed or moved): it must hold each one's bytes as read then (CRC-32C checked)."""
+        self._originals.use_checkpoint(path)
 
     # ---- internals ----
-    def _open(self, spec) -> None:
-        """Open one LoRA and add it to the list; with ``strict``, one that would leave keys
-        out (or needs an assumption) is refused before anything is patched."""
+    def _index(self, which) -> int:
+        labels = self.loras
+        if isinstance(which, bool) or not isinstance(which, (int, str, os.PathLike)):
+            raise ArgumentTypeError(
+                f"remove_lora takes a position or a path, got {type(which).__name__}"
+            )
+        if isinstance(which, int):
+            if not -len(labels) <= which < len(labels):
+                raise NotApplied(f"no LoRA at position {which}: the handle holds {len(labels)}")
+            return which % len(labels)
+        path = os.path.abspath(os.path.expanduser(os.fspath(which)))
+        if path not in labels:
+            held = ", ".join(labels) or "none"
+            raise NotApplied(f"{path} is not applied by this handle (it holds: {held})")
+        return labels.index(path)
+
+    def _open(self, spec) -> LoraInput:
+        """Open one LoRA; with ``strict``, one that would leave keys out (or needs an
+        assumption) is refused. Nothing is patched here."""
         shapes = {key: info.shape for key, info in self._infos.items()}
         lora = open_lora(spec, shapes, None, self.allow_nonfinite)
         if self.strict:
@@ -151,56 +187,125 @@ class AppliedLoras:
                 raise refusal(lora, left)
             if lora.warnings:
                 raise UsageError(lora.warnings[0], path=lora.label)
-        self._loras.append(lora)
+        return lora
 
-    def _update(self, before: set[str]) -> None:
-        """Recompute every weight whose patches may have changed: those touched before and
-        those touched now; a weight no longer touched gets its original back."""
-        patches, unmatched = collect_patches(self._infos, self._loras)
-        self._patches, self.unmatched = patches, unmatched
-        for key in sorted(before | set(patches)):
-            self._refresh(key)
+    def _plan(self, loras: list[LoraInput]):
+        """Per weight (a tied one under its first name) the patches of every name of it, in
+        LoRA order; the names patched; what each LoRA leaves out."""
+        by_name, unmatched = collect_patches(self._infos, loras)
+        patches: dict[str, list[PatchRef]] = {}
+        for name in sorted(by_name):
+            patches.setdefault(self._weight[name], []).extend(by_name[name])
+        for refs in patches.values():
+            refs.sort(key=lambda p: p.lora)  # stable: a LoRA's names in name order
+        return patches, sorted(by_name), unmatched
 
-    def _refresh(self, key: str) -> None:
+    def _change(self, loras: list[LoraInput]) -> None:
+        """Make ``loras`` what is applied: every weight whose patches change is rewritten,
+        all or nothing."""
+        patches, touched, unmatched = self._plan(loras)
+        old = self._patches
+        changed = sorted(k for k in set(old) | set(patches) if _sums(old, k) != _sums(patches, k))
+        new = [k for k in changed if k not in old]
+        self._claim(new)
+        self._originals.check(self._storage[k] for k in changed if k in old)
+        written: list[str] = []
+        try:
+            for key in new:
+                self._originals.remember(self._storage[key], key, self.tensors[key])
+            for key in changed:
+                self._write(key, patches.get(key), checked=True)
+                written.append(key)
+        except BaseException as failure:
+            self._undo(written, old, failure)
+            for key in new:
+                self._originals.forget(self._storage[key])
+            raise
+        for key in changed:
+            if key not in patches:
+                self._originals.forget(self._storage[key])
+                _LIVE.pop(self._storage[key], None)
+            elif key not in old:
+                _LIVE[self._storage[key]] = weakref.ref(self)
+        self._loras, self._touched, self._patches, self.unmatched = (
+            loras,
+            touched,
+            patches,
+            unmatched,
+        )
+
+    def _claim(self, keys: list[str]) -> None:
+        for key in keys:
+            ref = _LIVE.get(self._storage[key])
+            holder = ref() if ref is not None else None
+            if holder is not None and holder is not self:
+                raise AlreadyPatched(
+                    "is patched by another live apply() handle, which alone can restore it",
+                    key=key,
+                    hint="change that handle (set_strengths, add, remove_lora) or remove() it "
+                    "first",
+                )
+
+    def _write(self, key: str, patches: list[PatchRef] | None, checked: bool) -> None:
+        """``key``'s weight as its original plus ``patches`` (its original alone for none);
+        with ``checked``, refused before it is written if NaN or Inf would be."""
         weight = self.tensors[key]
-        patches = self._patches.get(key)
-        if patches is None:
-            if key in self._originals:
-                with torch.no_grad():
-                    weight.copy_(self._original(key))
-                del self._originals[key]
+        original = self._originals.load(self._storage[key], weight.device)
+        if not patches:
+            with torch.no_grad():
+                weight.copy_(original)
             return
-        self._remember(key)
-        original = self._original(key)
         out = thread_buffer(tuple(weight.shape), torch.float32, weight.device, "apply")
-        deltas = load_deltas(patches, weight.device, self.allow_nonfinite)
-        merged = merge_weight(original, deltas, out=out)
+        allow = self.allow_nonfinite or not checked
+        merged = merge_weight(original, load_deltas(patches, weight.device, allow), out=out)
+        if not allow and not casts_finite(merged, weight.dtype) and is_finite(original):
+            check_written(
+                merged.to(weight.dtype),
+                key=key,
+                made_from=f"the model's weight + {describe(patches)}",
+                fix="lower the strength",
+                dtype=weight.dtype,
+            )
         with torch.no_grad():
             weight.copy_(merged)  # the same rounding as merge's cast
 
-    def _remember(self, key: str) -> None:
-        if key in self._originals:
-            return
-        weight = self.tensors[key]
-        stored = self._checkpoint.tensors.get(key) if self._checkpoint else None
-        if stored is not None and _same(load_tensor(stored), weight):
-            self._originals[key] = stored
-            return
-        device = "cpu" if self._keep_on == "cpu" else weight.device
-        self._originals[key] = weight.detach().to(device, copy=True)
+    def _undo(self, written: list[str], old: dict, failure: BaseException) -> None:
+        """Put back the weights this change wrote before it failed: recomputed as they were
+        (the same bytes: the arithmetic is deterministic)."""
+        failed = []
+        for key in reversed(written):
+            try:
+                self._write(key, old.get(key), checked=False)
+            except BaseException:  # keep going: every weight that can be restored is
+                failed.append(key)
+        if failed:
+            raise RestoreFailed(
+                f"a change failed ({failure}) and {len(failed)} weight(s) could not be put back "
+                f"as they were, e.g. '{failed[0]}'",
+                hint="reload the model",
+            ) from failure
 
-    def _original(self, key: str) -> torch.Tensor:
-        kept = self._originals[key]
-        device = self.tensors[key].device
-        return (load_tensor(kept) if isinstance(kept, TensorInfo) else kept).to(device)
+
+def _sums(patches: dict[str, list[PatchRef]], key: str) -> list[tuple]:
+    """What a weight's patches compute, whatever the LoRAs' positions."""
+    return [(p.kind, p.factor, p.up, p.down, p.diff) for p in patches.get(key, ())]
 
 
 def _tensors(target) -> dict[str, torch.Tensor]:
+    """A module's state-dict tensors (its non-tensor extra state left out), or a state
+    dict's, which must all be tensors."""
     if isinstance(target, torch.nn.Module):
-        return dict(target.state_dict(keep_vars=True))
+        state = target.state_dict(keep_vars=True)
+        return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if isinstance(target, Mapping):
+        for key, value in target.items():
+            if not isinstance(value, torch.Tensor):
+                raise ArgumentTypeError(
+                    f"state dict entry {key!r} is a {type(value).__name__}, not a tensor",
+                    hint="pass a dict of tensors, or the module itself",
+                )
         return dict(target)
-    raise UsageError(
+    raise ArgumentTypeError(
         f"apply() takes a torch.nn.Module or a state dict, got {type(target).__name__}"
     )
 
@@ -208,7 +313,3 @@ def _tensors(target) -> dict[str, torch.Tensor]:
 def _info(key: str, tensor: torch.Tensor) -> TensorInfo | None:
     code = stf.CODE_BY_DTYPE.get(tensor.dtype)
     return TensorInfo(key, "<model>", code, tuple(tensor.shape)) if code else None
-
-
-def _same(stored: torch.Tensor, weight: torch.Tensor) -> bool:
-    return stored.dtype == weight.dtype and torch.equal(stored, weight.detach().cpu())

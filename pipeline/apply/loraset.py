@@ -6,8 +6,9 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..errors import UsageError
+from ..errors import ArgumentTypeError
 from ..lora.config import LoraSpec, load_merge_config
+from ..lora.numbers import checked, is_number
 
 
 @dataclass(frozen=True)
@@ -38,17 +39,24 @@ class LoraSet:
         return [spec.strength for spec in self.specs]
 
 
+def strength_value(value: object, label: object) -> float:
+    """A strength given to the Python API: a number (else ``ArgumentTypeError``), finite and
+    within float32's range (``lora/numbers.py``)."""
+    if not is_number(value):
+        raise ArgumentTypeError(f"strength of {label} must be a number, got {value!r}")
+    return checked(value, f"strength of {label}")
+
+
 def _spec(item) -> LoraSpec:
     if isinstance(item, LoraSpec):
+        strength_value(item.strength, item.path)
         return item
     if isinstance(item, (str, os.PathLike)):
         return LoraSpec(_absolute(item))
-    if isinstance(item, tuple) and len(item) == 2:
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], (str, os.PathLike)):
         path, strength = item
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)):
-            raise UsageError(f"strength of {path} must be a number, got {strength!r}")
-        return LoraSpec(_absolute(path), float(strength))
-    raise UsageError(f"a LoRA is a path or (path, strength), got {item!r}")
+        return LoraSpec(_absolute(path), strength_value(strength, path))
+    raise ArgumentTypeError(f"a LoRA is a path or (path, strength), got {item!r}")
 
 
 def _absolute(path) -> str:

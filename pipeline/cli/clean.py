@@ -18,5 +18,5 @@ def clean_command(
     """Remove a work directory (intermediates kept for resume): what loraforge wrote there,
     the temporary output its run left beside --output to resume from, then the directory itself
     when nothing else is left in it. A symlink to a work directory is followed."""
-    with exit_on_failure(), user_errors():
+    with exit_on_failure(), user_errors(command="clean"):
         print_cleaned(clean_work_dir(work_dir))

@@ -49,7 +49,7 @@ def inspect_command(
     each delta's Frobenius norm with its scale (low-rank ones from their factors, to about
     1e-6 relative, without forming the product). Modules are named as in the LoRA's own keys;
     with --base, also the base tensors they patch."""
-    with exit_on_failure(), user_errors(JsonLog("inspect") if json_output else None):
+    with exit_on_failure(), user_errors(JsonLog("inspect") if json_output else None, "inspect"):
         report = inspect_lora(path, base, lora_type.value if lora_type else None)
         if json_output:
             sys.stdout.write(json_line(report) + "\n")

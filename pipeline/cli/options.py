@@ -14,7 +14,7 @@ from loraforge.kernels.svd import DEFAULT_MAX_ITER, DEFAULT_TOL
 
 from ..export.ranks import parse_iterations, parse_ranks, rank_rule
 from ..extract.options import KernelOptions
-from ..io.dtypes import parse_dtype, parse_size
+from ..io.dtypes import parse_dtype, parse_size, size_in_bytes
 from ..lora.config import MergeConfig, loras_from_arguments
 from ..lora.styles import DEFAULT_STYLE, KEY_STYLE_HELP, KEY_STYLES
 from ..run.options import RunOptions
@@ -65,13 +65,15 @@ def _memory_size(value: str | None) -> int | None:
     from ..errors import UsageError
     from ..run.memory import MIN_BUDGET
 
+    if value is None:
+        return None
     try:
-        size = parse_size(value)
+        size = size_in_bytes(value)
     except UsageError:
         raise typer.BadParameter(
             f"cannot read size {value!r}; write e.g. 8GB, 500MB or 16GiB"
         ) from None
-    if size is not None and size < MIN_BUDGET:
+    if size < MIN_BUDGET:
         raise typer.BadParameter(f"{value} is below the smallest budget, {MIN_BUDGET // 2**20}MiB")
     return size
 
@@ -217,7 +219,7 @@ ConfigName = Annotated[
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar or summary.")]
 AllowNonfinite = Annotated[
     bool,
-    typer.Option("--allow-nonfinite", help="Use LoRA tensors holding NaN/Inf anyway."),
+    typer.Option("--allow-nonfinite", help="Use NaN/Inf in LoRAs anyway; write such results."),
 ]
 Resume = Annotated[bool, typer.Option("--resume/--no-resume", help="Reuse finished intermediates.")]
 KeepWork = Annotated[

@@ -57,6 +57,7 @@ class Conversion:
     name = "convert"
     work = None
     output_format = "safetensors"
+    output_option = "OUT"  # its output is an argument, not --output
 
     def __init__(self, lora: str, lora_type, style, base, base_type, max_shard_size):
         self.lora = os.path.abspath(os.path.expanduser(lora))
@@ -125,11 +126,11 @@ class Conversion:
 
 
 def _input_paths(lora: str, opened: OpenedLora) -> list[UserPath]:
-    paths = checkpoint_paths("LORA", opened.index)
+    paths = checkpoint_paths("IN", opened.index)
     if os.path.isdir(lora):
-        paths.append(UserPath("LORA", lora))
+        paths.append(UserPath("IN", lora))
     if opened.config:
-        paths.append(UserPath("LORA", opened.config))
+        paths.append(UserPath("IN", opened.config))
     return paths
 
 

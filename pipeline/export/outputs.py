@@ -90,6 +90,13 @@ def choose_ranks(rule: RankRule, spectra: dict[str, Spectrum]) -> dict[str, int]
     return dict(zip(keys, chosen, strict=True))
 
 
+def factor_shapes(shape: tuple[int, ...], rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Up's and down's shapes for a weight of ``shape`` at ``rank``: a conv weight's up is
+    ``(out, rank, 1, ...)``, with as many dims as down (kohya's, LyCORIS's and PEFT's
+    convention: its 1×1 conv), a matrix's ``(out, rank)``."""
+    return (shape[0], rank, *(1,) * (len(shape) - 2)), (rank, *shape[1:])
+
+
 def planned_entries(
     tasks: Sequence, markers: dict[str, dict], ranks: dict[str, int], code: str
 ) -> list[OutputEntry]:
@@ -99,9 +106,10 @@ def planned_entries(
         kind = markers[task.key]["kind"]
         if kind == "lowrank":
             r = ranks[task.key]
+            up, down = factor_shapes(task.shape, r)
             entries += [
-                OutputEntry(task.outputs["up"], code, (task.shape[0], r)),
-                OutputEntry(task.outputs["down"], code, (r, *task.shape[1:])),
+                OutputEntry(task.outputs["up"], code, up),
+                OutputEntry(task.outputs["down"], code, down),
             ]
             if "alpha" in task.outputs:  # fp32 whatever the factors' dtype: exact for any rank
                 entries.append(OutputEntry(task.outputs["alpha"], "F32", ()))

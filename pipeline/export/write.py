@@ -17,13 +17,14 @@ from loraforge.kernels import product_distance_sq, squared_norm, truncated_resid
 from loraforge.stages.cast import cast
 
 from ..io import safetensors_format as stf
+from ..io.finite import check_written, output_fix
 from ..io.slots import RowWriter
 from ..lora.styles import diff_pair
 from ..run.faults import maybe_crash
 from ..run.session import Recompute, Session
 from ..workdir import CorruptEntry, WorkDir
 from .clients import ClientVerdicts, judge
-from .outputs import RankedOutput, open_outputs, planned_entries
+from .outputs import RankedOutput, factor_shapes, open_outputs, planned_entries
 
 
 @dataclass
@@ -55,12 +56,23 @@ def export_loras(
     tasks, options, work = plan.tasks, plan.options, session.work
     values, notes = _singular_values(tasks, markers, work, recompute)
     outputs = open_outputs(tasks, markers, values, options, plan.style, session.output, session)
-    code = stf.CODE_BY_DTYPE[options.torch_dtype]
-    clients = judge(plan.style, planned_entries(tasks, markers, outputs[-1].ranks, code))
+    dtype = options.torch_dtype
+    clients = judge(
+        plan.style, planned_entries(tasks, markers, outputs[-1].ranks, stf.CODE_BY_DTYPE[dtype])
+    )
     for warning in clients.warnings() if clients else ():
         session.emit("warning", {"message": warning})
-    notes.update(_write(tasks, markers, work, outputs, values, options.torch_dtype, recompute))
+    checked = not getattr(options, "allow_nonfinite", False)  # resize's --allow-nonfinite
+    notes.update(_write(tasks, markers, work, outputs, values, dtype, recompute, checked))
     return Exported(outputs, notes, clients)
+
+
+def _check(task, tensors: dict, dtype: torch.dtype) -> None:
+    """Every tensor about to be written for ``task`` finite (``io/finite.py``), else one line
+    naming it, what it was made from (``task.made_from``) and how to avoid it."""
+    for name, tensor in tensors.items():
+        fix = output_fix(dtype, task.knob)
+        check_written(tensor, key=name, made_from=task.made_from, fix=fix, dtype=dtype)
 
 
 def _recomputed(task, markers: dict, work: WorkDir, recompute: Recompute, why) -> str:
@@ -104,9 +116,10 @@ def lowrank_tensors(
         if sq_norm
         else 0.0
     )
+    up_shape, down_shape = factor_shapes(task.shape, rank)
     tensors = {
-        task.outputs["up"]: up_out,
-        task.outputs["down"]: down_out.reshape(rank, *task.shape[1:]),
+        task.outputs["up"]: up_out.reshape(up_shape),
+        task.outputs["down"]: down_out.reshape(down_shape),
     }
     if "alpha" in task.outputs:  # fp32 whatever the factors' dtype: exact for any rank
         tensors[task.outputs["alpha"]] = torch.tensor(float(rank), dtype=torch.float32)
@@ -147,7 +160,12 @@ def _is_streamed(marker: dict) -> bool:
 
 
 def _write_streamed_diff(
-    task, marker: dict, work: WorkDir, outputs: Sequence[RankedOutput], dtype: torch.dtype
+    task,
+    marker: dict,
+    work: WorkDir,
+    outputs: Sequence[RankedOutput],
+    dtype: torch.dtype,
+    checked: bool,
 ) -> None:
     """``diff_tensors`` a stored chunk of rows at a time, written at its place in every
     output: the whole diff is never in memory."""
@@ -158,6 +176,8 @@ def _write_streamed_diff(
         for chunk in work.row_chunks(task.key, "diff", marker["array_shapes"]["diff"]):
             delta = torch.from_numpy(chunk)
             stored = cast(delta, dtype)
+            if checked:
+                _check(task, {name: stored}, dtype)
             norm += squared_norm(delta)
             rounding += squared_norm(delta - stored.float())
             for writer in rows:
@@ -198,18 +218,20 @@ def _write(
     values: dict[str, list[float]],
     dtype: torch.dtype,
     recompute: Recompute,
+    checked: bool = True,
 ) -> dict[str, str]:
-    """Every finished result into each output's writer; each output's ``errors`` fills in.
-    Returns notes for results recomputed on the way."""
+    """Every finished result into each output's writer, each tensor checked finite as cast
+    (unless not ``checked``); each output's ``errors`` fills in. Returns notes for results
+    recomputed on the way."""
     notes: dict[str, str] = {}
     stored = [t for t in tasks if markers[t.key]["kind"] != "unchanged"]
     streamed = [t for t in stored if _is_streamed(markers[t.key])]
     for task in streamed:
         try:
-            _write_streamed_diff(task, markers[task.key], work, outputs, dtype)
+            _write_streamed_diff(task, markers[task.key], work, outputs, dtype, checked)
         except CorruptEntry as e:
             notes[task.key] = _recomputed(task, markers, work, recompute, e)
-            _write_streamed_diff(task, markers[task.key], work, outputs, dtype)
+            _write_streamed_diff(task, markers[task.key], work, outputs, dtype, checked)
     stored = [t for t in stored if not _is_streamed(markers[t.key])]
     written = len(streamed)
     for batch in _batches(stored, markers):
@@ -227,6 +249,8 @@ def _write(
                 tensors, error, kernel_error = same or lowrank_tensors(
                     task, arrays, marker, values[task.key], output.ranks[task.key], dtype
                 )
+                if checked:
+                    _check(task, tensors, dtype)
                 for name, tensor in tensors.items():
                     output.writer.write(name, tensor)
                 output.errors[task.key] = (error, kernel_error)

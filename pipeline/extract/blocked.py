@@ -18,6 +18,7 @@ from loraforge.stages.diff import is_unchanged, max_abs, weight_delta
 from loraforge.stages.lowrank import lowrank_blocked
 from loraforge.stages.quantize import dequantize, scale_rows
 
+from ..io.fingerprint import file_stat, tensor_crc32c
 from ..io.maps import release
 from ..io.reader import load_tensor, mapped
 from ..run.device import usable_device_memory
@@ -26,7 +27,7 @@ from ..workdir import WorkDir
 from .options import KernelOptions
 from .plan import ExtractTask
 from .result import lowrank_result, nonfinite
-from .resume import SIDES, file_stat, tensor_crc32c
+from .resume import SIDES
 
 SLACK = 32 * 2**20  # kernel workspaces (QR, SVD of the small matrix), torch's own allocations
 BLOCK_TARGET = 256 * 2**20  # rows per block: up to this many bytes of fp32 block buffers

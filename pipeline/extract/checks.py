@@ -8,12 +8,14 @@ import torch
 
 from ..errors import ModelMismatch
 from ..io.reader import CheckpointIndex, TensorInfo, mapped
+from ..run.paths import check_two_models
 from .plan import ExtractionPlan
 
 
 def check_something_to_extract(
     plan: ExtractionPlan, source: CheckpointIndex, target: CheckpointIndex
 ) -> None:
+    check_two_models(source.path, target.path)
     if plan.tasks:
         return
     scales = {**source.fp8.companions, **target.fp8.companions}  # not weights: not counted
@@ -32,6 +34,18 @@ def check_something_to_extract(
         path=target.path,
         hint="check --source-model and --target-model",
     )
+
+
+def check_changed(markers: dict[str, dict], target: CheckpointIndex) -> None:
+    """After the compute: a fine-tune equal to the base in every tensor extracted would give
+    an empty LoRA, which nothing can load; refused (finished tensors stay for the rerun)."""
+    if markers and all(m["kind"] == "unchanged" for m in markers.values()):
+        raise ModelMismatch(
+            f"equals the base in all {_count(len(markers))} compared (max |diff| <= 1e-8), so "
+            "the LoRA would be empty",
+            path=target.path,
+            hint="check --source-model and --target-model",
+        )
 
 
 def surprises(plan: ExtractionPlan, source: CheckpointIndex, target: CheckpointIndex) -> list[str]:

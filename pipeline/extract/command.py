@@ -17,7 +17,7 @@ from ..run.paths import checkpoint_paths
 from ..run.report import blocked_note, build_report, memory_summary
 from ..run.session import Progress, Recompute, Session
 from .blocked import block_rows_for, blocked_bytes, working_bytes
-from .checks import check_something_to_extract, surprises
+from .checks import check_changed, check_something_to_extract, surprises
 from .options import ExtractOptions, KernelOptions
 from .plan import ExtractionPlan, ExtractTask, plan_extraction
 from .resume import Decision, input_changes, resume_decisions
@@ -95,6 +95,7 @@ class Extraction:
         phases["resume_check"] = time.time() - started - sum(phases.values())
         results = session.compute([calls[t.key] for t in pending])
         markers.update({t.key: results[t.name] for t in pending})
+        check_changed(markers, self.target)
         phases["compute"] = time.time() - started - sum(phases.values())
         session.emit("write", {"tensors": len(plan.tasks)})
         exported = export_loras(plan, markers, session, Recompute(session, calls))

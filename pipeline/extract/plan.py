@@ -32,6 +32,13 @@ class ExtractTask:
     def read_bytes(self) -> int:
         return self.source.nbytes + self.target.nbytes
 
+    @property
+    def made_from(self) -> str:
+        """What its output tensors are made from, for messages (``export/write.py``)."""
+        return f"{self.target.file} − {self.source.file}"
+
+    knob = None  # no option scales an extracted delta (``io/finite.output_fix``)
+
 
 @dataclass(frozen=True)
 class Skipped:

@@ -15,47 +15,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import google_crc32c
-import torch
-
 from .. import __version__
-from ..io.maps import prefault
-from ..io.reader import TensorInfo, mapped
+from ..io.fingerprint import file_stat, stored_crc32c
+from ..io.reader import TensorInfo
 from ..run.device import device_type
 from .options import KernelOptions
 from .plan import ExtractTask
 
 SIDES = ("source", "target")
 STAT_FIELDS = ("size", "mtime_ns", "inode")
-
-
-def file_stat(path: str) -> dict:
-    """What a resume compares first: a file edited in place gets a new mtime, a replaced one a
-    new inode."""
-    st = os.stat(path)
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
-
-
-def tensor_crc32c(tensor: torch.Tensor, crc: int | None = None) -> int:
-    """CRC-32C of a host tensor's bytes in C order; a contiguous one (a mapped view) is hashed in
-    place, without a copy. An empty tensor has the CRC of ``b""``. With ``crc`` (that of the
-    bytes before these), the CRC of both together: a tensor can be hashed block by block.
-
-    google_crc32c holds the GIL over anything but ``bytes``, so a mapped view's pages are
-    faulted in first, outside it (``prefault``): the GIL is then held only while hashing at
-    memory speed, not while reading from the page cache or the disk."""
-    if tensor.numel() == 0:
-        return google_crc32c.value(b"") if crc is None else crc
-    tensor = tensor.contiguous()
-    prefault(tensor)
-    data = tensor.reshape(-1).view(torch.uint8).numpy()
-    return google_crc32c.value(data) if crc is None else google_crc32c.extend(crc, data)
-
-
-def stored_crc32c(info: TensorInfo) -> int:
-    """CRC-32C of the tensor's current bytes, read through the memory map."""
-    with mapped(info) as view:
-        return tensor_crc32c(view)
 
 
 def tensor_fingerprint(info: TensorInfo) -> dict:

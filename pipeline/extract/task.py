@@ -12,6 +12,7 @@ import torch
 from loraforge.stages.diff import is_unchanged, max_abs, weight_delta
 from loraforge.stages.lowrank import lowrank
 
+from ..io.fingerprint import file_stat, tensor_crc32c
 from ..io.reader import dequantized, load_weight, mapped
 from ..run.staging import device_lock, stage, staging_size, thread_buffer
 from ..workdir import WorkDir
@@ -19,7 +20,7 @@ from .blocked import device_block_rows, run_blocked
 from .options import KernelOptions
 from .plan import ExtractTask
 from .result import lowrank_result, nonfinite
-from .resume import SIDES, file_stat, read_record, tensor_crc32c
+from .resume import SIDES, read_record
 
 
 def _delta(

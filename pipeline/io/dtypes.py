@@ -31,10 +31,12 @@ _SIZE_UNITS = {
     "MB": 10**6,
     "GB": 10**9,
     "TB": 10**12,
+    "PB": 10**15,
     "KIB": 2**10,
     "MIB": 2**20,
     "GIB": 2**30,
     "TIB": 2**40,
+    "PIB": 2**50,
 }
 
 
@@ -48,18 +50,21 @@ def parse_dtype(name: str, fp8: bool = False) -> torch.dtype:
         raise UsageError(f"unknown dtype {name!r}{hint}; valid: {', '.join(names)}") from None
 
 
+def size_in_bytes(text: str) -> int:
+    """'5GB' → 5·10⁹ bytes (Hugging Face's convention), '2GiB' → 2·2³⁰, '0' → 0; text that
+    is no size is a usage error."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]?I?B?)\s*", text.upper())
+    if not m or m.group(2) not in _SIZE_UNITS:
+        raise UsageError(f"cannot read size {text!r}; write e.g. 5GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+
+
 def parse_size(text: str | int | None) -> int | None:
-    """'5GB' → 5·10⁹ bytes (Hugging Face's convention), '2GiB' → 2·2³⁰; None → no limit. A
-    size under one byte is refused rather than read as "no limit"."""
+    """``size_in_bytes``; None → no limit. A size under one byte is refused rather than read
+    as "no limit"."""
     if text is None:
         return None
-    if isinstance(text, int):
-        size = text
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
-        if not m or m.group(2) not in _SIZE_UNITS:
-            raise UsageError(f"cannot read size {text!r}; write e.g. 5GB, 500MB or 2GiB")
-        size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    size = text if isinstance(text, int) else size_in_bytes(text)
     if size < 1:
         raise UsageError(
             f"--max-shard-size {text} is less than one byte",

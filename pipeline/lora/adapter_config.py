@@ -24,6 +24,7 @@ from pathlib import Path
 from ..errors import CheckpointFormatError, CheckpointNotFound
 from ..io import safetensors_format as stf
 from ..io.reader import CheckpointIndex
+from .numbers import checked
 
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 DIFFUSERS_PREFIX = "transformer."
@@ -101,13 +102,17 @@ def _denoiser_section(config: object) -> object:
 
 @dataclass(frozen=True)
 class PeftConfig:
-    """The scaling part of a PEFT ``adapter_config.json``."""
+    """The scaling part of a PEFT ``adapter_config.json``. ``source``: the file (or header) it
+    was read from; None for one loraforge made up (a LightX2V config entry's alpha), whose
+    ``r`` is no claim about the tensors."""
 
     r: int
     lora_alpha: float
     use_rslora: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    target_modules: list[str] | str | None = field(default=None, compare=False)
+    source: str | None = field(default=None, compare=False)
 
     def rank_for(self, module: str) -> int:
         return int(_pattern_value(self.rank_pattern, module, self.r))
@@ -119,6 +124,32 @@ class PeftConfig:
         """``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA); ``rank`` is the tensors' own rank."""
         alpha = self.alpha_for(module)
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+    def check_rank(self, module: str, rank: int) -> None:
+        """Refuse a module whose factors' ``rank`` is not the rank this config gives it: PEFT
+        builds the module at the config's rank and would not load those factors (nor load a
+        module outside ``target_modules`` at all), so no reading of the file scales it."""
+        said = self.rank_for(module)
+        if self.source is None or said == rank:
+            return
+        field_name = "'rank_pattern'" if said != self.r else "'r'"
+        outside = ""
+        if self.target_modules is not None and not _targeted(self.target_modules, module):
+            outside = ", and it is not in target_modules, so PEFT would not load it at all"
+        raise CheckpointFormatError(
+            f"module '{module}' holds rank-{rank} factors but {field_name} gives it rank "
+            f"{said}{outside}",
+            path=self.source,
+            hint="set 'r' or 'rank_pattern' to the factors' rank, or drop the module's keys",
+        )
+
+
+def _targeted(targets: list[str] | str, module: str) -> bool:
+    """PEFT's ``check_target_module_exists``: a string is a regex matched against the whole
+    name, a list names modules by their last dotted parts; "all-linear" takes any."""
+    if isinstance(targets, str):
+        return targets == "all-linear" or re.fullmatch(targets, module) is not None
+    return any(module == t or module.endswith("." + t) for t in targets)
 
 
 def _pattern_value(patterns: Mapping[str, float], module: str, default: float) -> float:
@@ -166,20 +197,33 @@ def peft_config_from(raw: object, where: str) -> PeftConfig:
         raise bad(f"'lora_alpha' must be a number, got {alpha!r}")
     rank_pattern = raw.get("rank_pattern") or {}
     alpha_pattern = raw.get("alpha_pattern") or {}
-    for name, pat, ok in (("rank", rank_pattern, _is_int), ("alpha", alpha_pattern, _is_num)):
+    for name, pat, ok in (("rank", rank_pattern, _is_rank), ("alpha", alpha_pattern, _is_num)):
         if not isinstance(pat, dict) or not all(ok(v) for v in pat.values()):
-            raise bad(f"'{name}_pattern' must map module patterns to numbers")
+            what = "positive integers" if name == "rank" else "numbers"
+            raise bad(f"'{name}_pattern' must map module patterns to {what}")
         for key in pat:
             try:
                 re.compile(key)
             except re.error as e:
                 raise bad(f"'{name}_pattern' key {key!r} is not a valid regex: {e}") from e
+    targets = raw.get("target_modules")
+    if not (isinstance(targets, str) or _is_names(targets)):
+        targets = None  # absent, or a shape PEFT would refuse: no claim made about modules
+
+    def alpha_value(value: object, what: str) -> float:
+        hint = "set it to the alpha the LoRA was trained with: PEFT scales by lora_alpha / r"
+        return checked(value, what, path=where, error=CheckpointFormatError, hint=hint)
+
     return PeftConfig(
         r=r,
-        lora_alpha=float(alpha),
+        lora_alpha=alpha_value(alpha, "'lora_alpha'"),
         use_rslora=bool(raw.get("use_rslora", False)),
         rank_pattern={k: int(v) for k, v in rank_pattern.items()},
-        alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
+        alpha_pattern={
+            k: alpha_value(v, f"'alpha_pattern' {k!r}") for k, v in alpha_pattern.items()
+        },
+        target_modules=targets,
+        source=where,
     )
 
 
@@ -187,5 +231,13 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_rank(v: object) -> bool:
+    return _is_int(v) and v > 0
+
+
 def _is_num(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_names(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(t, str) for t in v)

@@ -37,15 +37,16 @@ import os
 from dataclasses import dataclass, field
 
 from ..errors import CheckpointNotFound, UsageError
+from .numbers import checked, is_number
 
 _ENTRY_FIELDS = ("name", "path", "strength", "alpha")
 _SHAPES = "{'lora_configs': [{'path', 'strength'}]} or {'lora_path': [...], 'strength_model': 1.0}"
 
 
 def _number(value: object, what: str, where: str | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_number(value) or not math.isfinite(value):
         raise UsageError(f"{what} must be a finite number, got {value!r}", path=where)
-    return float(value)
+    return checked(value, what, path=where)
 
 
 @dataclass(frozen=True)
@@ -229,14 +230,15 @@ def config_from_options(paths: list[str], strengths: list[str]) -> MergeConfig:
 
 
 def parse_number(text: str, option: str) -> float:
-    """A finite float from an option's text, or a one-line usage error."""
+    """A finite float within float32's range from an option's text, or a one-line usage
+    error."""
     try:
         value = float(text)
     except ValueError:
         raise UsageError(f"{option} {text!r} is not a number") from None
     if not math.isfinite(value):
         raise UsageError(f"{option} must be finite, got {text!r}")
-    return value
+    return checked(value, option, hint=f"give a smaller {option}")
 
 
 def loras_from_arguments(

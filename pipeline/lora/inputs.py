@@ -22,7 +22,8 @@ from ..errors import (
 from ..io.reader import CheckpointIndex, index_checkpoint, load_tensor
 from .adapter_config import METADATA_KEY, PeftConfig, header_config, load_peft_config
 from .config import LoraSpec
-from .keys import LoraMapping, map_lora
+from .keys import LoraMapping, Unmatched, map_lora
+from .numbers import RANGE, in_range
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = (("adapter_model.safetensors", "safetensors"), ("adapter_model.bin", "pytorch"))
@@ -88,6 +89,8 @@ def _alpha(index: CheckpointIndex, key: str, allow_nonfinite: bool) -> float:
             key=key,
             hint="fix the LoRA; merge and resize read it anyway with --allow-nonfinite",
         )
+    if math.isfinite(value) and not in_range(value):
+        raise CheckpointFormatError(f"alpha {value:g} is outside {RANGE}", path=info.file, key=key)
     return value
 
 
@@ -131,12 +134,45 @@ def read_lora(
     return OpenedLora(file, index, peft, config, alphas, (unscaled,) if unscaled else ())
 
 
+# Why keys patch nothing, the most telling first, with what to do: an ``.alpha`` left over
+# or a key with no LoRA name only follows from another key's problem.
+CAUSES = (
+    ("shape mismatch", "is this LoRA for another model?"),
+    ("rank mismatch", "its up and down factors disagree; re-save the LoRA"),
+    ("a rank-0 pair", "drop the empty module from the LoRA"),
+    ("not a low-rank pair", "re-save the LoRA"),
+    ("up without down", "is a shard of the LoRA missing?"),
+    ("down without up", "is a shard of the LoRA missing?"),
+    ("has a lora_mid", "LoCon Tucker modules are not supported"),
+    ("ambiguous", "the base has several tensors this name could mean"),
+    ("targets no base tensor", "is this LoRA for another model?"),
+    ("duplicate", "the LoRA names this module twice; keep one naming"),
+)
+
+
+def telling(unmatched: list[Unmatched]) -> tuple[Unmatched | None, str | None]:
+    """The key whose reason best explains why a LoRA patches nothing, and the hint for it."""
+    order = {cause: (rank, hint) for rank, (cause, hint) in enumerate(CAUSES)}
+    last = (len(CAUSES), None)
+
+    def cause(u: Unmatched) -> tuple[int, str | None]:
+        return next((v for c, v in order.items() if u.reason.startswith(c)), last)
+
+    if not unmatched:
+        return None, None
+    first = min(unmatched, key=lambda u: (cause(u)[0], u.reason.startswith("alpha"), u.lora_key))
+    return first, cause(first)[1]
+
+
 def open_lora(
     spec: LoraSpec,
     base_shapes: dict[str, tuple[int, ...]],
     lora_type: str | None = None,
     allow_nonfinite: bool = False,
+    against: str = "the base",
 ) -> LoraInput:
+    """Open the LoRA of ``spec`` and map it onto ``base_shapes`` (``against`` names them in
+    the refusal of a LoRA none of whose keys patch them)."""
     opened = read_lora(spec.path, lora_type, spec.alpha, allow_nonfinite)
     file, index, peft = opened.file, opened.index, opened.peft
     mapping = map_lora(
@@ -147,15 +183,12 @@ def open_lora(
         source=file,
     )
     if not mapping.patches:
-        example = (
-            f", e.g. '{mapping.unmatched[0].lora_key}': {mapping.unmatched[0].reason}"
-            if mapping.unmatched
-            else ""
-        )
+        first, hint = telling(mapping.unmatched)
+        example = f", e.g. '{first.lora_key}': {first.reason}" if first else ""
         raise LoraMismatch(
-            f"none of its {len(index.tensors)} keys patches the base{example}",
+            f"none of its {len(index.tensors)} keys patches {against}{example}",
             path=file,
-            hint="is this LoRA for another model?",
+            hint=hint,
         )
     return LoraInput(
         label=spec.path,

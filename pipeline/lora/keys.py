@@ -175,8 +175,10 @@ class _Resolver:
 
 def check_pair(up: tuple[int, ...], down: tuple[int, ...], base: tuple[int, ...]) -> str:
     """Why up@down cannot patch a base tensor of shape ``base``; "" when it can."""
-    if len(up) < 2 or len(down) < 2 or math.prod(up[2:]) != 1 or down[0] == 0:
+    if len(up) < 2 or len(down) < 2 or math.prod(up[2:]) != 1:
         return f"not a low-rank pair: up is {_dims(up)} and down is {_dims(down)}"
+    if up[1] == 0 or down[0] == 0:
+        return f"a rank-0 pair (up is {_dims(up)}, down is {_dims(down)}) holds no change"
     if up[1] != down[0]:
         return f"rank mismatch: up has rank {up[1]} but down has rank {down[0]}"
     product = (up[0], math.prod(down[1:]))
@@ -280,11 +282,13 @@ def lowrank_scale(
     module: str, rank: int, alpha: float | None, peft_config: PeftConfig | None
 ) -> tuple[float, float | None]:
     """(scale, alpha) of a low-rank module: its own ``.alpha`` / rank, else the PEFT config's
-    (alpha None with rsLoRA, whose scale is no alpha / rank), else scale 1 and no alpha."""
+    (alpha None with rsLoRA, whose scale is no alpha / rank; a config whose rank for the
+    module is not its factors' is refused), else scale 1 and no alpha."""
     if alpha is not None:
         return float(alpha) / rank, float(alpha)
     if peft_config is not None:
         name = _model_name(module)
+        peft_config.check_rank(name, rank)
         alpha = None if peft_config.use_rslora else peft_config.alpha_for(name)
         return peft_config.scale_for(name, rank), alpha
     return 1.0, None

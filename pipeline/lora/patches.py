@@ -6,17 +6,19 @@ strength · global alpha · the LoRA's scale for that module."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from loraforge.stages.merge import Delta
 
-from ..errors import LoraMismatch, NonFiniteTensor, ShapeMismatch
+from ..errors import LoraMismatch, NonFiniteTensor, ShapeMismatch, UsageError
 from ..io.reader import TensorInfo, load_tensor, mapped
-from .inputs import LoraInput
+from .inputs import LoraInput, telling
 from .keys import Unmatched
+from .numbers import RANGE, in_range
 
 
 @dataclass(frozen=True)
@@ -27,10 +29,21 @@ class PatchRef:
     up: TensorInfo | None = None
     down: TensorInfo | None = None
     diff: TensorInfo | None = None
+    strength: float = field(default=1.0, compare=False)  # the LoRA's, for messages
+    scale: float = field(default=1.0, compare=False)  # global alpha · the module's scale
 
     @property
     def tensors(self) -> list[TensorInfo]:
         return [t for t in (self.up, self.down, self.diff) if t is not None]
+
+    def describe(self) -> str:
+        """What makes this factor, for messages: the LoRA file, strength and scale."""
+        return f"{self.tensors[0].file} at strength {self.strength:g} × scale {self.scale:g}"
+
+
+def describe(patches: Sequence[PatchRef]) -> str:
+    """The LoRAs of ``patches`` with their strengths and scales, for messages."""
+    return " + ".join(patch.describe() for patch in patches) or "no LoRA"
 
 
 def collect_patches(
@@ -49,12 +62,29 @@ def collect_patches(
             if reason:
                 left += [Unmatched(info.key, reason) for info in tensors.values()]
                 continue
-            factor = lora.strength * alpha * patch.scale
+            scale = alpha * patch.scale
+            factor = lora.strength * scale
+            _check_factor(factor, lora, scale, tensors)
             patches.setdefault(patch.base_key, []).append(
-                PatchRef(i, patch.kind, factor, **tensors)
+                PatchRef(i, patch.kind, factor, **tensors, strength=lora.strength, scale=scale)
             )
         unmatched.append(sorted(left, key=lambda u: u.lora_key))
     return patches, unmatched
+
+
+def _check_factor(factor: float, lora: LoraInput, scale: float, tensors: dict) -> None:
+    """A factor of checked numbers can still leave float32's range as their product (a large
+    strength times a large alpha / rank): refused before any work. NaN or Inf from a
+    non-finite alpha read with ``--allow-nonfinite`` is left to that flag."""
+    if in_range(factor) or not (math.isfinite(lora.strength) and math.isfinite(scale)):
+        return
+    info = next(iter(tensors.values()))
+    raise UsageError(
+        f"strength {lora.strength:g} × scale {scale:g} = {factor:g} is outside {RANGE}",
+        path=lora.file,
+        key=info.key,
+        hint="lower the strength (or the alpha)",
+    )
 
 
 def _unusable(target: TensorInfo, tensors) -> str:
@@ -98,11 +128,12 @@ def refusal(lora: LoraInput, unmatched: list[Unmatched]) -> LoraMismatch:
     by_cause: dict[str, list] = {}
     for u in unmatched:
         by_cause.setdefault(u.reason.split(":")[0], []).append(u)
-    causes = sorted(by_cause, key=lambda c: (not c.startswith("shape mismatch"), c))
-    first = by_cause[causes[0]][0]
+    first, _hint = telling(unmatched)  # the most telling key, not an alpha it left over
+    lead = first.reason.split(":")[0]
+    causes = sorted(by_cause, key=lambda c: (c != lead, not c.startswith("shape mismatch"), c))
     counts = ", ".join(f"{len(by_cause[c])} {c}" for c in causes)
     counts = f" ({counts})" if len(causes) > 1 else ""
-    error = ShapeMismatch if causes[0].startswith("shape mismatch") else LoraMismatch
+    error = ShapeMismatch if lead.startswith("shape mismatch") else LoraMismatch
     return error(
         f"{len(unmatched)} of its {len(lora.index.tensors)} keys would not be merged{counts}, "
         f"e.g. '{first.lora_key}': {first.reason}",

@@ -21,6 +21,7 @@ from ..io.slots import RowWriter
 from ..lora.patches import load_deltas
 from ..run.device import usable_device_memory
 from ..run.staging import thread_buffer
+from .checks import Carried, checked
 from .fp8 import is_fp8_task
 from .plan import MergeTask
 
@@ -93,6 +94,7 @@ def merge_blocked(
     dtype: torch.dtype,
     block_rows: int,
     allow_nonfinite: bool,
+    carried: Carried | None = None,
 ) -> int:
     """Merge (or cast) ``task`` into ``slot`` in blocks of ``block_rows`` rows on ``device``;
     return the CRC-32 of the bytes written."""
@@ -113,7 +115,8 @@ def merge_blocked(
             buffer = None
             if needs_cast(value, dtype):
                 buffer = thread_buffer(shape, dtype, device, "cast")
-            writer.write(cast(value, dtype, out=buffer))
+            result = cast(value, dtype, out=buffer)
+            writer.write(checked(task, result, rows, dtype, allow_nonfinite, carried))
             release(rows)
             for d in deltas:
                 if d.diff is not None:

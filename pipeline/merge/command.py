@@ -121,6 +121,12 @@ class Merge:
         for task in pending:
             markers[task.key] = {**results[task.name], "status": "computed"}
             writer.mark_written(task.key, markers[task.key]["crc"])
+        if carried := sorted(k for k, m in markers.items() if m.get("nonfinite")):
+            why = markers[carried[0]]["nonfinite"]
+            message = (
+                f"{len(carried)} tensor(s) written holding NaN or Inf, e.g. '{carried[0]}' ({why})"
+            )
+            session.emit("warning", {"message": message})
         session.emit("write", {"tensors": len(plan.tasks)})
         report = _report(plan, self.base, self.opened, markers, writer.final_files, session)
         report["summary"]["input_changes"] = self.changes
@@ -223,6 +229,8 @@ def _report(plan, base, opened, markers, files, session: Session) -> dict:
             "seconds": marker.get("seconds"),
             "status": marker["status"],
         }
+        if marker.get("nonfinite"):
+            tensors[task.key]["nonfinite"] = marker["nonfinite"]
         if marker.get("blocked"):
             tensors[task.key]["note"] = blocked_note(marker["blocked"])
         elif not can_block(task) and is_fp8_task(task) and working_bytes(task) > session.budget:

@@ -19,6 +19,7 @@ from ..io import safetensors_format as stf
 from ..io.reader import dequantized, mapped
 from ..lora.patches import load_deltas
 from ..run.staging import device_lock, thread_buffer
+from .checks import Carried, checked
 from .plan import MergeTask
 
 
@@ -34,7 +35,9 @@ def is_fp8_task(task: MergeTask) -> bool:
     )
 
 
-def fp8_result(task: MergeTask, device: str, allow_nonfinite: bool = False) -> torch.Tensor:
+def fp8_result(
+    task: MergeTask, device: str, allow_nonfinite: bool = False, carried: Carried | None = None
+) -> torch.Tensor:
     """What ``task`` writes, on the CPU: the tensor in its output dtype, or its scale."""
     dtype = stf.DTYPE_BY_CODE[task.out_dtype]
     if task.part == "marker":  # its dtype is what it says; ComfyUI saves it empty
@@ -47,7 +50,12 @@ def fp8_result(task: MergeTask, device: str, allow_nonfinite: bool = False) -> t
         value = dequantized(task.base, view.to(dev), out)
         deltas = load_deltas(task.patches, dev, allow_nonfinite) if task.patches else ()
         value = merge_weight(value, deltas, out=out)
-        return _encode(task, value, dtype).cpu()
+        # the fp32 value first: fp8 saturates, and a weight's scale is computed from it
+        checked(task, value, view, torch.float32, allow_nonfinite, carried)
+        result = _encode(task, value, dtype)
+        if result.dtype not in FP8_DTYPES:
+            checked(task, result, view, dtype, allow_nonfinite, carried)
+        return result.cpu()
 
 
 def _encode(task: MergeTask, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import UsageError
 from ..io.dtypes import check_output_format, parse_dtype
+from ..lora.numbers import checked
 
 
 @dataclass(frozen=True)
@@ -22,10 +21,7 @@ class MergeOptions:
     allow_nonfinite: bool = False
 
     def __post_init__(self):
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
-            raise UsageError(f"--alpha must be a number, got {self.alpha!r}")
-        if not math.isfinite(self.alpha):
-            raise UsageError(f"--alpha must be finite, got {self.alpha}")
+        checked(self.alpha, "--alpha")
         parse_dtype(self.output_dtype, fp8=True)
         check_output_format(self.output_format, self.max_shard_size)
 

@@ -21,6 +21,7 @@ from ..lora.patches import load_deltas
 from ..run.staging import device_lock, stage, staging_size, thread_buffer
 from ..workdir import WorkDir
 from .blocked import device_block_rows, merge_blocked
+from .checks import Carried, checked
 from .fp8 import fp8_result, is_fp8_task
 from .plan import MergeTask
 
@@ -57,19 +58,21 @@ def run_merge_task(
     ``stage_bytes`` (default: this task's own)."""
     start = time.perf_counter()
     dtype = stf.DTYPE_BY_CODE[task.out_dtype]
+    carried = Carried()
     if block_rows is None and torch.device(device).type == "cuda":
         block_rows = device_block_rows(task, torch.device(device))
     if block_rows is not None:
         dev = torch.device(device)
         with device_lock(dev):
-            checksum = merge_blocked(task, slot, dev, dtype, block_rows, allow_nonfinite)
-        return _finish(task, slot, work_dir, stamp, checksum, start, block_rows)
+            checksum = merge_blocked(task, slot, dev, dtype, block_rows, allow_nonfinite, carried)
+        return _finish(task, slot, work_dir, stamp, checksum, start, block_rows, carried)
     if is_fp8_task(task):  # scaled fp8 read or written (fp8.py)
-        checksum = write_at(slot, fp8_result(task, device, allow_nonfinite))
-        return _finish(task, slot, work_dir, stamp, checksum, start)
+        checksum = write_at(slot, fp8_result(task, device, allow_nonfinite, carried))
+        return _finish(task, slot, work_dir, stamp, checksum, start, carried=carried)
     with mapped(task.base) as view:
         if task.kind != "merged":
-            checksum = write_at(slot, _cast(view, dtype))
+            result = checked(task, _cast(view, dtype), view, dtype, allow_nonfinite, carried)
+            checksum = write_at(slot, result)
         else:
             dev = torch.device(device)
             # GPU: read the base into pinned memory, then hold the device for the merge, the
@@ -84,9 +87,12 @@ def run_merge_task(
                     on_device = _cast(merged, dtype)
                     merged = thread_buffer(task.base.shape, on_device.dtype, "cpu", "result")
                     merged.copy_(on_device)
-    if task.kind == "merged":
-        checksum = write_at(slot, _cast(merged, dtype))
-    return _finish(task, slot, work_dir, stamp, checksum, start)
+            if task.kind == "merged":
+                result = _cast(merged, dtype)
+                checksum = write_at(
+                    slot, checked(task, result, view, dtype, allow_nonfinite, carried)
+                )
+    return _finish(task, slot, work_dir, stamp, checksum, start, carried=carried)
 
 
 def _finish(
@@ -97,6 +103,7 @@ def _finish(
     checksum: int,
     start: float,
     block_rows: int | None = None,
+    carried: Carried | None = None,
 ) -> dict:
     """Write and return the completion marker of a task whose bytes are written."""
     marker = {
@@ -112,5 +119,7 @@ def _finish(
     if block_rows is not None:
         blocks = -(-task.base.shape[0] // block_rows)
         marker["blocked"] = {"block_rows": block_rows, "blocks": blocks}
+    if carried is not None and carried.why:  # written holding NaN or Inf (checks.py)
+        marker["nonfinite"] = carried.why
     WorkDir(work_dir).write_marker(task.key, marker)
     return marker

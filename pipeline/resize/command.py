@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from ..errors import LoraMismatch
+from ..errors import LoraMismatch, ShapeMismatch, UsageError
 from ..export.outputs import lowrank_entry, outputs_summary
 from ..export.write import Exported, export_loras
 from ..export.writer import lora_location
@@ -16,7 +16,7 @@ from ..io.reader import TensorInfo, index_checkpoint
 from ..lora.config import MergeConfig
 from ..lora.inputs import LoraInput, find_weights, open_lora
 from ..lora.keys import KOHYA_PREFIXES
-from ..lora.modules import own_targets
+from ..lora.modules import kohya_keys, own_targets
 from ..lora.paths import lora_paths
 from ..lora.summary import lora_summaries
 from ..run.cluster import TaskCall
@@ -65,8 +65,10 @@ class Resize:
         index = index_checkpoint(self.base, self.base_type) if self.base else None
         targets = index.tensors if index else _own_targets(loras, self.lora_type)
         shapes = {key: info.shape for key, info in targets.items()}
+        against = "the base" if index else "anything"
         self.opened = [
-            open_lora(s, shapes, self.lora_type, options.allow_nonfinite) for s in loras.loras
+            open_lora(s, shapes, self.lora_type, options.allow_nonfinite, against)
+            for s in loras.loras
         ]
         inputs = lora_paths(self.opened, loras.path)
         if index:
@@ -114,16 +116,37 @@ def _call(task: ResizeTask, session: Session, fingerprint: dict, options) -> Tas
 
 
 def _own_targets(loras: MergeConfig, lora_type: str | None) -> dict[str, TensorInfo]:
-    """Targets named from the LoRAs' own module names (no base given); the first LoRA to name
-    a target gives its shape."""
+    """Targets named from the LoRAs' own module names (no base given). LoRAs summed must agree
+    on each target's shape, and a LoRA must name at least one target itself: one with only
+    kohya names needs ``--base``, as convert says."""
     targets: dict[str, TensorInfo] = {}
     for spec in loras.loras:
         file, fmt, _config = find_weights(spec.path, lora_type)
-        lora = index_checkpoint(file, fmt)
-        own = own_targets({key: info.shape for key, info in lora.tensors.items()})
+        shapes = {key: info.shape for key, info in index_checkpoint(file, fmt).tensors.items()}
+        own = own_targets(shapes)
+        if not own and (kohya := kohya_keys(shapes)):
+            example = next((k for k in kohya if not k.endswith(".alpha")), kohya[0])
+            raise UsageError(
+                f"kohya names ('{example}') map back to module names only through the model "
+                "they patch",
+                path=file,
+                hint="pass --base MODEL",
+            )
         for key, shape in own.items():
-            targets.setdefault(key, TensorInfo(key, file, "F32", tuple(shape)))
+            first = targets.setdefault(key, TensorInfo(key, file, "F32", tuple(shape)))
+            if first.shape != tuple(shape):
+                raise ShapeMismatch(
+                    f"its delta of {key} is {_dims(shape)}, but {first.file}'s is "
+                    f"{_dims(first.shape)}: LoRAs summed must patch the same shapes",
+                    path=file,
+                    hint="are they for different models? pass --base MODEL to check each "
+                    "against the model",
+                )
     return targets
+
+
+def _dims(shape) -> str:
+    return "x".join(map(str, shape))
 
 
 def _check_something_to_write(plan: ResizePlan, opened: list[LoraInput]) -> None:

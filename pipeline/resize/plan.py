@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ..io.reader import TensorInfo
 from ..lora.inputs import LoraInput
 from ..lora.keys import Unmatched
-from ..lora.patches import PatchRef, collect_patches
+from ..lora.patches import PatchRef, collect_patches, describe
 from ..lora.styles import KeyStyle
 from .options import ResizeOptions
 
@@ -52,6 +52,13 @@ class ResizeTask:
     @property
     def read_bytes(self) -> int:
         return sum(t.nbytes for p in self.patches for t in p.tensors)
+
+    @property
+    def made_from(self) -> str:
+        """What its output tensors are made from, for messages (``export/write.py``)."""
+        return describe(self.patches)
+
+    knob = "lower --strength"  # what scales the sum (``io/finite.output_fix``)
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,8 @@ def execute(
     command: Command, run: RunOptions, output: str, progress: Progress | None = None
 ) -> dict:
     """Run ``command`` writing ``output``; return its report (also saved as JSON)."""
-    session = Session.open(command.name, run, output, command.output_format, progress)
+    option = getattr(command, "output_option", "--output")  # convert: OUT
+    session = Session.open(command.name, run, output, command.output_format, progress, option)
     command.prepare(session)
     if command.work is None:
         return _run_and_publish(command, session)

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 
 import psutil
 
+from ..errors import UsageError
 from . import staging
 
 SAFE_FRACTION = 0.6  # of the memory available at start: the rest is the process's own (torch,
@@ -88,6 +89,48 @@ def cgroup_available() -> int | None:
         left = max(limit - max((usage or 0) - cache, 0), 0)
         tightest = left if tightest is None else min(tightest, left)
     return tightest
+
+
+def cgroup_limit() -> int | None:
+    """The tightest memory limit of this process's cgroups; None without one."""
+    limits = []
+    for d in _cgroup_dirs():
+        limit = _read_int(os.path.join(d, "memory.limit_in_bytes")) or _read_int(
+            os.path.join(d, "memory.max")
+        )
+        if limit is not None and limit < 1 << 60:  # "no limit" is a huge number in v1
+            limits.append(limit)
+    return min(limits, default=None)
+
+
+def machine_memory() -> int:
+    """All the memory this process could ever hold: the machine's, or its cgroup limit."""
+    total = psutil.virtual_memory().total
+    limit = cgroup_limit()
+    return total if limit is None else min(total, limit)
+
+
+def check_budget(budget: int | None, scheduler: str | None) -> None:
+    """Refuse a ``--max-memory`` above what this machine has: tasks admitted against it would
+    be killed for memory mid-run. On a ``--scheduler`` cluster the budget is each worker's, on
+    machines this one cannot see: not checked."""
+    if budget is None or scheduler:
+        return
+    have = machine_memory()
+    if budget > have:
+        raise UsageError(
+            f"--max-memory {_size(budget)} is more than this machine has ({_size(have)}, "
+            "cgroup limits included)",
+            hint="give at most that, or leave --max-memory out for 60% of the memory available",
+        )
+
+
+def _size(n: int) -> str:
+    unit, factor = next((u, f) for u, f in _UNITS if n >= f or u == "MB")
+    return f"{n / factor:.3g} {unit}"
+
+
+_UNITS = (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6))
 
 
 def available_memory() -> int:

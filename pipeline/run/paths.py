@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..errors import OutputError, UsageError
+from ..errors import ModelMismatch, OutputError, UsageError
 from ..io.reader import CheckpointIndex
 
 
@@ -25,6 +25,18 @@ class UserPath:
 
     def describe(self) -> str:
         return f"{self.role} {self.path}"
+
+
+def check_two_models(source: str, target: str) -> None:
+    """The same checkpoint given as ``--source-model`` and ``--target-model`` differs from
+    itself nowhere (extract would write an empty LoRA, verify divide by zero): refused before
+    any work."""
+    if os.path.exists(source) and os.path.exists(target) and os.path.samefile(source, target):
+        raise ModelMismatch(
+            f"is the --source-model too ({source}): a model does not differ from itself",
+            path=target,
+            hint="pass the fine-tuned checkpoint as --target-model",
+        )
 
 
 def checkpoint_paths(role: str, index: CheckpointIndex) -> list[UserPath]:
@@ -57,20 +69,21 @@ def check_path_argument(value: str | None, option: str) -> None:
         raise UsageError(f"{option} is empty", hint=f"give a path, or leave {option} out")
 
 
-def check_output_argument(output: str) -> None:
-    """An ``--output`` that names no file is refused before it becomes ``<cwd>.safetensors``
-    or ``<dir>.safetensors``."""
+def check_output_argument(output: str, option: str = "--output") -> None:
+    """An output (``option``: what the command calls it) that names no file is refused before
+    it becomes ``<cwd>.safetensors`` or ``<dir>.safetensors``."""
     if not output.strip():
-        raise UsageError("--output is empty", hint="give the output's file name")
+        raise UsageError(f"{option} is empty", hint="give the output's file name")
     if output.endswith(("/", os.sep)):
         raise UsageError(
-            f"--output {output} names a directory", hint="give a file name inside it for --output"
+            f"{option} {output} names a directory",
+            hint=f"give a file name inside it for {option}",
         )
     if os.path.isdir(output):
         raise OutputError(
             "is a directory",
             path=os.path.abspath(os.path.expanduser(output)),
-            hint="give a file name for --output",
+            hint=f"give a file name for {option}",
         )
 
 

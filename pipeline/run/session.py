@@ -14,7 +14,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ..errors import ClusterError, LoraforgeError, WorkDirConflict
-from ..io.atomic import remove_quietly, temporary_name, write_json, write_json_to
+from ..io.atomic import (
+    remove_quietly,
+    strict_json,
+    temporary_name,
+    write_json,
+    write_json_to,
+)
 from ..io.layout import output_candidates, output_path
 from ..workdir import RunLock, WorkDir
 from ..workdir.clean import leftover_temporaries
@@ -22,7 +28,7 @@ from .cluster import TaskCall, run_tasks
 from .device import resolve_device
 from .faults import maybe_crash
 from .gpu import select_gpus, visible_gpus
-from .memory import default_budget
+from .memory import check_budget, default_budget
 from .options import RunOptions
 from .paths import (
     UserPath,
@@ -44,6 +50,7 @@ def _resources(run: RunOptions) -> tuple[str, list[str] | None, int]:
     ``--gpus`` workers' GPUs and the memory budget."""
     device = resolve_device(run.device, scheduler=run.scheduler, gpus=run.gpus)
     gpus = select_gpus(run.gpus, visible_gpus()) if run.gpus else None
+    check_budget(run.max_memory, run.scheduler)
     return device, gpus, run.max_memory or default_budget()
 
 
@@ -60,6 +67,7 @@ class Session:
     given_output: str = ""  # --output as typed (absolute), before the suffix rule
     budget: int = 0  # bytes the running tasks may hold together (--max-memory or default)
     outputs: list[str] = field(default_factory=list)  # written beside --output (check_paths)
+    output_option: str = "--output"  # what the command calls its output (convert: OUT)
     writers: list = field(default_factory=list)  # the run's outputs, published together
     _discard: bool = False
 
@@ -71,16 +79,18 @@ class Session:
         output: str,
         output_format: str,
         progress: Progress | None = None,
+        output_option: str = "--output",
     ) -> Session:
-        """Resolve and check the output location and the device: the checks that need no
-        input, so a bad option fails before any checkpoint is opened."""
+        """Resolve and check the output location (``output_option``: what the command calls
+        it) and the device: the checks that need no input, so a bad option fails before any
+        checkpoint is opened."""
         started = time.time()
-        check_output_argument(output)
+        check_output_argument(output, output_option)
         check_path_argument(run.report, "--report")
         check_path_argument(run.work_dir, "--work-dir")
         given = os.path.abspath(os.path.expanduser(output))
         output = output_path(output, output_format)
-        check_writable_location(output, "--output")
+        check_writable_location(output, output_option)
         device, gpus, budget = _resources(run)
         work = WorkDir(run.work_dir or output + ".work")
         session = cls(
@@ -94,6 +104,7 @@ class Session:
             started,
             given,
             budget,
+            output_option=output_option,
         )
         check_writable_location(session.report_path, "--report")
         return session
@@ -128,12 +139,12 @@ class Session:
                 check_paths([UserPath("--report", self.report_path)], inputs, None)
             return
         written = [
-            UserPath("--output", file)
+            UserPath(self.output_option, file)
             for output in (self.output, *outputs)
             for file in output_candidates(output)
         ]
         if self.given_output != self.output:  # the path as typed, before the suffix rule
-            written.append(UserPath("--output", self.given_output))
+            written.append(UserPath(self.output_option, self.given_output))
         written.append(UserPath("--report", self.report_path))
         check_paths(written, inputs, UserPath("--work-dir", self.work.path))
 
@@ -243,7 +254,7 @@ class Session:
         report["summary"]["report"] = self.report_path
         pending = temporary_name(self.report_path)
         try:
-            write_json_to(pending, report)
+            write_json_to(pending, strict_json(report))
             for each in self.writers:
                 each.publish()
         except BaseException:
@@ -271,7 +282,7 @@ class Session:
     def save_report(self, report: dict) -> None:
         """The report alone, for a run refused after its checks (``merge --strict``)."""
         report["summary"]["report"] = self.report_path
-        write_json(self.report_path, report)
+        write_json(self.report_path, strict_json(report))
 
     def keep_for_resume(self, temporaries: list[str]) -> None:
         """Say where a failed run left what a rerun resumes from, and how to remove it."""

@@ -19,7 +19,7 @@ from ..lora.paths import lora_paths
 from ..lora.summary import lora_summaries
 from ..run.cluster import TaskCall
 from ..run.options import RunOptions
-from ..run.paths import checkpoint_paths
+from ..run.paths import check_two_models, checkpoint_paths
 from ..run.report import build_report
 from ..run.session import Progress, Session
 from .options import VerifyOptions
@@ -52,6 +52,7 @@ def verify(
     session = Session.open_read_only("verify", run, progress)
     base = index_checkpoint(source_model, source_type)
     target = index_checkpoint(target_model, target_type)
+    check_two_models(base.path, target.path)
     shapes = {key: info.shape for key, info in base.tensors.items()}
     opened = [open_lora(spec, shapes, lora_type) for spec in loras.loras]
     session.check_paths(
@@ -92,6 +93,13 @@ def verify(
     ]
     done = session.compute(calls)
     results = {task.key: done[task.name] for task in plan.tasks}
+    if not any(result["change_sq"] for result in results.values()):
+        raise ModelMismatch(
+            f"equals the base in all {len(results)} tensors compared, so no error can be "
+            "measured against the change",
+            path=target.path,
+            hint="pass the fine-tuned checkpoint as --target-model",
+        )
     session.emit("write", {"tensors": len(plan.tasks)})
     report = _report(plan, opened, results, session, base.path, target.path)
     report["summary"]["warnings"] = warnings

@@ -18,7 +18,9 @@ import torch
 from loraforge.stages.quantize import dequantize, scale_rows
 
 from ..errors import NonFiniteTensor
+from ..io.finite import is_finite
 from ..io.reader import TensorInfo, load_tensor, mapped
+from ..lora.patches import describe
 from .plan import VerifyTask
 
 BLOCK_ELEMENTS = 1 << 20  # fp64 elements per block of rows: 8 MiB per operand
@@ -72,15 +74,35 @@ def run_verify_task(task: VerifyTask) -> dict:
             error_sq += float((error * error).sum())
             change_sq += float((change * change).sum())
     if not (math.isfinite(error_sq) and math.isfinite(change_sq)):
-        raise NonFiniteTensor(
-            "B + LoRA or F holds NaN or Inf here",
-            path=task.target.file,
-            key=task.key,
-            hint="check the models and LoRAs for NaN/Inf",
-        )
+        raise _culprit(task)
     return {
         "key": task.key,
         "error_sq": error_sq,
         "change_sq": change_sq,
         "seconds": round(time.perf_counter() - start, 4),
     }
+
+
+def _culprit(task: VerifyTask) -> NonFiniteTensor:
+    """Which input makes the sums NaN or Inf (read again: the rare path): F, B, a LoRA tensor,
+    or none of them, when only B + LoRA leaves fp64's range."""
+    for info, what in ((task.target, "the fine-tuned model"), (task.base, "the base")):
+        with mapped(info) as view:
+            if not is_finite(view):
+                return NonFiniteTensor(
+                    f"holds NaN or Inf ({what})", path=info.file, key=info.key,
+                    hint="fix or re-save the checkpoint",
+                )  # fmt: skip
+    for patch in task.patches:
+        for info in patch.tensors:
+            with mapped(info) as view:
+                if not is_finite(view):
+                    return NonFiniteTensor(
+                        "holds NaN or Inf", path=info.file, key=info.key, hint="fix the LoRA"
+                    )
+    return NonFiniteTensor(
+        f"B + LoRA leaves fp64's range here; made from {describe(task.patches)}",
+        path=task.base.file,
+        key=task.key,
+        hint="lower --strength",
+    )

@@ -4,7 +4,7 @@ its run left to resume from."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import UsageError
 from ..io.atomic import remove_quietly
@@ -16,8 +16,9 @@ from .store import WorkDir
 @dataclass(frozen=True)
 class Cleaned:
     path: str  # the work directory (a symlink given is followed)
-    size: int  # bytes it held
+    size: int  # bytes removed
     temporaries: list[str]  # temporary output files removed beside the run's output
+    kept: list[str] = field(default_factory=list)  # files not loraforge's, relative, kept
 
 
 def leftover_temporaries(manifest: dict | None) -> list[str]:
@@ -76,4 +77,16 @@ def clean_work_dir(path: str) -> Cleaned:
     finally:
         lock.release()
     work.remove()
-    return Cleaned(work.path, size, temporaries)
+    kept = _left_in(work.path)
+    size -= work.size_bytes()
+    return Cleaned(work.path, size, temporaries, kept)
+
+
+def _left_in(path: str) -> list[str]:
+    """Every file (or symlink) still under ``path``, relative to it: none of them loraforge's."""
+    left = []
+    for directory, dirs, files in os.walk(path):
+        rel = os.path.relpath(directory, path)
+        links = [d for d in dirs if os.path.islink(os.path.join(directory, d))]
+        left += [os.path.normpath(os.path.join(rel, name)) for name in files + links]
+    return sorted(left)

@@ -18,9 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 from collections.abc import Iterator
-from urllib.parse import quote
 
 import numpy as np
 import zarr
@@ -31,6 +29,7 @@ from .. import __version__
 from ..errors import WorkDirConflict
 from ..io.atomic import remove_quietly, write_json
 from . import zarr_direct
+from .own import entry_name, remove_entry, remove_markers, remove_results
 
 # Rows per chunk are chosen so a chunk holds about this many bytes.
 _CHUNK_BYTES = 64 * 2**20
@@ -40,8 +39,7 @@ class CorruptEntry(Exception):
     """An intermediate that has a marker but cannot be read back intact."""
 
 
-def _entry(key: str) -> str:
-    return quote(key, safe=".-_")
+_entry = entry_name
 
 
 def _chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -136,8 +134,8 @@ class WorkDir:
         """``key``'s group, emptied (and its marker removed) for a new result."""
         remove_quietly(self.marker_path(key))
         entry = os.path.join(self.tensors, _entry(key))
-        shutil.rmtree(entry, ignore_errors=True)
-        os.makedirs(entry)
+        remove_entry(entry)
+        os.makedirs(entry, exist_ok=True)  # a user's file in it is kept
         zarr_direct.write_group(entry)
         return entry
 
@@ -150,8 +148,9 @@ class WorkDir:
         return zarr_direct.RowChunkWriter(os.path.join(entry, name), shape, chunk_rows)
 
     def write_marker(self, key: str, marker: dict) -> None:
-        """The marker alone: for commands whose result lives elsewhere (merge's output)."""
-        write_json(self.marker_path(key), marker)
+        """The marker alone: for commands whose result lives elsewhere (merge's output). It
+        names its key, which is how ``clean`` tells it from a file of the user's (``own.py``)."""
+        write_json(self.marker_path(key), {"key": key, **marker})
 
     def attributes(self, key: str, name: str) -> dict:
         """One stored array's zarr attributes, read from its ``zarr.json`` without opening the
@@ -216,17 +215,20 @@ class WorkDir:
         results = asyncio.run(everything())
         return dict(zip([key for key, _ in entries], results, strict=True))
 
-    def clear(self) -> None:
-        """Forget every result (``--no-resume``, or a merge whose inputs changed)."""
-        shutil.rmtree(self.tensors, ignore_errors=True)
-        shutil.rmtree(self.done, ignore_errors=True)
+    def clear(self) -> list[str]:
+        """Forget every result (``--no-resume``, or a merge whose inputs changed): delete what
+        loraforge wrote in ``tensors/`` and ``done/`` (``own.py``); return the files of the
+        user's kept there, relative to the work directory."""
+        kept = [os.path.join("tensors", k) for k in remove_results(self.tensors)]
+        return kept + [os.path.join("done", k) for k in remove_markers(self.done)]
 
     def remove(self) -> None:
         """Delete what loraforge made here (results, markers, manifest), then the directory
         itself if nothing else is left in it: a user's own files are never deleted."""
         self.clear()
-        remove_quietly(self.manifest_path)
-        remove_quietly(os.path.join(self.path, OWNER_FILE))
+        for name in ("run.json", OWNER_FILE):
+            remove_quietly(os.path.join(self.path, name))
+            remove_quietly(os.path.join(self.path, f".{name}.partial"))
         try:
             os.rmdir(self.path)
         except OSError:
@@ -234,7 +236,7 @@ class WorkDir:
 
     def discard(self, key: str) -> None:
         remove_quietly(self.marker_path(key))
-        shutil.rmtree(os.path.join(self.tensors, _entry(key)), ignore_errors=True)
+        remove_entry(os.path.join(self.tensors, _entry(key)))
 
     def size_bytes(self) -> int:
         total = 0

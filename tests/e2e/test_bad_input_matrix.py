@@ -11,7 +11,6 @@ there. The "Safety" rules in docs/safety.md are the specification.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -33,6 +32,7 @@ from tests.helpers.checkpoints import (
     save_sharded,
 )
 from tests.helpers.cli import run_cli
+from tests.helpers.tree import snapshot
 
 # ---- the input tree ------------------------------------------------------------------------
 
@@ -223,24 +223,6 @@ def fill(template: str, paths: dict[str, str]) -> str:
     for name, path in paths.items():
         template = template.replace("{" + name + "}", path)
     return template
-
-
-def snapshot(root: str) -> dict[str, str]:
-    """Every entry under ``root`` (hidden ones too): a file's sha256, a symlink's target,
-    ``dir`` for a directory."""
-    entries = {}
-    for directory, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = os.path.join(directory, name)
-            rel = os.path.relpath(path, root)
-            if os.path.islink(path):
-                entries[rel] = "link -> " + os.readlink(path)
-            elif os.path.isdir(path):
-                entries[rel] = "dir"
-            else:
-                with open(path, "rb") as f:
-                    entries[rel] = hashlib.sha256(f.read()).hexdigest()
-    return entries
 
 
 # ---- the rows -------------------------------------------------------------------------------

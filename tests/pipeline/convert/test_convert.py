@@ -1,6 +1,7 @@
 """``loraforge convert`` across every key style: there and back gives the same tensors (an alpha
 that went through a config comes back as fp32 with the same value), every style merges to the
-same bytes as the original, and what a style cannot hold is listed, never dropped silently. (The peft package loading an adapter: tests/e2e/test_extract_key_styles.py.)"""
+same bytes as the original, and what a style cannot hold is listed, never dropped silently.
+(The peft package loading an adapter: tests/e2e/test_extract_key_styles.py.)"""
 
 from __future__ import annotations
 
@@ -84,10 +85,12 @@ def same_but_alpha_dtype(a: dict, b: dict) -> bool:
     """``same``, except that an alpha that went through a config comes back in fp32 holding
     the same value (one copied from key to key keeps its dtype)."""
     alphas = [k for k in a if k.endswith(".alpha")]
-    return (
-        same({k: v for k, v in a.items() if k not in alphas}, {k: v for k, v in b.items() if k not in alphas})
-        and all(k in b and b[k].dtype in (a[k].dtype, torch.float32) and a[k].item() == b[k].item() for k in alphas)
-    )  # fmt: skip
+    rest_a = {k: v for k, v in a.items() if k not in alphas}
+    rest_b = {k: v for k, v in b.items() if k not in alphas}
+    return same(rest_a, rest_b) and all(
+        k in b and b[k].dtype in (a[k].dtype, torch.float32) and a[k].item() == b[k].item()
+        for k in alphas
+    )
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +198,7 @@ def test_converting_an_adapter_onto_itself_is_refused(setup, converted):
     before = {n: open(os.path.join(adapter, n), "rb").read() for n in os.listdir(adapter)}
     result = run_cli("convert", adapter, adapter, "--to", "peft", "--base", base)
     assert result.exit_code == 2
-    assert "--output would overwrite the input LORA" in result.output
+    assert "OUT would overwrite the input IN" in result.output  # named as the CLI names them
     assert {n: open(os.path.join(adapter, n), "rb").read() for n in os.listdir(adapter)} == before
 
 
@@ -233,8 +236,7 @@ def test_in_is_resolved_and_a_missing_in_names_the_argument(setup, converted, mo
     assert result.exit_code == 2
     config = f"{folder}/{adapter}/adapter_config.json"
     assert result.stderr == (
-        f"error: {config}: --output would overwrite the input LORA {config} (choose another "
-        "--output)\n"
+        f"error: {config}: OUT would overwrite the input IN {config} (choose another OUT)\n"
     )
     result = run_cli("convert", "gone.safetensors", "out", "--to", "kohya")
     assert result.exit_code == 1

@@ -13,14 +13,12 @@ from loraforge.pipeline.extract.resume import (
     Decision,
     decide,
     extract_fingerprint,
-    file_stat,
     input_changes,
     read_record,
     refreshed_marker,
-    stored_crc32c,
-    tensor_crc32c,
 )
 from loraforge.pipeline.extract.task import run_extract_task
+from loraforge.pipeline.io.fingerprint import file_stat, stored_crc32c, tensor_crc32c
 from loraforge.pipeline.io.reader import TensorInfo, index_checkpoint
 from loraforge.pipeline.workdir import WorkDir
 

@@ -91,12 +91,17 @@ def test_a_wan_model_is_written_in_each_styles_layout():
         "base_model.model.head.head.lora_B.weight"
     )
     same = KEY_STYLES["lightx2v"].for_model(WAN_ORIGINAL)
-    assert same.lowrank_names("head.head.weight")["up"] == "diffusion_model.head.head.lora_up.weight"
+    assert (
+        same.lowrank_names("head.head.weight")["up"] == "diffusion_model.head.head.lora_up.weight"
+    )
 
 
 def test_a_model_that_only_shares_generic_names_is_not_renamed():
     toy = KEY_STYLES["diffusers"].for_model(["blocks.0.ffn.0.weight", "blocks.0.modulation"])
-    assert toy.lowrank_names("blocks.0.ffn.0.weight")["up"] == "transformer.blocks.0.ffn.0.lora_B.weight"
+    assert (
+        toy.lowrank_names("blocks.0.ffn.0.weight")["up"]
+        == "transformer.blocks.0.ffn.0.lora_B.weight"
+    )
 
 
 @pytest.mark.parametrize(

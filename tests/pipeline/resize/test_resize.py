@@ -177,3 +177,26 @@ def test_a_nonfinite_low_rank_sum_is_refused_naming_the_tensor(tmp_path, loras):
         f"{path}: tensor '{up}': holds NaN or Inf (a low-rank sum that is not finite cannot be "
         "refactored; fix the LoRA: --allow-nonfinite keeps NaN or Inf only in full diffs)"
     )
+
+
+@pytest.mark.parametrize(
+    "key_style, file, names",
+    [
+        ("lightx2v", "out.safetensors", ("lora_up.weight", "lora_down.weight")),
+        ("peft", "out/adapter_model.safetensors", ("lora_B.weight", "lora_A.weight")),
+    ],
+)
+def test_conv_factors_keep_their_dims(tmp_path, key_style, file, names):
+    """A conv LoRA (up out×r×1×1, down r×in×kh×kw) resizes to factors of the same form, whose
+    product is the original's (PEFT writes conv LoRAs this way too)."""
+    up, down = rand(16, 4, 1, 1, seed=1), rand(4, 8, 3, 3, seed=2)
+    lora = {"conv.lora_up.weight": up, "conv.lora_down.weight": down}
+    path = save_lora(tmp_path, "conv.safetensors", lora)
+    run(tmp_path, [(path, 1.0)], RankRule(rank=4), name="out", key_style=key_style)
+    out = load_file(tmp_path / file)
+    (new_up,) = [v for k, v in out.items() if k.endswith(names[0])]
+    (new_down,) = [v for k, v in out.items() if k.endswith(names[1])]
+    assert (new_up.shape, new_down.shape) == ((16, 4, 1, 1), (4, 8, 3, 3))
+    product = new_up.flatten(1).double() @ new_down.flatten(1).double()
+    exact = up.flatten(1).double() @ down.flatten(1).double()
+    assert torch.allclose(product, exact, rtol=0, atol=1e-5)

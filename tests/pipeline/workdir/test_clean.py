@@ -63,3 +63,37 @@ def test_a_directory_without_markers_is_not_a_work_directory(tmp_path):
         "(give the --work-dir of a run; the default is <output>.work)"
     )
     assert os.listdir(tmp_path / "plain") == ["model.safetensors"]
+
+
+def test_a_users_files_inside_tensors_and_done_are_kept_and_named(tmp_path):
+    """Only files loraforge writes there by name (zarr metadata and chunks, markers naming
+    their key, their temporaries) are deleted; a user's anywhere inside stays, byte for byte."""
+    work = filled(tmp_path / "w")
+    work.save("b.weight", {"up": np.ones((3, 2), np.float32)}, {"kind": "lowrank"})
+    mine = {
+        "tensors/notes.txt": b"mine",
+        "tensors/a.weight/extra/data.bin": b"\x00\x01",
+        "tensors/zarr.json.bak": b"{}",
+        "done/todo.json": b'{"key": "not.this.one"}',
+        "done/readme": b"r",
+    }
+    for rel, data in mine.items():
+        os.makedirs(os.path.dirname(tmp_path / "w" / rel), exist_ok=True)
+        (tmp_path / "w" / rel).write_bytes(data)
+    cleaned = clean_work_dir(work.path)
+    assert cleaned.kept == sorted(mine)
+    left = {
+        os.path.relpath(os.path.join(d, f), tmp_path / "w")
+        for d, _, files in os.walk(tmp_path / "w")
+        for f in files
+    }
+    assert left == set(mine)
+    assert all((tmp_path / "w" / rel).read_bytes() == data for rel, data in mine.items())
+
+
+def test_no_resume_clears_results_but_not_a_users_file(tmp_path):
+    work = filled(tmp_path / "w")
+    (tmp_path / "w" / "tensors" / "keep.me").write_text("mine")
+    assert work.clear() == [os.path.join("tensors", "keep.me")]
+    assert work.read_marker("a.weight") is None
+    assert sorted(os.listdir(tmp_path / "w" / "tensors")) == ["keep.me"]
