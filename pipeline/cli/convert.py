@@ -11,7 +11,8 @@ from ..io.dtypes import parse_size
 from ..lora.styles import KEY_STYLE_HELP
 from ..run.options import RunOptions
 from .app import app, running
-from .options import RUN, CheckpointType, KeyStyleName, MaxShardSize
+from .option_sets import RUN
+from .options import CheckpointType, KeyStyleName, MaxShardSize
 from .parameters import expand
 
 

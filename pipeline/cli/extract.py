@@ -10,19 +10,8 @@ from ..extract.command import extract
 from ..extract.options import ExtractOptions
 from ..run.options import RunOptions
 from .app import app, running
-from .options import (
-    KERNEL,
-    LORA_OUTPUT,
-    RUN,
-    CheckpointType,
-    KernelFlags,
-    LoraOutputFlags,
-    OutputPath,
-    SourceModel,
-    SourceType,
-    TargetModel,
-    TargetType,
-)
+from .option_sets import KERNEL, LORA_OUTPUT, RUN, KernelFlags, LoraOutputFlags
+from .options import CheckpointType, OutputPath, SourceModel, SourceType, TargetModel, TargetType
 from .parameters import expand
 
 

@@ -12,12 +12,10 @@ from ..merge.command import merge
 from ..merge.options import MergeOptions
 from ..run.options import RunOptions
 from .app import app, running
+from .option_sets import LORAS, RUN, LoraFlags
 from .options import (
-    LORAS,
-    RUN,
     AllowNonfinite,
     CheckpointType,
-    LoraFlags,
     MaxShardSize,
     MergeOutputDtype,
     OutputFormat,

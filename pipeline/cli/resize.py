@@ -10,16 +10,8 @@ from ..resize.command import resize
 from ..resize.options import ResizeOptions
 from ..run.options import RunOptions
 from .app import app, running
-from .options import (
-    LORA_OUTPUT,
-    LORAS,
-    RUN,
-    AllowNonfinite,
-    CheckpointType,
-    LoraFlags,
-    LoraOutputFlags,
-    OutputPath,
-)
+from .option_sets import LORA_OUTPUT, LORAS, RUN, LoraFlags, LoraOutputFlags
+from .options import AllowNonfinite, CheckpointType, OutputPath
 from .parameters import expand
 
 RESIZE_RANK = Annotated[

@@ -12,16 +12,8 @@ from ..run.options import RunOptions
 from ..verify.command import verify
 from ..verify.options import VerifyOptions
 from .app import app, running
-from .options import (
-    LORAS,
-    RUN,
-    CheckpointType,
-    LoraFlags,
-    SourceModel,
-    SourceType,
-    TargetModel,
-    TargetType,
-)
+from .option_sets import LORAS, RUN, LoraFlags
+from .options import CheckpointType, SourceModel, SourceType, TargetModel, TargetType
 from .parameters import expand
 
 VERIFY_RUN = RUN.only(
