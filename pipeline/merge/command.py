@@ -14,6 +14,7 @@ from ..lora.inputs import LoraInput, open_lora
 from ..lora.patches import refusal
 from ..lora.paths import lora_paths
 from ..lora.summary import lora_summaries
+from ..run.clock import task_seconds
 from ..run.cluster import TaskCall
 from ..run.command import execute
 from ..run.options import RunOptions
@@ -245,6 +246,7 @@ def _report(plan, base, opened, markers, files, session: Session) -> dict:
         "dropped": plan.dropped,
         "warnings": [f"{lora.label}: {w}" for lora in opened for w in lora.warnings],
         "memory": memory_summary(session.budget, tensors),
+        "task_seconds": task_seconds(m for m in markers.values() if m["status"] == "computed"),
     }
     inputs = {"source": base.path, "loras": [lora.label for lora in opened]}
     return build_report("merge", plan.options.to_dict(), inputs, tensors, extra, session.started)

@@ -15,9 +15,11 @@ from loraforge.stages.merge import merge_weight
 
 from ..io import safetensors_format as stf
 from ..io.layout import Slot
+from ..io.maps import prefault
 from ..io.reader import mapped
 from ..io.slots import write_at
 from ..lora.patches import load_deltas
+from ..run.clock import PhaseClock
 from ..run.staging import device_lock, stage, staging_size, thread_buffer
 from ..workdir import WorkDir
 from .blocked import device_block_rows, merge_blocked
@@ -69,10 +71,17 @@ def run_merge_task(
     if is_fp8_task(task):  # scaled fp8 read or written (fp8.py)
         checksum = write_at(slot, fp8_result(task, device, allow_nonfinite, carried))
         return _finish(task, slot, work_dir, stamp, checksum, start, carried=carried)
+    clock = PhaseClock()
     with mapped(task.base) as view:
+        prefault(view)
+        clock.lap("read")
         if task.kind != "merged":
-            result = checked(task, _cast(view, dtype), view, dtype, allow_nonfinite, carried)
+            result = _cast(view, dtype)
+            clock.lap("cast")
+            result = checked(task, result, view, dtype, allow_nonfinite, carried)
+            clock.lap("check")
             checksum = write_at(slot, result)
+            clock.lap("write")
         else:
             dev = torch.device(device)
             # GPU: read the base into pinned memory, then hold the device for the merge, the
@@ -87,12 +96,14 @@ def run_merge_task(
                     on_device = _cast(merged, dtype)
                     merged = thread_buffer(task.base.shape, on_device.dtype, "cpu", "result")
                     merged.copy_(on_device)
-            if task.kind == "merged":
-                result = _cast(merged, dtype)
-                checksum = write_at(
-                    slot, checked(task, result, view, dtype, allow_nonfinite, carried)
-                )
-    return _finish(task, slot, work_dir, stamp, checksum, start, carried=carried)
+            clock.lap("product")
+            result = _cast(merged, dtype)
+            clock.lap("cast")
+            result = checked(task, result, view, dtype, allow_nonfinite, carried)
+            clock.lap("check")
+            checksum = write_at(slot, result)
+            clock.lap("write")
+    return _finish(task, slot, work_dir, stamp, checksum, start, carried=carried, clock=clock)
 
 
 def _finish(
@@ -104,6 +115,7 @@ def _finish(
     start: float,
     block_rows: int | None = None,
     carried: Carried | None = None,
+    clock: PhaseClock | None = None,
 ) -> dict:
     """Write and return the completion marker of a task whose bytes are written."""
     marker = {
@@ -121,5 +133,7 @@ def _finish(
         marker["blocked"] = {"block_rows": block_rows, "blocks": blocks}
     if carried is not None and carried.why:  # written holding NaN or Inf (checks.py)
         marker["nonfinite"] = carried.why
+    if clock is not None:
+        marker["phases"] = clock.rounded()
     WorkDir(work_dir).write_marker(task.key, marker)
     return marker
