@@ -3,8 +3,10 @@ them. Each touched weight becomes the cast of W₀ + Σ sᵢ·scaleᵢ·upᵢ·d
 weight's own device, exactly as ``loraforge merge`` computes it, so the bytes are the same.
 
 Originals: only touched weights are remembered, as copies (on their device, or on the CPU), or,
-when ``checkpoint`` names the file the model was loaded from and it holds the same bytes, as
-addresses in that file, re-read through the memory map when needed: then nothing is held."""
+when ``checkpoint`` names the file the model was loaded from and it holds the same bytes (or
+bytes whose cast to the weight's dtype are the weight's: a bf16 model loaded from fp32 files), as
+addresses in that file, re-read through the memory map (and cast) when needed: then nothing is
+held."""
 
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ def apply(
     *,
     strict: bool = False,
     originals: str = "device",
-    checkpoint: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | CheckpointIndex | None = None,
     allow_nonfinite: bool = False,
 ) -> AppliedLoras:
     """Patch ``target`` (a module, through its ``state_dict`` names, or a state dict) in place
@@ -44,8 +46,9 @@ def apply(
 
     ``originals``: where copies of the touched weights' originals are kept, ``"device"`` (the
     weight's) or ``"cpu"``. ``checkpoint``: the safetensors file or shard directory the model
-    was loaded from; a touched weight whose bytes equal the stored tensor is re-read from it on
-    removal instead of being copied."""
+    was loaded from (or its ``CheckpointIndex``, its tensors keyed by the module's names); a
+    touched weight whose bytes equal the stored tensor, or its cast to the weight's dtype, is
+    re-read from it on removal instead of being copied."""
     handle = AppliedLoras(
         _tensors(target),
         originals=originals,
@@ -55,7 +58,7 @@ def apply(
     )
     loras = loras if isinstance(loras, LoraSet) else LoraSet(loras)
     for spec in loras.specs:
-        handle._open(spec)
+        handle._loras.append(handle._open(spec))
     handle._update(set())
     return handle
 
@@ -68,7 +71,7 @@ class AppliedLoras:
         tensors: dict[str, torch.Tensor],
         *,
         originals: str = "device",
-        checkpoint: str | os.PathLike | None = None,
+        checkpoint: str | os.PathLike | CheckpointIndex | None = None,
         strict: bool = False,
         allow_nonfinite: bool = False,
     ):
@@ -79,7 +82,9 @@ class AppliedLoras:
         self.allow_nonfinite = allow_nonfinite
         self._keep_on = originals
         self._checkpoint: CheckpointIndex | None = (
-            index_checkpoint(os.fspath(checkpoint)) if checkpoint is not None else None
+            checkpoint
+            if checkpoint is None or isinstance(checkpoint, CheckpointIndex)
+            else index_checkpoint(os.fspath(checkpoint))
         )
         infos = {key: _info(key, t) for key, t in tensors.items()}
         self._infos = {key: info for key, info in infos.items() if info is not None}
@@ -122,7 +127,17 @@ class AppliedLoras:
         """Apply one more LoRA (a path, or a ``LoraSet`` entry) on top of the others."""
         before = set(self._patches)
         (spec,) = LoraSet([(lora, strength)]).specs
-        self._open(spec)
+        self._loras.append(self._open(spec))
+        self._update(before)
+
+    def replace(self, loras: LoraSet | Iterable) -> None:
+        """Switch to ``loras`` (all of them, in place of those applied) in one pass: each
+        weight touched before or now is recomputed once from its original. Every LoRA is
+        opened (and, with ``strict``, checked) before any weight changes."""
+        before = set(self._patches)
+        loras = loras if isinstance(loras, LoraSet) else LoraSet(loras)
+        opened = [self._open(spec) for spec in loras.specs]
+        self._loras = opened
         self._update(before)
 
     def remove_lora(self, which: int | str) -> None:
@@ -140,9 +155,9 @@ class AppliedLoras:
         self._update(before)
 
     # ---- internals ----
-    def _open(self, spec) -> None:
-        """Open one LoRA and add it to the list; with ``strict``, one that would leave keys
-        out (or needs an assumption) is refused before anything is patched."""
+    def _open(self, spec) -> LoraInput:
+        """Open one LoRA; with ``strict``, one that would leave keys out (or needs an
+        assumption) is refused before anything is patched."""
         shapes = {key: info.shape for key, info in self._infos.items()}
         lora = open_lora(spec, shapes, None, self.allow_nonfinite)
         if self.strict:
@@ -151,14 +166,16 @@ class AppliedLoras:
                 raise refusal(lora, left)
             if lora.warnings:
                 raise UsageError(lora.warnings[0], path=lora.label)
-        self._loras.append(lora)
+        return lora
 
     def _update(self, before: set[str]) -> None:
         """Recompute every weight whose patches may have changed: those touched before and
-        those touched now; a weight no longer touched gets its original back."""
+        those touched now; a weight no longer touched gets its original back. Every weight
+        still differing from its original is included, so after a failure part-way (a LoRA
+        tensor holding NaN, say) ``remove()`` restores them all."""
         patches, unmatched = collect_patches(self._infos, self._loras)
         self._patches, self.unmatched = patches, unmatched
-        for key in sorted(before | set(patches)):
+        for key in sorted(before | set(patches) | set(self._originals)):
             self._refresh(key)
 
     def _refresh(self, key: str) -> None:
@@ -183,7 +200,7 @@ class AppliedLoras:
             return
         weight = self.tensors[key]
         stored = self._checkpoint.tensors.get(key) if self._checkpoint else None
-        if stored is not None and _same(load_tensor(stored), weight):
+        if stored is not None and stored.shape == tuple(weight.shape) and _same(stored, weight):
             self._originals[key] = stored
             return
         device = "cpu" if self._keep_on == "cpu" else weight.device
@@ -191,8 +208,10 @@ class AppliedLoras:
 
     def _original(self, key: str) -> torch.Tensor:
         kept = self._originals[key]
-        device = self.tensors[key].device
-        return (load_tensor(kept) if isinstance(kept, TensorInfo) else kept).to(device)
+        weight = self.tensors[key]
+        if isinstance(kept, TensorInfo):  # the stored tensor, cast as the model's loader did
+            return load_tensor(kept).to(weight.device, weight.dtype)
+        return kept.to(weight.device)
 
 
 def _tensors(target) -> dict[str, torch.Tensor]:
@@ -210,5 +229,14 @@ def _info(key: str, tensor: torch.Tensor) -> TensorInfo | None:
     return TensorInfo(key, "<model>", code, tuple(tensor.shape)) if code else None
 
 
-def _same(stored: torch.Tensor, weight: torch.Tensor) -> bool:
-    return stored.dtype == weight.dtype and torch.equal(stored, weight.detach().cpu())
+def _same(stored: TensorInfo, weight: torch.Tensor) -> bool:
+    """Whether the stored tensor, cast to the weight's dtype (a no-op when they agree), has the
+    weight's bytes: then re-reading it gives the original back exactly."""
+    if stored.scale is not None or not stored.is_float:
+        return False
+    tensor = load_tensor(stored).to(weight.dtype)
+    return torch.equal(_bytes(tensor), _bytes(weight.detach().cpu()))
+
+
+def _bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
