@@ -24,6 +24,7 @@ from ..io.reader import CheckpointIndex, TensorInfo, index_checkpoint, load_tens
 from ..lora.inputs import LoraInput, open_lora
 from ..lora.keys import Unmatched
 from ..lora.patches import PatchRef, collect_patches, load_deltas, refusal
+from ..lora.summary import lora_summaries
 from ..run.staging import thread_buffer
 from .loraset import LoraSet
 
@@ -112,6 +113,19 @@ class AppliedLoras:
         """Bytes held to restore originals: copies of touched weights (0 for those re-read
         from ``checkpoint``)."""
         return sum(o.nbytes for o in self._originals.values() if isinstance(o, torch.Tensor))
+
+    def summaries(self) -> list[dict]:
+        """What each applied LoRA does, as a run's report lists it (``lora_summaries``): path,
+        strength, keys, weights patched, and each key left out with why."""
+        return lora_summaries(self._loras, self.unmatched)
+
+    def check(self, loras: LoraSet | Iterable) -> list[dict]:
+        """What ``replace(loras)`` would patch, without changing a weight: each LoRA's summary.
+        With ``strict``, a LoRA that would leave keys out is refused as ``replace`` refuses
+        it."""
+        loras = loras if isinstance(loras, LoraSet) else LoraSet(loras)
+        opened = [self._open(spec) for spec in loras.specs]
+        return lora_summaries(opened, collect_patches(self._infos, opened)[1])
 
     # ---- changes ----
     def set_strengths(self, strengths: Iterable[float]) -> None:

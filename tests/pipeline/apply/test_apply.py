@@ -284,3 +284,38 @@ def test_apply_on_cuda_restores_bytes(tmp_path):
     handle.remove()
     for key, value in model.state_dict().items():
         assert torch.equal(value.cpu().view(torch.uint8), tensors[key].view(torch.uint8)), key
+
+
+def test_check_and_summaries_say_what_a_lora_patches_without_patching(tmp_path):
+    _base, tensors = make_base(tmp_path)
+    loras = two_loras(tmp_path)
+    odd = save_lora(
+        tmp_path,
+        "odd.safetensors",
+        {
+            **lora_pair(Q, ".lora_up.weight", ".lora_down.weight"),
+            **lora_pair("blocks.9.attn.k", ".lora_up.weight", ".lora_down.weight"),
+        },
+    )
+    model = Tiny(tensors)
+    handle = loraforge.apply(model, [])
+    (checked,) = handle.check([(odd, 0.5)])
+    assert (checked["path"], checked["strength"], checked["keys"], checked["patches"]) == (
+        odd,
+        0.5,
+        4,
+        1,
+    )
+    assert checked["unmatched"] == {
+        "blocks.9.attn.k.lora_down.weight": "targets no base tensor",
+        "blocks.9.attn.k.lora_up.weight": "targets no base tensor",
+    }
+    assert handle.touched == [] and torch.equal(
+        model.state_dict()[f"{Q}.weight"], tensors[f"{Q}.weight"]
+    )
+    with pytest.raises(LoraMismatch):
+        loraforge.apply(model, [], strict=True).check([odd])
+    handle.replace([(loras[1], 2.0)])
+    assert [
+        (s["path"], s["strength"], s["patches"], s["unmatched"]) for s in handle.summaries()
+    ] == [(loras[1], 2.0, 2, {})]
