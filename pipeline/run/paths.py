@@ -57,20 +57,21 @@ def check_path_argument(value: str | None, option: str) -> None:
         raise UsageError(f"{option} is empty", hint=f"give a path, or leave {option} out")
 
 
-def check_output_argument(output: str) -> None:
+def check_output_argument(output: str, option: str = "--output") -> None:
     """An ``--output`` that names no file is refused before it becomes ``<cwd>.safetensors``
     or ``<dir>.safetensors``."""
     if not output.strip():
-        raise UsageError("--output is empty", hint="give the output's file name")
+        raise UsageError(f"{option} is empty", hint="give the output's file name")
     if output.endswith(("/", os.sep)):
         raise UsageError(
-            f"--output {output} names a directory", hint="give a file name inside it for --output"
+            f"{option} {output} names a directory",
+            hint=f"give a file name inside it for {option}",
         )
     if os.path.isdir(output):
         raise OutputError(
             "is a directory",
             path=os.path.abspath(os.path.expanduser(output)),
-            hint="give a file name for --output",
+            hint=f"give a file name for {option}",
         )
 
 

@@ -59,6 +59,7 @@ class Session:
     started: float = field(default_factory=time.time)
     given_output: str = ""  # --output as typed (absolute), before the suffix rule
     budget: int = 0  # bytes the running tasks may hold together (--max-memory or default)
+    output_option: str = "--output"  # what the command calls its output (infer: LightX2V's)
     outputs: list[str] = field(default_factory=list)  # written beside --output (check_paths)
     writers: list = field(default_factory=list)  # the run's outputs, published together
     _discard: bool = False
@@ -71,16 +72,17 @@ class Session:
         output: str,
         output_format: str,
         progress: Progress | None = None,
+        output_option: str = "--output",
     ) -> Session:
         """Resolve and check the output location and the device: the checks that need no
         input, so a bad option fails before any checkpoint is opened."""
         started = time.time()
-        check_output_argument(output)
+        check_output_argument(output, output_option)
         check_path_argument(run.report, "--report")
         check_path_argument(run.work_dir, "--work-dir")
         given = os.path.abspath(os.path.expanduser(output))
         output = output_path(output, output_format)
-        check_writable_location(output, "--output")
+        check_writable_location(output, output_option)
         device, gpus, budget = _resources(run)
         work = WorkDir(run.work_dir or output + ".work")
         session = cls(
@@ -94,6 +96,7 @@ class Session:
             started,
             given,
             budget,
+            output_option,
         )
         check_writable_location(session.report_path, "--report")
         return session
@@ -128,12 +131,12 @@ class Session:
                 check_paths([UserPath("--report", self.report_path)], inputs, None)
             return
         written = [
-            UserPath("--output", file)
+            UserPath(self.output_option, file)
             for output in (self.output, *outputs)
             for file in output_candidates(output)
         ]
         if self.given_output != self.output:  # the path as typed, before the suffix rule
-            written.append(UserPath("--output", self.given_output))
+            written.append(UserPath(self.output_option, self.given_output))
         written.append(UserPath("--report", self.report_path))
         check_paths(written, inputs, UserPath("--work-dir", self.work.path))
 
