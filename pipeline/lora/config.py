@@ -143,7 +143,7 @@ def _lora_path_specs(data: dict, where: str | None, base_dir: str) -> list[LoraS
     if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
         raise UsageError("'lora_path' must be a path or a list of paths", path=where)
     strength = _number(data.get("strength_model", 1.0), "'strength_model'", where)
-    return [LoraSpec(_resolve(p, base_dir, where), strength) for p in paths]
+    return [LoraSpec(resolve_config_path(p, base_dir, where), strength) for p in paths]
 
 
 def _choose(entries: list, name: str | None, where: str | None) -> list[tuple[int, object]]:
@@ -195,10 +195,10 @@ def _entry(entry: dict, i: int, where: str | None, base_dir: str) -> LoraSpec:
     strength = _number(entry.get("strength", 1.0), f"{what}: 'strength'", where)
     alpha = entry.get("alpha")
     alpha = None if alpha is None else _number(alpha, f"{what}: 'alpha'", where)
-    return LoraSpec(_resolve(path, base_dir, where), strength, alpha)
+    return LoraSpec(resolve_config_path(path, base_dir, where), strength, alpha)
 
 
-def _resolve(path: str, base_dir: str, where: str | None) -> str:
+def resolve_config_path(path: str, base_dir: str, where: str | None) -> str:
     """The config's directory first, then the working directory (where LightX2V looks); the
     config's directory when neither holds it (the missing file is reported later)."""
     path = os.path.expanduser(path)
