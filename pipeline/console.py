@@ -25,6 +25,8 @@ from .run.options import RunOptions
 
 err = Console(stderr=True, highlight=False, emoji=False)  # ":x:" in a path stays text
 
+KEPT = "finished tensors are kept in the work directory"
+
 # The machine's state, not a bug: a full disk or quota, a read-only or forbidden location.
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
@@ -38,10 +40,11 @@ class Failed(Exception):
 
 
 @contextmanager
-def user_errors(log: JsonLog | None = None) -> Iterator[None]:
+def user_errors(log: JsonLog | None = None, kept: str | None = KEPT) -> Iterator[None]:
     """One line and an exit code (``Failed``) for user errors, a full disk and interrupts
     (SIGTERM counts as Ctrl-C); a traceback only with LORAFORGE_TRACEBACK=1. With ``--json``
-    the line is also an ``error`` event on stdout."""
+    the line is also an ``error`` event on stdout. ``kept``: what an interrupt leaves to resume
+    from (None: nothing, a run without a work directory)."""
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
@@ -62,10 +65,10 @@ def user_errors(log: JsonLog | None = None) -> Iterator[None]:
             log,
         )
     except KeyboardInterrupt:
-        e = Interrupted(
-            "interrupted; finished tensors are kept in the work directory",
-            hint="rerun the same command to resume",
-        )
+        if kept:
+            e = Interrupted(f"interrupted; {kept}", hint="rerun the same command to resume")
+        else:
+            e = Interrupted("interrupted; nothing was written")
         _fail(str(e), e.exit_code, log)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -292,12 +295,14 @@ def print_cleaned(cleaned) -> None:
 
 
 @contextmanager
-def command_output(command: str, run: RunOptions) -> Iterator[Bar | JsonLog]:
+def command_output(
+    command: str, run: RunOptions, kept: str | None = KEPT
+) -> Iterator[Bar | JsonLog]:
     """What a command's run shows: a bar (or ``--json`` events), fed by the progress callback
     this yields, and one-line errors (``Failed``). The caller hands the report to its
     ``finish`` for the summary."""
     log = JsonLog(command) if run.json else None
-    with user_errors(log):
+    with user_errors(log, kept):
         display = log or Bar(run.quiet)
         try:
             yield display

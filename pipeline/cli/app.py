@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import typer
 from typer.core import TyperGroup
 
-from ..console import Bar, Failed, JsonLog, command_output, print_error
+from ..console import KEPT, Bar, Failed, JsonLog, command_output, print_error
 from ..run.options import RunOptions
 
 # typer vendors click in recent releases (typer._click) and uses click itself in older ones: find
@@ -64,10 +64,11 @@ def exit_on_failure() -> Iterator[None]:
 
 
 @contextmanager
-def running(command: str, run: RunOptions) -> Iterator[Bar | JsonLog]:
+def running(command: str, run: RunOptions, kept: str | None = KEPT) -> Iterator[Bar | JsonLog]:
     """A command's run under the console (``console.command_output``): yields the progress
-    callback to hand to the command, and its ``finish`` for the report."""
-    with exit_on_failure(), command_output(command, run) as display:
+    callback to hand to the command, and its ``finish`` for the report. ``kept``: what an
+    interrupted run leaves to resume from, for the message (None: nothing)."""
+    with exit_on_failure(), command_output(command, run, kept) as display:
         yield display
 
 

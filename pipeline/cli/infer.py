@@ -80,7 +80,7 @@ def infer_command(
     JSON report (<save_result_path stem>.report.json: time per phase, peak memory, LoRAs with
     their strengths and unmatched keys). Full documentation: docs/inference.md.
     """
-    with running("infer", run) as display:
+    with running("infer", run, kept=None) as display:
         options = InferOptions(
             prompt=prompt,
             negative_prompt=negative_prompt,
