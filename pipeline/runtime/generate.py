@@ -57,17 +57,17 @@ class Runtime:
         self.threads = threads()
 
     @classmethod
-    def load(cls, spec: RuntimeSpec, strict: bool = False) -> Runtime:
-        """Load the pipeline and set its scheduler; no LoRA is applied yet. ``strict``: every
-        key of a LoRA must patch something (a server's requests)."""
+    def load(cls, spec: RuntimeSpec) -> Runtime:
+        """Load the pipeline and set its scheduler; no LoRA is applied yet."""
         torch.set_num_threads(threads())
         loaded = load_pipeline(spec.folder, spec.originals, DTYPES[spec.dtype], spec.device)
         configure(loaded.pipe, spec.model, spec.settings, spec.folder.boundary_ratio)
-        loras = ModelLoras(loaded.pipe, spec.model, loaded.checkpoints, strict)
+        loras = ModelLoras(loaded.pipe, spec.model, loaded.checkpoints)
         return cls(spec, loaded.pipe, loras, loaded.notes)
 
     def switch(self, assigned: Assigned) -> bool:
-        """Check, then apply ``assigned`` in place of the current LoRAs."""
+        """Check (a LoRA that patches nothing is refused), then apply ``assigned`` in place of
+        the current LoRAs."""
         self.loras.check(assigned)
         return self.loras.switch(assigned)
 

@@ -64,33 +64,34 @@ def check_files(assigned: Assigned, where: str | None, field: str) -> None:
 
 
 class ModelLoras:
-    """The handles of a loaded pipeline's transformers. ``strict``: a LoRA with any key that
-    patches nothing is refused (a server's requests); otherwise only one that patches nothing
-    at all is, and the keys left out are reported."""
+    """The handles of a loaded pipeline's transformers."""
 
-    def __init__(self, pipe, model: ModelClass, checkpoints: dict, strict: bool = False):
+    def __init__(self, pipe, model: ModelClass, checkpoints: dict):
         import loraforge
 
-        self.pipe, self.model, self.strict = pipe, model, strict
+        self.pipe, self.model = pipe, model
         self.handles = {
-            name: loraforge.apply(
-                getattr(pipe, name), [], strict=strict, checkpoint=checkpoints.get(name)
-            )
+            name: loraforge.apply(getattr(pipe, name), [], checkpoint=checkpoints.get(name))
             for name in model.transformers
         }
         self.current: Assigned = {name: () for name in model.transformers}
 
-    def check(self, assigned: Assigned) -> None:
-        """Refuse, before any weight changes, a LoRA for another model."""
+    def check(self, assigned: Assigned, strict: bool = False) -> None:
+        """Refuse, before any weight changes, a LoRA for another model: one that patches
+        nothing, or (``strict``: a server's requests) one with any key that patches nothing.
+        Keys left out otherwise are reported by ``summaries``."""
         for name, specs in assigned.items():
             for summary in self.handles[name].check(specs):
-                if not summary["patches"]:
-                    key, why = next(iter(summary["unmatched"].items()), ("", "no LoRA keys"))
-                    raise LoraMismatch(
-                        f"patches nothing in {name} (e.g. '{key}': {why})",
-                        path=summary["path"],
-                        hint="is it a LoRA for this model?",
-                    )
+                left = summary["unmatched"]
+                if summary["patches"] and not (strict and left):
+                    continue
+                key, why = next(iter(left.items()), ("", "no LoRA keys"))
+                count = f"{len(left)} of its {summary['keys']} keys patch" if strict else "patches"
+                raise LoraMismatch(
+                    f"{count} nothing in {name} (e.g. '{key}': {why})",
+                    path=summary["path"],
+                    hint="is it a LoRA for this model?",
+                )
 
     def switch(self, assigned: Assigned) -> bool:
         """Apply ``assigned`` in place of the current LoRAs (nothing happens for a transformer
