@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +52,17 @@ def threads() -> int:
         return os.cpu_count() or 1
 
 
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's CPU threads at ``count`` for the block, as they were afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class Runtime:
     def __init__(self, spec: RuntimeSpec, pipe, loras: ModelLoras, notes: list[str]):
         self.spec, self.pipe, self.loras, self.notes = spec, pipe, loras, notes
@@ -59,8 +71,8 @@ class Runtime:
     @classmethod
     def load(cls, spec: RuntimeSpec) -> Runtime:
         """Load the pipeline and set its scheduler; no LoRA is applied yet."""
-        torch.set_num_threads(threads())
-        loaded = load_pipeline(spec.folder, spec.originals, DTYPES[spec.dtype], spec.device)
+        with torch_threads(threads()):
+            loaded = load_pipeline(spec.folder, spec.originals, DTYPES[spec.dtype], spec.device)
         configure(loaded.pipe, spec.model, spec.settings, spec.folder.boundary_ratio)
         loras = ModelLoras(loaded.pipe, spec.model, loaded.checkpoints)
         return cls(spec, loaded.pipe, loras, loaded.notes)
@@ -72,7 +84,6 @@ class Runtime:
         return self.loras.switch(assigned)
 
     def generate(self, job: Job, on_step: StepCallback | None = None) -> Generated:
-        torch.set_num_threads(self.threads)  # per thread: the server's worker sets its own
         settings, spec = job.settings, self.spec
         plan = sampling(spec.model, settings)
         marks: list[float] = []
@@ -104,7 +115,7 @@ class Runtime:
 
             with Image.open(job.image_path) as image:
                 kwargs["image"] = image.convert("RGB")
-        with torch.inference_mode():
+        with torch_threads(self.threads), torch.inference_mode():
             frames = self.pipe(**kwargs).frames[0]
         ended = time.perf_counter()
         frames = np.ascontiguousarray(frames, dtype=np.float32)
