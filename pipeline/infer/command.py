@@ -14,6 +14,7 @@ from ..run.paths import UserPath
 from ..run.report import build_report
 from ..run.session import Progress, Session
 from ..runtime.deps import INFER, require
+from ..runtime.loras import check_headers
 from ..runtime.spec import (
     RuntimeOptions,
     check_image,
@@ -56,6 +57,7 @@ class Inference:
         options = self.options
         self.spec = spec = open_spec(self.runtime, session.device)
         self.loras, note = lora_specs(spec, list(options.lora_path), list(options.lora_strength))
+        check_headers(spec.checkpoints(), self.loras)
         self.image = check_image(options.image_path, spec.task)
         self.frames = FramesOutput(frames_dir(session.output)) if options.save_frames else None
         if self.frames is not None:

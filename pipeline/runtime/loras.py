@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from ..errors import CheckpointNotFound, LoraMismatch, UsageError
+from ..io.reader import CheckpointIndex
+from ..io.safetensors_format import DTYPE_BY_CODE
 from ..lora.config import LoraSpec
 from .models import EXPERTS, ModelClass
 
@@ -81,17 +83,7 @@ class ModelLoras:
         nothing, or (``strict``: a server's requests) one with any key that patches nothing.
         Keys left out otherwise are reported by ``summaries``."""
         for name, specs in assigned.items():
-            for summary in self.handles[name].check(specs):
-                left = summary["unmatched"]
-                if summary["patches"] and not (strict and left):
-                    continue
-                key, why = next(iter(left.items()), ("", "no LoRA keys"))
-                count = f"{len(left)} of its {summary['keys']} keys patch" if strict else "patches"
-                raise LoraMismatch(
-                    f"{count} nothing in {name} (e.g. '{key}': {why})",
-                    path=summary["path"],
-                    hint="is it a LoRA for this model?",
-                )
+            refuse_unfit(self.handles[name].check(specs), name, strict)
 
     def switch(self, assigned: Assigned) -> bool:
         """Apply ``assigned`` in place of the current LoRAs (nothing happens for a transformer
@@ -134,6 +126,36 @@ class ModelLoras:
             for name, specs in self.current.items()
             for spec in specs
         ]
+
+
+def refuse_unfit(summaries: list[dict], name: str, strict: bool) -> None:
+    for summary in summaries:
+        left = summary["unmatched"]
+        if summary["patches"] and not (strict and left):
+            continue
+        key, why = next(iter(left.items()), ("", "no LoRA keys"))
+        count = f"{len(left)} of its {summary['keys']} keys patch" if strict else "patches"
+        raise LoraMismatch(
+            f"{count} nothing in {name} (e.g. '{key}': {why})",
+            path=summary["path"],
+            hint="is it a LoRA for this model?",
+        )
+
+
+def check_headers(checkpoints: dict[str, CheckpointIndex | None], assigned: Assigned) -> None:
+    """Before anything is loaded: refuse a LoRA that patches nothing in its transformer, from
+    the transformer checkpoint's headers (a transformer in another format is checked once
+    loaded)."""
+    import loraforge
+
+    for name, index in checkpoints.items():
+        if index is None or not assigned.get(name):
+            continue
+        shapes = {
+            key: torch.empty(info.shape, dtype=DTYPE_BY_CODE[info.dtype], device="meta")
+            for key, info in index.tensors.items()
+        }
+        refuse_unfit(loraforge.apply(shapes, []).check(assigned[name]), name, False)
 
 
 def weights_digest(modules: Iterable[tuple[str, torch.nn.Module]]) -> str:

@@ -9,13 +9,14 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from ..errors import CheckpointNotFound, UsageError
-from ..io.reader import index_checkpoint
+from ..errors import CheckpointFormatError, CheckpointNotFound, UsageError
+from ..io.reader import CheckpointIndex, index_checkpoint
 from ..lora.config import LoraSpec
 from ..run.paths import UserPath, checkpoint_paths
 from .folder import ModelFolder, open_folder
 from .loras import Assigned, Named, assign, check_files
 from .models import ModelClass, model_class, task_pipeline
+from .original import check_fits, diffusers_index
 from .settings import Settings, read_settings
 
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
@@ -46,6 +47,24 @@ class RuntimeSpec:
     originals: dict[str, str]  # transformer -> original-layout checkpoint replacing it
     dtype: str  # bf16 | fp16 | fp32
     device: str  # resolved: cpu, cuda, cuda:N
+
+    def checkpoints(self) -> dict[str, CheckpointIndex | None]:
+        """Each transformer's checkpoint headers under the module's names (None: not
+        safetensors): an original-layout replacement's renamed (checked to fit the folder's
+        where it has weights to compare with), or the folder's."""
+        found = {}
+        for name in self.model.transformers:
+            try:
+                found[name] = index_checkpoint(self.folder.component(name))
+            except (CheckpointNotFound, CheckpointFormatError):
+                found[name] = None
+            if name in self.originals:
+                replacement = diffusers_index(self.originals[name])
+                if found[name] is not None:
+                    shapes = {k: info.shape for k, info in found[name].tensors.items()}
+                    check_fits(replacement, shapes, f"{name} of {self.folder.path}")
+                found[name] = replacement
+        return found
 
     def inputs(self) -> list[UserPath]:
         paths = self.folder.files()

@@ -13,6 +13,7 @@ from ..run.options import RunOptions
 from ..run.paths import check_writable_location
 from ..run.session import Progress
 from ..runtime.deps import SERVE, require
+from ..runtime.loras import check_headers
 from ..runtime.spec import RuntimeOptions, lora_specs, open_spec
 
 
@@ -37,6 +38,7 @@ def serve(
     _check_port(host, port)
     spec = open_spec(runtime, resolve_device(run.device))
     base_loras, _note = lora_specs(spec, [], [])
+    check_headers(spec.checkpoints(), base_loras)
     if lora_dir is not None:
         lora_dir = os.path.abspath(os.path.expanduser(lora_dir))
         if not os.path.isdir(lora_dir):
