@@ -3,7 +3,8 @@ that could make the run fail is refused here, as a 4xx naming the field, so a qu
 only for what cannot be known in advance (a LoRA tensor holding NaN, a full disk).
 
 - ``lora_name`` / ``lora_configs[i].path``: a file or PEFT directory inside ``--lora_dir``,
-  resolved (symlinks and ``..`` included) and refused if it reaches outside; the LoRA must fit
+  ``..`` resolved, refused if it reaches outside (symlinks the operator put in ``--lora_dir``
+  are followed: a request cannot make one); the LoRA must fit
   the model: every key patches a weight (a LoRA for another model is refused, naming it).
 - ``lora_strength`` / ``strength``: finite.
 - ``image_path`` (i2v): a readable image on the server.
@@ -78,6 +79,7 @@ def plan_request(request: VideoTaskRequest, context: Context) -> Plan:
             image = check_image(request.image_path, spec.task, "image_path")
         except LoraforgeError as e:
             raise BadRequest("image_path", str(e)) from None
+    relative, output = _output(request, context.output_dir)
     requested, named = _loras(request, context)
     try:
         extra = assign(spec.model, named, None, "lora_configs")
@@ -88,7 +90,6 @@ def plan_request(request: VideoTaskRequest, context: Context) -> Plan:
     except LoraforgeError as e:
         raise BadRequest("lora_configs" if request.lora_configs else "lora_name", str(e)) from None
     loras = {name: context.base_loras.get(name, ()) + extra[name] for name in extra}
-    relative, output = _output(request, context.output_dir)
     seed = request.seed if request.seed is not None else random.randint(0, 2**32 - 1)
     job = Job(request.prompt, request.negative_prompt, seed, settings, image)
     ignored = sorted(set(request.model_fields_set | set(request.model_extra or {})) - READ)
@@ -152,13 +153,14 @@ def _loras(request: VideoTaskRequest, context: Context):
 
 
 def _inside(name: str, lora_dir: str | None, field_name: str) -> str:
-    """``name`` resolved inside ``lora_dir``; refused if missing or reaching outside it."""
+    """``name`` inside ``lora_dir`` once ``.`` and ``..`` are resolved; refused if missing or
+    reaching outside it. Symlinks the operator put in ``lora_dir`` are followed."""
     if lora_dir is None:
         raise BadRequest(field_name, "this server has no --lora_dir: it takes no LoRA by name")
     if not name or os.path.isabs(name):
         raise BadRequest(field_name, f"{name!r} is not a name inside --lora_dir")
-    root = os.path.realpath(lora_dir)
-    path = os.path.realpath(os.path.join(root, name))
+    root = os.path.abspath(lora_dir)
+    path = os.path.normpath(os.path.join(root, name))
     if os.path.commonpath([root, path]) != root or path == root:
         raise BadRequest(field_name, f"{name!r} reaches outside --lora_dir", status=403)
     if not os.path.exists(path):
