@@ -12,11 +12,10 @@ INFER = {
     "diffusers": "diffusers",
     "transformers": "transformers",
     "accelerate": "accelerate",
-    "imageio": "imageio",
     "imageio_ffmpeg": "imageio-ffmpeg",
     "ftfy": "ftfy",
 }
-SERVE = {**INFER, "fastapi": "fastapi", "uvicorn": "uvicorn"}
+SERVE = {**INFER, "fastapi": "fastapi", "uvicorn": "uvicorn", "pydantic": "pydantic"}
 
 
 def require(command: str, packages: dict[str, str]) -> None:

@@ -5,6 +5,7 @@ its weights came from (what ``loraforge.apply`` re-reads originals from instead 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +41,9 @@ def load_pipeline(
         )
     cls = getattr(diffusers, folder.pipeline_class)
     dtypes = {"default": dtype, "vae": torch.float32}
-    pipe = cls.from_pretrained(folder.path, dtype=dtypes, **components)
+    with warnings.catch_warnings():  # torch_dtype: every diffusers takes it; new ones warn
+        warnings.simplefilter("ignore", FutureWarning)
+        pipe = cls.from_pretrained(folder.path, torch_dtype=dtypes, **components)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     for name in folder.transformers:
