@@ -109,7 +109,7 @@ def test_a_lora_changes_the_output_and_without_it_the_base_comes_back_bit_for_bi
 
 def test_lora_path_and_strength_on_the_command_line(runs, wan_sample, tmp_path):
     """--lora_path replaces the config's LoRA: the config's own LoRA given on the command line
-    at the same strength is the same run; at 0.5, another."""
+    at the same strength is the same run; at 0.5 (and in bf16), another, holding nothing."""
     same = infer(wan_sample, str(tmp_path / "a"), "--lora_path", wan_sample["style_a"])[1]
     half = infer(
         wan_sample,
@@ -118,6 +118,8 @@ def test_lora_path_and_strength_on_the_command_line(runs, wan_sample, tmp_path):
         wan_sample["style_a"],
         "--lora_strength",
         "0.5",
+        "--dtype",
+        "bf16",  # a bf16 run from the sample's fp32 files: originals re-read and cast
     )[1]
     expected = runs["lora"][1]["summary"]["frames_sha256"]
     assert same["summary"]["frames_sha256"] == expected
@@ -126,6 +128,7 @@ def test_lora_path_and_strength_on_the_command_line(runs, wan_sample, tmp_path):
         runs["base"][1]["summary"]["frames_sha256"],
     )
     assert half["summary"]["loras"][0]["strength"] == 0.5
+    assert (half["summary"]["loras"][0]["patches"], half["summary"]["held_bytes"]) == (12, 0)
 
 
 def test_a_transformer_in_wans_original_layout_replaces_the_folders(runs, wan_sample, tmp_path):
