@@ -13,8 +13,9 @@ from ..lora.config import parse_number
 from ..run.options import RunOptions
 from ..runtime.spec import RuntimeOptions
 from .app import app, running
-from .options import RUN, RUNTIME
+from .options import RUN
 from .parameters import expand
+from .runtime_options import RUNTIME
 
 
 def _split(values: list[str] | None) -> list[str]:

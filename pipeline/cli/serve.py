@@ -11,8 +11,9 @@ from ..run.options import RunOptions
 from ..runtime.spec import RuntimeOptions
 from ..serve.command import serve
 from .app import app, running
-from .options import RUN, RUNTIME
+from .options import RUN
 from .parameters import expand
+from .runtime_options import RUNTIME
 
 
 @app.command(
