@@ -24,5 +24,5 @@ def require(command: str, packages: dict[str, str]) -> None:
     if missing:
         raise MissingDependency(
             f"loraforge {command} needs the infer extra; missing: {', '.join(missing)}",
-            hint="pip install 'loraforge[infer]' (in a checkout: pip install -e '.[infer]')",
+            hint="pip install 'loraforge[infer]', or in a checkout pip install -e '.[infer]'",
         )

@@ -272,5 +272,5 @@ def test_without_the_extra_one_line_says_what_to_install(monkeypatch, wan_sample
     assert result.exit_code == 1
     assert result.stderr == (
         "error: loraforge infer needs the infer extra; missing: ftfy (pip install "
-        "'loraforge[infer]' (in a checkout: pip install -e '.[infer]'))\n"
+        "'loraforge[infer]', or in a checkout pip install -e '.[infer]')\n"
     )
