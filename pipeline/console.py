@@ -25,6 +25,8 @@ from .run.options import RunOptions
 
 err = Console(stderr=True, highlight=False, emoji=False)  # ":x:" in a path stays text
 
+KEPT = "finished tensors are kept in the work directory"
+
 # The machine's state, not a bug: a full disk or quota, a read-only or forbidden location.
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
@@ -45,6 +47,8 @@ WRITES = {
     "resize": ("--output / --work-dir", True),
     "convert": ("OUT / --report", False),
     "verify": ("--report", False),
+    "infer": ("--save_result_path / --report", False),
+    "serve": ("--save_result_path", False),
 }
 FULL = {errno.ENOSPC, errno.EDQUOT}
 
@@ -86,10 +90,10 @@ def user_errors(log: JsonLog | None = None, command: str | None = None) -> Itera
             raise
         _fail(environment_line(e, command), 1, log)
     except KeyboardInterrupt:
-        e = Interrupted(
-            "interrupted; finished tensors are kept in the work directory",
-            hint="rerun the same command to resume",
-        )
+        if WRITES.get(command or "", ("", True))[1]:
+            e = Interrupted(f"interrupted; {KEPT}", hint="rerun the same command to resume")
+        else:
+            e = Interrupted("interrupted; nothing was written")
         _fail(str(e), e.exit_code, log)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -114,11 +118,14 @@ class JsonLog:
     jobs. Every line has ``event``, ``command`` and ``time`` (Unix seconds); per event:
 
     - ``start``: ``tensors``, ``bytes`` (to read), ``done`` and ``done_bytes`` (already
-      finished, resumed), ``changes`` (why entries are recomputed), ``work_dir``
-    - ``loras`` (merge): ``loras``, one object per LoRA (``path``, ``strength``, ``patches``,
-      ``unmatched``: LoRA key → why it is not merged)
+      finished, resumed), ``changes`` (why entries are recomputed), ``work_dir``; ``unit``
+      (infer: ``steps``, then ``tensors`` counts denoising steps)
+    - ``loras`` (merge, infer): ``loras``, one object per LoRA (``path``, ``strength``,
+      ``patches``, ``unmatched``: LoRA key → why it is not merged; infer: ``model``, the
+      transformer it patches)
     - ``cluster``: ``dashboard`` (the Dask dashboard URL; null for the embedded cluster)
     - ``tensor``: one tensor finished: ``key``, ``bytes`` (read), ``done``, ``tensors``
+    - ``step`` (infer): one denoising step finished: ``step``, ``timestep``, ``seconds``
     - ``write``: every tensor is computed; (extract) the output is being written
     - ``summary``: the report's summary (``kinds``, ``status``, ``seconds``, ``files``,
       ``output``, ``computed``, ``reused``, ``report`` (the JSON report's path), ...)
@@ -177,8 +184,8 @@ class Bar:
             self._start(info)
         elif event == "cluster" and info.get("dashboard"):
             err.print(f"Dask dashboard: {info['dashboard']}", markup=False)
-        elif event == "tensor" and self.progress:
-            self.bytes_done += info["bytes"]
+        elif event in ("tensor", "step") and self.progress:
+            self.bytes_done += info.get("bytes", 0)
             self.progress.update(self.task, advance=1, gb=self._gb())
         elif event == "write" and self.progress:
             self.progress.update(self.task, completed=info["tensors"])
@@ -195,7 +202,7 @@ class Bar:
                 markup=False,
             )
         self.progress = Progress(
-            TextColumn("tensors"),
+            TextColumn(info.get("unit", "tensors")),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[gb]}"),
@@ -213,8 +220,9 @@ class Bar:
         for lora in loras:
             unmatched = lora["unmatched"]
             n = lora["patches"]
+            model = f" ({lora['model']})" if lora.get("model") else ""
             line = (
-                f"{lora['path']}: {n} tensor{'s' if n != 1 else ''} patched at strength "
+                f"{lora['path']}{model}: {n} tensor{'s' if n != 1 else ''} patched at strength "
                 f"{lora['strength']:g}"
             )
             if unmatched:
@@ -227,6 +235,8 @@ class Bar:
                 err.print(line, markup=False, soft_wrap=True)
 
     def _gb(self) -> str:
+        if not self.bytes_total:  # steps, not bytes
+            return ""
         return f"{self.bytes_done / 1e9:.2f}/{self.bytes_total / 1e9:.2f} GB read"
 
     def finish(self, report: dict) -> None:
@@ -244,6 +254,12 @@ def print_summary(report: dict) -> None:
     """The summary table (tensors per kind; error columns when the command measures errors),
     the status counts and time, keys in one model only, and the files written."""
     summary, tensors = report["summary"], report["tensors"].values()
+    if "phases" in summary:  # a run without tensors (infer): where the time went
+        phases = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in summary["phases"].items())
+        err.print(f"{phases}; peak RSS {summary['peak_rss_bytes'] / 2**30:.2f} GiB", markup=False)
+        for file in summary["files"]:
+            err.print(f"wrote {file}", markup=False)
+        return
     with_errors = any(t.get("rel_error") is not None for t in tensors)
     table = Table(title="loraforge " + report["command"], show_header=True)
     table.add_column("kind")

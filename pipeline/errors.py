@@ -129,3 +129,7 @@ class Interrupted(LoraforgeError):
     """SIGINT/SIGTERM: finished work is kept."""
 
     exit_code = 130
+
+
+class MissingDependency(LoraforgeError, ImportError):
+    """A command needs packages of an extra that is not installed (``infer``, ``serve``)."""

@@ -36,6 +36,20 @@ def pair_files(tmp_path_factory) -> Iterator[tuple[str, str]]:
     )
 
 
+@pytest.fixture(scope="session")
+def wan_sample(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """The tiny random Wan sample (model folders, LoRAs, configs, image), built once per
+    session; the session fails at teardown if a test changed any of its files."""
+    pytest.importorskip("diffusers")
+    from tests.helpers.tiny_wan import builder, tree_digest
+
+    directory = str(tmp_path_factory.mktemp("wan"))
+    paths = builder().build(directory)
+    before = tree_digest(directory)
+    yield paths
+    assert tree_digest(directory) == before, "a test modified the shared Wan sample"
+
+
 def has_cuda() -> bool:
     return torch.cuda.is_available()
 

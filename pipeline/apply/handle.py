@@ -24,10 +24,11 @@ from loraforge.stages.merge import merge_weight
 from ..errors import AlreadyPatched, ArgumentTypeError, NotApplied, RestoreFailed, UsageError
 from ..io import safetensors_format as stf
 from ..io.finite import casts_finite, check_written, is_finite
-from ..io.reader import TensorInfo
+from ..io.reader import CheckpointIndex, TensorInfo
 from ..lora.inputs import LoraInput, open_lora
 from ..lora.keys import Unmatched
 from ..lora.patches import PatchRef, collect_patches, describe, load_deltas, refusal
+from ..lora.summary import lora_summaries
 from ..run.staging import thread_buffer
 from .loraset import LoraSet, strength_value
 from .originals import Originals, Storage, storage_of
@@ -42,7 +43,7 @@ def apply(
     *,
     strict: bool = False,
     originals: str = "device",
-    checkpoint: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | CheckpointIndex | None = None,
     allow_nonfinite: bool = False,
 ) -> AppliedLoras:
     """Patch ``target`` (a module, through its ``state_dict`` names, or a state dict) in place
@@ -54,14 +55,11 @@ def apply(
 
     ``originals``: where copies of the touched weights' originals are kept, ``"device"`` (the
     weight's) or ``"cpu"``. ``checkpoint``: the safetensors file or shard directory the model
-    was loaded from; a touched weight whose bytes equal the stored tensor is re-read from it
-    when needed instead of being copied (the file is fingerprinted now and checked then)."""
-    if isinstance(loras, (str, os.PathLike)):
-        loras = [loras]
-    elif not isinstance(loras, (LoraSet, Iterable)):
-        raise ArgumentTypeError(
-            f"apply() takes a LoraSet, a list of LoRAs or one path, got {type(loras).__name__}"
-        )
+    was loaded from (or its ``CheckpointIndex``, its tensors keyed by the model's names); a
+    touched weight whose bytes equal the stored tensor, or its cast to the weight's dtype (a
+    bf16 model loaded from fp32 files), is re-read from it when needed instead of being copied
+    (the file is fingerprinted now and checked then)."""
+    loras = _lora_set(loras)
     handle = AppliedLoras(
         _tensors(target),
         originals=originals,
@@ -69,7 +67,6 @@ def apply(
         strict=strict,
         allow_nonfinite=allow_nonfinite,
     )
-    loras = loras if isinstance(loras, LoraSet) else LoraSet(loras)
     handle._change([handle._open(spec) for spec in loras.specs])
     return handle
 
@@ -124,6 +121,18 @@ class AppliedLoras:
         from ``checkpoint``)."""
         return self._originals.held_bytes
 
+    def summaries(self) -> list[dict]:
+        """What each applied LoRA does, as a run's report lists it (``lora_summaries``): path,
+        strength, keys, weights patched, and each key left out with why."""
+        return lora_summaries(self._loras, self.unmatched)
+
+    def check(self, loras: LoraSet | Iterable) -> list[dict]:
+        """What ``replace(loras)`` would patch, without changing a weight: each LoRA's summary.
+        With ``strict``, a LoRA that would leave keys out is refused as ``replace`` refuses
+        it."""
+        opened = [self._open(spec) for spec in _lora_set(loras).specs]
+        return lora_summaries(opened, self._plan(opened)[2])
+
     # ---- changes: each all or nothing ----
     def set_strengths(self, strengths: Iterable[float]) -> None:
         """One strength per LoRA, in order; each recomputed from the originals."""
@@ -144,6 +153,12 @@ class AppliedLoras:
         """Apply one more LoRA (a path, or a ``LoraSet`` entry) on top of the others."""
         (spec,) = LoraSet([(lora, strength)]).specs
         self._change([*self._loras, self._open(spec)])
+
+    def replace(self, loras: LoraSet | Iterable) -> None:
+        """Switch to ``loras`` (all of them, in place of those applied) in one pass: each
+        weight whose patches change is recomputed once from its original. Every LoRA is opened
+        (and, with ``strict``, checked) before any weight changes."""
+        self._change([self._open(spec) for spec in _lora_set(loras).specs])
 
     def remove_lora(self, which: int | str | os.PathLike) -> None:
         """Take one LoRA off (by position, or by the path it was given as)."""
@@ -250,7 +265,7 @@ class AppliedLoras:
         """``key``'s weight as its original plus ``patches`` (its original alone for none);
         with ``checked``, refused before it is written if NaN or Inf would be."""
         weight = self.tensors[key]
-        original = self._originals.load(self._storage[key], weight.device)
+        original = self._originals.load(self._storage[key], weight.device, weight.dtype)
         if not patches:
             with torch.no_grad():
                 weight.copy_(original)
@@ -284,6 +299,19 @@ class AppliedLoras:
                 f"as they were, e.g. '{failed[0]}'",
                 hint="reload the model",
             ) from failure
+
+
+def _lora_set(loras) -> LoraSet:
+    """``loras`` as a ``LoraSet``: one already, one path, or a list of LoRAs."""
+    if isinstance(loras, LoraSet):
+        return loras
+    if isinstance(loras, (str, os.PathLike)):
+        return LoraSet([loras])
+    if not isinstance(loras, Iterable):
+        raise ArgumentTypeError(
+            f"takes a LoraSet, a list of LoRAs or one path, got {type(loras).__name__}"
+        )
+    return LoraSet(loras)
 
 
 def _sums(patches: dict[str, list[PatchRef]], key: str) -> list[tuple]:

@@ -51,17 +51,21 @@ class Stored:
 class Originals:
     """The originals of one handle, by storage."""
 
-    def __init__(self, keep_on: str, checkpoint: str | os.PathLike | None):
+    def __init__(self, keep_on: str, checkpoint: str | os.PathLike | CheckpointIndex | None):
         self.keep_on = keep_on
         self.copies: dict[Storage, torch.Tensor] = {}
         self.stored: dict[Storage, Stored] = {}
         self.checkpoint: CheckpointIndex | None = None
         self.stats: dict[str, dict] = {}
         if checkpoint is not None:
-            self._index(os.fspath(checkpoint))
+            self._index(checkpoint)
 
-    def _index(self, path: str) -> None:
-        self.checkpoint = index_checkpoint(path)
+    def _index(self, checkpoint: str | os.PathLike | CheckpointIndex) -> None:
+        """The checkpoint's index (an index given as it is: its tensors under the model's
+        names) and each of its files' stat, taken now."""
+        if not isinstance(checkpoint, CheckpointIndex):
+            checkpoint = index_checkpoint(os.fspath(checkpoint))
+        self.checkpoint = checkpoint
         files = {info.file for info in self.checkpoint.tensors.values()}
         self.stats = {file: file_stat(file) for file in sorted(files)}
 
@@ -74,13 +78,15 @@ class Originals:
 
     def remember(self, storage: Storage, name: str, weight: torch.Tensor) -> None:
         """Keep ``weight``'s bytes, before anything writes it: its address in the checkpoint
-        where the file is as fingerprinted and holds them, else a copy."""
+        where the file is as fingerprinted and holds them (or bytes whose cast to the weight's
+        dtype are the weight's, as a model's loader casts them), else a copy."""
         if storage in self:
             return
         info = self.checkpoint.tensors.get(name) if self.checkpoint else None
-        if info is not None and self._unchanged(info.file):
+        usable = info is not None and info.is_float and info.scale is None
+        if usable and info.shape == tuple(weight.shape) and self._unchanged(info.file):
             stored = load_tensor(info)
-            if stored.dtype == weight.dtype and torch.equal(stored, weight.detach().cpu()):
+            if _same_bytes(stored.to(weight.dtype), weight.detach().cpu()):
                 self.stored[storage] = Stored(info, tensor_crc32c(stored))
                 return
         device = "cpu" if self.keep_on == "cpu" else weight.device
@@ -90,10 +96,12 @@ class Originals:
         self.copies.pop(storage, None)
         self.stored.pop(storage, None)
 
-    def load(self, storage: Storage, device: torch.device) -> torch.Tensor:
+    def load(self, storage: Storage, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The original, on ``device`` in the weight's ``dtype`` (a stored one cast as the
+        model's loader cast it)."""
         if storage in self.copies:
             return self.copies[storage].to(device)
-        return load_tensor(self.stored[storage].info).to(device)
+        return load_tensor(self.stored[storage].info).to(device, dtype)
 
     def check(self, storages: Iterable[Storage]) -> None:
         """Before any original of ``storages`` is read back: each one kept as an address must
@@ -147,6 +155,14 @@ class Originals:
             return file in self.stats and file_stat(file) == self.stats[file]
         except OSError:
             return False
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (``torch.equal`` calls -0.0 and 0.0, or two NaNs, what they are not)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    view = torch.uint8
+    return torch.equal(a.contiguous().reshape(-1).view(view), b.contiguous().reshape(-1).view(view))
 
 
 def _crc(info: TensorInfo) -> int | None:

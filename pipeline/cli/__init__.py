@@ -8,7 +8,7 @@ from .app import app, main
 
 # isort: off
 # Imported for their registration on ``app``, in the order --help lists the commands.
-from . import extract, merge, inspect, resize, convert, verify, clean  # noqa: F401
+from . import extract, merge, inspect, resize, convert, verify, clean, infer, serve  # noqa: F401
 
 # isort: on
 

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 
 from . import safetensors_format as stf
 
-SUFFIXES = {"safetensors": (".safetensors",), "pytorch": (".pt", ".pth")}
+SUFFIXES = {"safetensors": (".safetensors",), "pytorch": (".pt", ".pth"), "mp4": (".mp4",)}
 
 
 def output_path(output: str, output_format: str) -> str:
-    """LightX2V's rule: add ``.safetensors``/``.pt`` when the name lacks a matching suffix."""
+    """LightX2V's rule: add ``.safetensors``/``.pt``/``.mp4`` when the name lacks a matching
+    suffix."""
     output = os.path.abspath(os.path.expanduser(output))
     if not output.endswith(SUFFIXES[output_format]):
         output += SUFFIXES[output_format][0]

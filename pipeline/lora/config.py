@@ -101,15 +101,50 @@ class MergeConfig:
         else:
             if name is not None:
                 raise _no_names(name, where)
-            paths = data.get("lora_path")
-            paths = [paths] if isinstance(paths, str) else paths
-            if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
-                raise UsageError("'lora_path' must be a path or a list of paths", path=where)
-            strength = _number(data.get("strength_model", 1.0), "'strength_model'", where)
-            specs = [LoraSpec(_resolve(p, base_dir, where), strength) for p in paths]
+            specs = _lora_path_specs(data, where, base_dir)
         if not specs:
             raise UsageError("the config names no LoRA", path=where)
         return cls(tuple(specs), name=name, unused=unused)
+
+
+def named_loras(
+    data: dict, *, where: str | None = None, base_dir: str = "."
+) -> list[tuple[str | None, LoraSpec]]:
+    """Every LoRA a LightX2V config names, in order, each with its entry's ``name`` (None for
+    an entry without one and for the ``lora_path`` shape): for a runtime that hands each of its
+    models its own LoRAs (Wan2.2 MoE). [] when the config names no LoRA (an inference config
+    may have none); the fields are checked as ``MergeConfig.from_dict`` checks them."""
+    if "lora_path" in data and "lora_configs" in data:
+        raise UsageError("give either 'lora_path' or 'lora_configs', not both", path=where)
+    if "lora_path" in data:
+        return [(None, spec) for spec in _lora_path_specs(data, where, base_dir)]
+    entries = data.get("lora_configs")
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise UsageError("'lora_configs' must be a list of objects", path=where)
+    named = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise UsageError(
+                f"lora_configs[{i}] must be an object with 'path' and 'strength'", path=where
+            )
+        name = entry.get("name")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise UsageError(
+                f"lora_configs[{i}]: 'name' must be a non-empty string, got {name!r}", path=where
+            )
+        named.append((name, _entry(entry, i, where, base_dir)))
+    return named
+
+
+def _lora_path_specs(data: dict, where: str | None, base_dir: str) -> list[LoraSpec]:
+    paths = data.get("lora_path")
+    paths = [paths] if isinstance(paths, str) else paths
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+        raise UsageError("'lora_path' must be a path or a list of paths", path=where)
+    strength = _number(data.get("strength_model", 1.0), "'strength_model'", where)
+    return [LoraSpec(resolve_config_path(p, base_dir, where), strength) for p in paths]
 
 
 def _choose(entries: list, name: str | None, where: str | None) -> list[tuple[int, object]]:
@@ -161,10 +196,10 @@ def _entry(entry: dict, i: int, where: str | None, base_dir: str) -> LoraSpec:
     strength = _number(entry.get("strength", 1.0), f"{what}: 'strength'", where)
     alpha = entry.get("alpha")
     alpha = None if alpha is None else _number(alpha, f"{what}: 'alpha'", where)
-    return LoraSpec(_resolve(path, base_dir, where), strength, alpha)
+    return LoraSpec(resolve_config_path(path, base_dir, where), strength, alpha)
 
 
-def _resolve(path: str, base_dir: str, where: str | None) -> str:
+def resolve_config_path(path: str, base_dir: str, where: str | None) -> str:
     """The config's directory first, then the working directory (where LightX2V looks); the
     config's directory when neither holds it (the missing file is reported later)."""
     path = os.path.expanduser(path)

@@ -3,7 +3,8 @@ budget) → the command reads its inputs' headers, plans and checks every path �
 directory → the command says what it depends on (the manifest) → compute and write the outputs'
 temporaries → publish outputs and report together, or abort → clean up.
 
-A command fills it in with a ``Command``: what it reads and plans (``prepare``), what its work
+A command fills it in with a ``Command`` (whose ``output_option``, if it has one, names its
+output in messages instead of ``--output``): what it reads and plans (``prepare``), what its work
 directory must match to be reused (``begin``) and the run itself (``run``: tasks on
 ``session.compute``, writers opened through ``session.add_writer``, the report returned). The
 skeleton decides what happens to the outputs and the work directory on failure and success,

@@ -67,7 +67,7 @@ class Session:
     given_output: str = ""  # --output as typed (absolute), before the suffix rule
     budget: int = 0  # bytes the running tasks may hold together (--max-memory or default)
     outputs: list[str] = field(default_factory=list)  # written beside --output (check_paths)
-    output_option: str = "--output"  # what the command calls its output (convert: OUT)
+    output_option: str = "--output"  # what the command calls its output (convert: OUT, infer)
     writers: list = field(default_factory=list)  # the run's outputs, published together
     _discard: bool = False
 
@@ -177,20 +177,26 @@ class Session:
         self._discard = True
 
     def start(
-        self, *, tensors: int, total_bytes: int, done: int, done_bytes: int, changes: list[str]
+        self,
+        *,
+        tensors: int,
+        total_bytes: int,
+        done: int,
+        done_bytes: int,
+        changes: list[str],
+        unit: str | None = None,
     ) -> None:
-        """The ``start`` event: totals, what is already done (resumed) and why not more."""
-        self.emit(
-            "start",
-            {
-                "tensors": tensors,
-                "bytes": total_bytes,
-                "done": done,
-                "done_bytes": done_bytes,
-                "changes": changes,
-                "work_dir": self.work.path if self.work else None,
-            },
-        )
+        """The ``start`` event: totals, what is already done (resumed) and why not more;
+        ``unit``: what ``tensors`` counts when it is not tensors (infer: ``steps``)."""
+        info = {
+            "tensors": tensors,
+            "bytes": total_bytes,
+            "done": done,
+            "done_bytes": done_bytes,
+            "changes": changes,
+            "work_dir": self.work.path if self.work else None,
+        }
+        self.emit("start", {**info, "unit": unit} if unit else info)
 
     def compute(self, calls: list[TaskCall], progress: bool = True) -> dict[str, object]:
         """Run ``calls`` where the options say (threads here, ``--gpus`` workers or a running

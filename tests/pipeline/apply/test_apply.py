@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import loraforge
-from loraforge.pipeline.errors import LoraMismatch, ShapeMismatch
+from loraforge.pipeline.errors import LoraMismatch, NonFiniteTensor, ShapeMismatch
 from loraforge.pipeline.lora.config import LoraSpec, MergeConfig
 from loraforge.pipeline.merge.command import merge
 from loraforge.pipeline.merge.options import MergeOptions
@@ -160,6 +160,81 @@ def test_originals_on_the_cpu_and_a_weight_that_differs_from_the_checkpoint(tmp_
     assert torch.equal(state[f"{Q}.weight"], tensors[f"{Q}.weight"] + 1)
 
 
+def test_a_bf16_model_loaded_from_fp32_files_rereads_and_casts(tmp_path):
+    base, tensors = make_base(tmp_path, dtype=torch.float32)
+    loras = two_loras(tmp_path)
+    model = Tiny(
+        {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()}
+    )
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    handle = loraforge.apply(model, [(loras[0], 1.0), (loras[1], 0.5)], checkpoint=base)
+    assert handle.held_bytes == 0
+    handle.set_strengths([2.0, -1.0])
+    fresh = Tiny({k: v.clone() for k, v in start.items()})
+    loraforge.apply(fresh, [(loras[0], 2.0), (loras[1], -1.0)])  # originals held as copies
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(model.state_dict()[key].view(torch.uint8), value.view(torch.uint8))
+    handle.remove()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value.view(torch.uint8), start[key].view(torch.uint8)), key
+
+
+def test_a_checkpoint_index_under_the_modules_names(tmp_path):
+    """A checkpoint whose names differ from the module's (Wan's original layout under a
+    diffusers-named model) is handed over as an index keyed by the module's names."""
+    from loraforge.pipeline.io.reader import index_checkpoint
+
+    base, tensors = make_base(tmp_path, dtype=torch.bfloat16)
+    index = index_checkpoint(base)
+    renamed = {"renamed." + k: v for k, v in index.tensors.items()}
+    index = type(index)(index.path, index.format, renamed, index.files)
+    model = Tiny({"renamed." + k: v for k, v in tensors.items()})
+    lora = save_lora(
+        tmp_path,
+        "renamed.safetensors",
+        lora_pair("renamed." + Q, ".lora_up.weight", ".lora_down.weight"),
+    )
+    handle = loraforge.apply(model, [lora], checkpoint=index)
+    assert handle.touched == [f"renamed.{Q}.weight"] and handle.held_bytes == 0
+    handle.remove()
+    assert torch.equal(model.state_dict()[f"renamed.{Q}.weight"], tensors[f"{Q}.weight"])
+
+
+def test_replace_switches_in_one_pass_and_equals_a_fresh_apply(tmp_path):
+    _base, tensors = make_base(tmp_path, dtype=torch.bfloat16)
+    loras = two_loras(tmp_path)
+    switched, fresh = Tiny(tensors), Tiny(tensors)
+    handle = loraforge.apply(switched, [(loras[0], 1.0)])
+    handle.replace([(loras[1], 0.5)])
+    loraforge.apply(fresh, [(loras[1], 0.5)])
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(switched.state_dict()[key].view(torch.uint8), value.view(torch.uint8))
+    assert handle.loras == [loras[1]] and handle.strengths == [0.5]
+    handle.replace([])
+    for key, value in tensors.items():
+        assert torch.equal(switched.state_dict()[key].view(torch.uint8), value.view(torch.uint8))
+    assert handle.held_bytes == 0
+
+
+def test_a_failure_part_way_is_undone_by_remove(tmp_path):
+    """The new LoRA fails on the first weight recomputed (attn.k sorts first), while the
+    weights only the old LoRA touched are still patched: remove() restores those too."""
+    _base, tensors = make_base(tmp_path, dtype=torch.float32)
+    loras = two_loras(tmp_path)
+    bad = lora_pair("blocks.0.attn.k", ".lora_up.weight", ".lora_down.weight", rank=2)
+    bad["blocks.0.attn.k.lora_up.weight"][0, 0] = float("nan")
+    bad_path = save_lora(tmp_path, "nan.safetensors", bad)
+    model = Tiny(tensors)
+    handle = loraforge.apply(model, [(loras[0], 1.0)])
+    with pytest.raises(NonFiniteTensor):
+        handle.replace([(bad_path, 1.0)])
+    assert not torch.equal(model.state_dict()[f"{Q}.weight"], tensors[f"{Q}.weight"])
+    handle.remove()
+    for key, value in tensors.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert handle.held_bytes == 0
+
+
 def test_unmatched_keys_are_listed_and_strict_refuses(tmp_path):
     _base, tensors = make_base(tmp_path)
     lora = save_lora(
@@ -209,3 +284,38 @@ def test_apply_on_cuda_restores_bytes(tmp_path):
     handle.remove()
     for key, value in model.state_dict().items():
         assert torch.equal(value.cpu().view(torch.uint8), tensors[key].view(torch.uint8)), key
+
+
+def test_check_and_summaries_say_what_a_lora_patches_without_patching(tmp_path):
+    _base, tensors = make_base(tmp_path)
+    loras = two_loras(tmp_path)
+    odd = save_lora(
+        tmp_path,
+        "odd.safetensors",
+        {
+            **lora_pair(Q, ".lora_up.weight", ".lora_down.weight"),
+            **lora_pair("blocks.9.attn.k", ".lora_up.weight", ".lora_down.weight"),
+        },
+    )
+    model = Tiny(tensors)
+    handle = loraforge.apply(model, [])
+    (checked,) = handle.check([(odd, 0.5)])
+    assert (checked["path"], checked["strength"], checked["keys"], checked["patches"]) == (
+        odd,
+        0.5,
+        4,
+        1,
+    )
+    assert checked["unmatched"] == {
+        "blocks.9.attn.k.lora_down.weight": "targets no base tensor",
+        "blocks.9.attn.k.lora_up.weight": "targets no base tensor",
+    }
+    assert handle.touched == [] and torch.equal(
+        model.state_dict()[f"{Q}.weight"], tensors[f"{Q}.weight"]
+    )
+    with pytest.raises(LoraMismatch):
+        loraforge.apply(model, [], strict=True).check([odd])
+    handle.replace([(loras[1], 2.0)])
+    assert [
+        (s["path"], s["strength"], s["patches"], s["unmatched"]) for s in handle.summaries()
+    ] == [(loras[1], 2.0, 2, {})]

@@ -169,6 +169,15 @@ OUTPUT = {
     "--max-shard-size",
     "--key-style",
 }
+RUNTIME = {
+    "--model_cls",
+    "--task",
+    "--model_path",
+    "--config_json",
+    "--transformer_path",
+    "--transformer_2_path",
+    "--dtype",
+}
 KERNEL = {"--svd", "--oversample", "--power-iterations", "--svd-tol", "--max-power-iterations"}
 OPTIONS = {
     "extract": {
@@ -215,7 +224,28 @@ OPTIONS = {
     | {"--report", "--quiet", "--json"},
     "inspect": {"--base", "--lora-type", "--json"},
     "clean": set(),
+    "infer": RUNTIME
+    | {
+        "--save_result_path",
+        "--prompt",
+        "--negative_prompt",
+        "--image_path",
+        "--seed",
+        "--lora_path",
+        "--lora_strength",
+        "--save_frames",
+    }
+    | {"--device", "--report", "--quiet", "--json"},
+    "serve": RUNTIME
+    | {"--lora_dir", "--output_dir", "--host", "--port", "--max_queue_size"}
+    | {"--device", "--quiet"},
 }
+
+
+def test_every_command_is_listed():
+    from loraforge.pipeline.cli import app
+
+    assert set(typer.main.get_command(app).commands) == set(OPTIONS)
 
 
 @pytest.mark.parametrize("name", sorted(OPTIONS))
@@ -262,3 +292,46 @@ def test_bad_options_exit_2_with_one_line_before_any_work(calls, args, line):
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     if line is not None:
         assert result.stderr == line
+
+
+def test_infer_options_become_runtime_infer_and_run_options(monkeypatch):
+    from loraforge.pipeline.cli import infer
+    from loraforge.pipeline.infer.options import InferOptions
+    from loraforge.pipeline.runtime.spec import RuntimeOptions
+
+    recorded = []
+
+    def command(**kwargs):
+        kwargs.pop("progress")
+        recorded.append(kwargs)
+        return {"summary": {"phases": {}, "peak_rss_bytes": 0, "files": []}, "tensors": {}}
+
+    monkeypatch.setattr(infer, "infer", command)
+    result = run_cli(
+        *("infer", "--model_cls", "wan2.2_moe_distill", "--task", "i2v", "--model_path", "m"),
+        *("--config_json", "c.json", "--transformer_2_path", "low.safetensors", "--dtype", "fp16"),
+        *("--prompt", "a cat", "--seed", "7", "--lora_path", "a,b", "--lora_path", "c"),
+        *("--lora_strength", "0.5", "--image_path", "i.png", "--save_frames"),
+        *("--save_result_path", "o.mp4", "--device", "cpu", "--quiet"),
+    )
+    assert result.exit_code == 0, result.output
+    assert recorded == [
+        {
+            "runtime": RuntimeOptions(
+                "wan2.2_moe_distill", "i2v", "m", "c.json", None, "low.safetensors", "fp16"
+            ),
+            "options": InferOptions(
+                prompt="a cat",
+                image_path="i.png",
+                seed=7,
+                lora_path=("a", "b", "c"),
+                lora_strength=(0.5,),
+                save_frames=True,
+            ),
+            "save_result_path": "o.mp4",
+            "run": RunOptions(device="cpu", quiet=True),
+        }
+    ]
+    bad = run_cli("infer", "--model_cls", "wan9", "--model_path", "m", "--save_result_path", "o")
+    assert bad.exit_code == 2 and bad.stderr.startswith("error: Invalid value for '--model_cls'")
+    assert bad.stderr.count("\n") == 1

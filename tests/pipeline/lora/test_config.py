@@ -10,6 +10,7 @@ from loraforge.pipeline.lora.config import (
     MergeConfig,
     config_from_options,
     load_merge_config,
+    named_loras,
     parse_number,
 )
 
@@ -233,3 +234,49 @@ def test_missing_lora_says_where_it_was_looked_for(tmp_path):
         f"{path}: names a LoRA that does not exist: {tmp_path}/gone.safetensors (fix the path; "
         "relative paths are read from the config's directory, then from the working directory)"
     )
+
+
+def test_named_loras_keeps_each_entrys_name(tmp_path):
+    data = {
+        "infer_steps": 4,
+        "lora_configs": [
+            {"name": "high_noise_model", "path": "h.safetensors", "strength": 0.5},
+            {"path": "both.safetensors"},
+            {"name": "low_noise_model", "path": "l.safetensors", "strength": 2},
+        ],
+    }
+    named = named_loras(data, where="c.json", base_dir=str(tmp_path))
+    assert named == [
+        ("high_noise_model", LoraSpec(str(tmp_path / "h.safetensors"), 0.5)),
+        (None, LoraSpec(str(tmp_path / "both.safetensors"), 1.0)),
+        ("low_noise_model", LoraSpec(str(tmp_path / "l.safetensors"), 2.0)),
+    ]
+    shape = {"lora_path": ["a.safetensors"], "strength_model": 0.3}
+    assert named_loras(shape, base_dir=str(tmp_path)) == [
+        (None, LoraSpec(str(tmp_path / "a.safetensors"), 0.3))
+    ]
+    assert named_loras({"infer_steps": 4}) == []
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {"lora_configs": [{"name": 3, "path": "a"}]},
+            "lora_configs[0]: 'name' must be a non-empty string, got 3",
+        ),
+        ({"lora_configs": {"path": "a"}}, "'lora_configs' must be a list of objects"),
+        (
+            {"lora_configs": [{"path": "a", "strength": "x"}]},
+            "lora_configs[0]: 'strength' must be a finite number, got 'x'",
+        ),
+        (
+            {"lora_path": "a", "lora_configs": []},
+            "give either 'lora_path' or 'lora_configs', not both",
+        ),
+    ],
+)
+def test_named_loras_refusals(data, message):
+    with pytest.raises(UsageError) as caught:
+        named_loras(data, where="c.json")
+    assert str(caught.value) == f"c.json: {message}"

@@ -1,0 +1,1 @@
+"""``loraforge infer``: one video from a Wan model folder with LoRAs, LightX2V's command line."""

@@ -1,0 +1,137 @@
+"""A loaded model that generates videos: the pipeline on its device, its scheduler set from the
+config, its LoRAs switched per job, the denoising steps reported as they finish.
+
+Determinism: the noise comes from a CPU generator seeded with the job's seed (the same on any
+device), and torch's CPU thread count is fixed per process (the cores this process may use), so
+a job gives the same bytes in ``loraforge infer`` and in ``loraforge serve``'s worker."""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .load import DTYPES, load_pipeline
+from .loras import Assigned, ModelLoras, weights_digest
+from .schedule import configure, sampling
+from .settings import Settings
+from .spec import RuntimeSpec
+from .video import frames_digest
+
+# (step index, timestep, seconds since the call began); may raise to stop the run
+StepCallback = Callable[[int, float, float], None]
+
+
+@dataclass(frozen=True)
+class Job:
+    prompt: str
+    negative_prompt: str
+    seed: int
+    settings: Settings  # the config's, or a request's overrides of it
+    image_path: str | None = None  # i2v
+
+
+@dataclass
+class Generated:
+    frames: np.ndarray  # (frames, height, width, 3) float32 in [0, 1]
+    digest: str  # sha256 of the frames' bytes
+    step_seconds: list[float]
+    phases: dict[str, float]  # denoise (text encoder included), decode
+
+
+def threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's CPU threads at ``count`` for the block, as they were afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+class Runtime:
+    def __init__(self, spec: RuntimeSpec, pipe, loras: ModelLoras, notes: list[str]):
+        self.spec, self.pipe, self.loras, self.notes = spec, pipe, loras, notes
+        self.threads = threads()
+
+    @classmethod
+    def load(cls, spec: RuntimeSpec) -> Runtime:
+        """Load the pipeline and set its scheduler; no LoRA is applied yet."""
+        with torch_threads(threads()):
+            loaded = load_pipeline(spec.folder, spec.originals, DTYPES[spec.dtype], spec.device)
+        configure(loaded.pipe, spec.model, spec.settings, spec.folder.boundary_ratio)
+        loras = ModelLoras(loaded.pipe, spec.model, loaded.checkpoints)
+        return cls(spec, loaded.pipe, loras, loaded.notes)
+
+    def switch(self, assigned: Assigned) -> bool:
+        """Check (a LoRA that patches nothing is refused), then apply ``assigned`` in place of
+        the current LoRAs."""
+        self.loras.check(assigned)
+        return self.loras.switch(assigned)
+
+    def generate(self, job: Job, on_step: StepCallback | None = None) -> Generated:
+        settings, spec = job.settings, self.spec
+        plan = sampling(spec.model, settings)
+        marks: list[float] = []
+        started = time.perf_counter()
+
+        def step_end(pipe, index, timestep, tensors):
+            marks.append(time.perf_counter())
+            if on_step is not None:
+                on_step(index, float(timestep), marks[-1] - started)
+            return {}
+
+        kwargs = dict(
+            prompt=job.prompt,
+            negative_prompt=job.negative_prompt or None,
+            height=settings.target_height,
+            width=settings.target_width,
+            num_frames=settings.target_video_length,
+            num_inference_steps=plan.steps,
+            guidance_scale=plan.guidance_scale,
+            generator=torch.Generator("cpu").manual_seed(job.seed),
+            output_type="np",
+            max_sequence_length=settings.text_len,
+            callback_on_step_end=step_end,
+        )
+        if plan.guidance_scale_2 is not None:
+            kwargs["guidance_scale_2"] = plan.guidance_scale_2
+        if job.image_path is not None:
+            from PIL import Image
+
+            with Image.open(job.image_path) as image:
+                kwargs["image"] = image.convert("RGB")
+        with torch_threads(self.threads), torch.inference_mode():
+            frames = self.pipe(**kwargs).frames[0]
+        ended = time.perf_counter()
+        frames = np.ascontiguousarray(frames, dtype=np.float32)
+        last = marks[-1] if marks else started
+        seconds = [b - a for a, b in zip([started, *marks], marks, strict=False)]
+        phases = {"denoise": last - started, "decode": ended - last}
+        return Generated(frames, frames_digest(frames), seconds, phases)
+
+    def digest(self) -> str:
+        """sha256 of every transformer's weights (``loras.weights_digest``)."""
+        return weights_digest((name, getattr(self.pipe, name)) for name in self.loras.handles)
+
+
+def peak_memory(device: str) -> dict:
+    """Peak resident memory of this process (and CUDA memory allocated on ``device``)."""
+    peak = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.startswith("cuda"):
+        peak["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
+    return peak
