@@ -41,6 +41,7 @@ class Slot:
     file: str
     offset: int
     entry: OutputEntry
+    zip_crc: bool = False  # a zip record needs its CRC-32 (torch.save's format), else CRC-32C
 
 
 def split_shards(

@@ -58,9 +58,9 @@ class PytorchOutput:
         self._crc[begin] = zlib.crc32(data)
 
     def slot(self, name: str) -> Slot:
-        """Where ``name`` goes, for a writer elsewhere (``write_at(..., crc=True)``)."""
+        """Where ``name`` goes, for a writer elsewhere (``write_at``: the zip record's CRC-32)."""
         _fd, begin, entry = self._slots.where[name]
-        return Slot(self._tmp, begin, entry)
+        return Slot(self._tmp, begin, entry, zip_crc=True)
 
     def final_file(self, name: str) -> str:
         return self.files[0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import zlib
 
+import google_crc32c
 import torch
 
 from . import safetensors_format as stf
@@ -29,9 +30,21 @@ def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         written += os.pwrite(fd, data[written:], offset + written)
 
 
+def checksum(data: memoryview, zip_crc: bool, previous: int | None = None) -> int:
+    """The checksum a slot's bytes are recorded with (``previous``: that of the bytes before
+    these): CRC-32 where a zip record needs it, else the hardware CRC-32C (13 GB/s here, zlib's
+    CRC-32 4 GB/s). ``data``: a view of a numpy array (``tensor_bytes``), or bytes."""
+    if zip_crc:
+        return zlib.crc32(data, previous or 0)
+    array = data.obj if data.obj is not None else data.tobytes()  # google_crc32c: no memoryview
+    if previous is None:
+        return google_crc32c.value(array)
+    return google_crc32c.extend(previous, array)
+
+
 def write_at(slot: Slot, tensor: torch.Tensor) -> int:
     """Write ``tensor``'s bytes at ``slot`` (the file is opened here, never truncated) and
-    return their CRC-32 (zip records need it; resume checks it).
+    return their checksum (``checksum``: zip records need a CRC-32; resume checks it).
 
     The bytes are not synced here: one fsync per tensor serialised a merge on the disk (2.7×
     the streaming-copy time). The output is fsynced once at commit, and a resumed run checks
@@ -43,7 +56,7 @@ def write_at(slot: Slot, tensor: torch.Tensor) -> int:
         pwrite_all(fd, data, slot.offset)
     finally:
         os.close(fd)
-    return zlib.crc32(data)
+    return checksum(data, slot.zip_crc)
 
 
 class RowWriter:
@@ -54,7 +67,7 @@ class RowWriter:
     def __init__(self, slot: Slot):
         self.slot = slot
         self.written = 0
-        self.crc = 0
+        self.crc: int | None = None
         self._fd = os.open(slot.file, os.O_WRONLY)
 
     def write(self, rows: torch.Tensor) -> None:
@@ -69,7 +82,7 @@ class RowWriter:
         data = memoryview(rows.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         pwrite_all(self._fd, data, self.slot.offset + self.written)
         self.written += len(data)
-        self.crc = zlib.crc32(data, self.crc)
+        self.crc = checksum(data, self.slot.zip_crc, self.crc)
 
     def close(self) -> int:
         os.close(self._fd)
@@ -78,7 +91,8 @@ class RowWriter:
             raise RuntimeError(
                 f"{self.slot.entry.name}: {self.written} of {self.slot.entry.nbytes} bytes written"
             )
-        return self.crc
+        empty = memoryview(b"")
+        return self.crc if self.crc is not None else checksum(empty, self.slot.zip_crc)
 
     def __enter__(self):
         return self
@@ -88,12 +102,15 @@ class RowWriter:
             os.close(self._fd)
 
 
-def slot_crc32(slot: Slot) -> int | None:
-    """CRC-32 of the bytes now at ``slot`` (None if the file is shorter)."""
+def slot_checksum(slot: Slot) -> int | None:
+    """The checksum (``checksum``) of the bytes now at ``slot`` (None if the file is
+    shorter)."""
     with open(slot.file, "rb") as f:
         f.seek(slot.offset)
         data = f.read(slot.entry.nbytes)
-    return zlib.crc32(data) if len(data) == slot.entry.nbytes else None
+    if len(data) != slot.entry.nbytes:
+        return None
+    return zlib.crc32(data) if slot.zip_crc else google_crc32c.value(data)
 
 
 class Slots:

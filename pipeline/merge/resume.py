@@ -16,7 +16,7 @@ import torch
 from .. import __version__
 from ..io.layout import Slot
 from ..io.reader import CheckpointIndex
-from ..io.slots import slot_crc32
+from ..io.slots import slot_checksum
 from ..lora.inputs import LoraInput
 from ..run.device import device_type
 from .plan import MergePlan
@@ -100,5 +100,5 @@ def marker_valid(marker: dict | None, fingerprint: str, slot: Slot) -> bool:
         and marker.get("file") == os.path.basename(slot.file)
         and marker.get("offset") == slot.offset
         and marker.get("nbytes") == slot.entry.nbytes
-        and marker.get("crc") == slot_crc32(slot)  # the bytes really are there
+        and marker.get("crc") == slot_checksum(slot)  # the bytes really are there
     )

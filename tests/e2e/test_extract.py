@@ -2,6 +2,7 @@
 
 import json
 import os
+import zipfile
 
 import pytest
 import torch
@@ -182,6 +183,8 @@ def test_pytorch_output_and_inputs(pair_files, tmp_path):
         "pytorch",
     )
     from_pt = torch.load(tmp_path / "lora.pt", weights_only=True)
+    with zipfile.ZipFile(tmp_path / "lora.pt") as archive:
+        assert archive.testzip() is None  # every record's CRC-32 is its bytes'
     extract(*pair_files, tmp_path / "lora.safetensors")
     from_st = load_file(tmp_path / "lora.safetensors")
     assert from_pt.keys() == from_st.keys()

@@ -3,6 +3,7 @@ naming, the output layouts."""
 
 import json
 import os
+import zipfile
 
 import pytest
 import torch
@@ -304,6 +305,8 @@ def test_shards_and_pytorch_hold_the_same_tensors(tmp_path):
     as_pt = MergeOptions(output_dtype="fp32", output_format="pytorch")
     run(base_path, [lora], tmp_path / "merged", options=as_pt)
     pt = torch.load(tmp_path / "merged.pt", weights_only=True)
+    with zipfile.ZipFile(tmp_path / "merged.pt") as archive:
+        assert archive.testzip() is None  # the tasks' CRC-32s are the zip records'
     for key, tensor in one.items():
         assert torch.equal(pieces[key], tensor) and torch.equal(pt[key], tensor), key
 
