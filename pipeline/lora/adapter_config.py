@@ -21,8 +21,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CheckpointFormatError, CheckpointNotFound
+from ..errors import CheckpointFormatError
 from ..io import safetensors_format as stf
+from ..io.json_files import read_json
 from ..io.reader import CheckpointIndex
 from .numbers import checked
 
@@ -167,12 +168,7 @@ def load_peft_config(path: str | os.PathLike[str]) -> PeftConfig:
     if file.is_dir():
         file = file / "adapter_config.json"
     where = str(file)
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointNotFound("PEFT adapter config not found", path=where) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointFormatError(f"not a readable JSON file: {e}", path=where) from e
+    raw = read_json(where, "PEFT adapter config not found", unreadable=CheckpointFormatError)
     return peft_config_from(raw, where)
 
 

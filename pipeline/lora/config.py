@@ -31,12 +31,12 @@ different files.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
 
 from ..errors import CheckpointNotFound, UsageError
+from ..io.json_files import read_json
 from .numbers import checked, is_number
 
 _ENTRY_FIELDS = ("name", "path", "strength", "alpha")
@@ -225,13 +225,7 @@ def load_merge_config(
     """Read ``path``; with ``check_files`` every LoRA it names must exist. ``name`` chooses
     the entries carrying that ``name`` (required when entries are named)."""
     where = os.path.abspath(os.path.expanduser(path))
-    try:
-        with open(where, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointNotFound("merge config not found", path=where) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"not a readable JSON file ({e})", path=where) from None
+    data = read_json(where, "merge config not found")
     config = MergeConfig.from_dict(data, where=where, base_dir=os.path.dirname(where), name=name)
     config = dataclasses.replace(config, path=where)
     if check_files:

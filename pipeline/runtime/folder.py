@@ -4,11 +4,11 @@ and every file in it (inputs no output may overwrite)."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 from ..errors import CheckpointNotFound, ModelMismatch, UsageError
+from ..io.json_files import read_json
 from ..run.paths import UserPath
 from .models import TASKS, ModelClass
 
@@ -75,17 +75,11 @@ def _present(entry: object) -> bool:
 
 
 def _json(path: str, what: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointNotFound(
-            "missing: not a diffusers model folder",
-            path=path,
-            hint="--model_path takes a folder as diffusers' save_pretrained writes it",
-        ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"not a readable JSON file ({e})", path=path) from None
+    data = read_json(
+        path,
+        "missing: not a diffusers model folder",
+        hint="--model_path takes a folder as diffusers' save_pretrained writes it",
+    )
     if not isinstance(data, dict):
         raise UsageError(f"{what}: not a JSON object", path=path)
     return data

@@ -14,12 +14,12 @@ LightX2V's runner for this class ignores it."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
 
-from ..errors import CheckpointNotFound, UsageError
+from ..errors import UsageError
+from ..io.json_files import read_json
 from ..lora.config import LoraSpec, named_loras, resolve_config_path
 from .models import EXPERTS, ModelClass
 
@@ -107,13 +107,7 @@ def read_settings(path: str | None, model: ModelClass) -> Settings:
     if path is None:
         return Settings()
     where = os.path.abspath(os.path.expanduser(path))
-    try:
-        with open(where, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointNotFound("config not found", path=where) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"not a readable JSON file ({e})", path=where) from None
+    data = read_json(where, "config not found")
     if not isinstance(data, dict):
         raise UsageError("an inference config must be a JSON object", path=where)
     read = fields_for(model)

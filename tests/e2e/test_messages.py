@@ -18,7 +18,7 @@ from loraforge.pipeline.io import writer as io_writer
 from loraforge.pipeline.merge import task as merge_task
 from loraforge.pipeline.run import memory
 from tests.helpers.cli import run_cli
-from tests.helpers.tree import changes, snapshot
+from tests.helpers.tree import changes, snapshot, working_copy
 
 Q = "blocks.0.attn.q"
 
@@ -65,10 +65,7 @@ def master(tmp_path_factory) -> str:
 
 @pytest.fixture
 def tree(master, tmp_path) -> str:
-    root = os.path.join(os.path.realpath(tmp_path), "t")
-    shutil.copytree(master, root)
-    os.makedirs(os.path.join(root, "out"))
-    return root
+    return working_copy(master, tmp_path)
 
 
 def refused(tree: str, argv, code: int, message: str, leaves=()) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass
 
 import pytest
@@ -18,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.helpers.cli import run_cli
-from tests.helpers.tree import changes, snapshot
+from tests.helpers.tree import changes, snapshot, working_copy
 
 Q = "blocks.0.attn.q"
 RANGE = "float32's range (±3.4e+38), in which LoRAs are applied"
@@ -120,10 +119,7 @@ def master(tmp_path_factory) -> str:
 
 @pytest.fixture
 def tree(master, tmp_path) -> str:
-    root = os.path.join(os.path.realpath(tmp_path), "t")
-    shutil.copytree(master, root)
-    os.makedirs(os.path.join(root, "out"))
-    return root
+    return working_copy(master, tmp_path)
 
 
 @dataclass(frozen=True)

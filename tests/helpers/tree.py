@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 
 
 def snapshot(root: str) -> dict[str, str]:
@@ -34,3 +35,12 @@ def changes(before: dict[str, str], after: dict[str, str], leaves=()) -> tuple[l
         if not any(k == a or k.startswith(a + "/") for a in leaves)
     )
     return changed, new
+
+
+def working_copy(master: str, tmp_path) -> str:
+    """A test's own copy of a module's input tree (``<tmp_path>/t``, with an empty ``out/``), so
+    a test that misbehaves cannot change another's inputs."""
+    root = os.path.join(os.path.realpath(tmp_path), "t")
+    shutil.copytree(master, root)
+    os.makedirs(os.path.join(root, "out"))
+    return root
