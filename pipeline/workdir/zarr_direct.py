@@ -5,7 +5,10 @@ chunk, encoded with the ``bytes`` (little-endian) and ``crc32c`` codecs — exac
 Why not zarr's own writer: every zarr call hops to its event-loop thread and each file to a
 thread pool, about 4 ms of Python per array under the GIL. Tasks storing one tensor's result
 per call spent more time there than in the SVD (5 s of a 20 s run on the 1.3B benchmark).
-Reading stays with zarr (``WorkDir.load_many``), so a layout mistake here fails loudly."""
+``read_array`` reads back exactly this layout (every chunk's CRC-32C checked) for the same
+reason: zarr's reader spent half the write stage parsing metadata. An array in any other layout
+returns None and is read by zarr (``WorkDir.load_many``); the tests read what we write with zarr
+itself, so a layout mistake here fails loudly."""
 
 from __future__ import annotations
 
@@ -110,3 +113,36 @@ class RowChunkWriter:
         if self.rows != self.shape[0]:
             raise ValueError(f"{self.rows} of {self.shape[0]} rows written")
         _write_metadata(self.directory, array_metadata(self.shape, self.chunks, attributes or {}))
+
+
+class ChecksumMismatch(ValueError):
+    """A chunk whose bytes do not match their CRC-32C."""
+
+
+def read_array(directory: str) -> tuple[np.ndarray, dict] | None:
+    """The array and attributes ``write_array`` (or ``RowChunkWriter``) wrote in ``directory``;
+    None when its ``zarr.json`` describes another layout (read it with zarr). Every chunk must be
+    there (ours writes each one; zarr's skips chunks equal to the fill value): a missing or
+    damaged chunk raises (``OSError``, ``ChecksumMismatch``, ``ValueError``)."""
+    with open(os.path.join(directory, "zarr.json")) as f:
+        meta = json.load(f)
+    shape = tuple(meta.get("shape", ()))
+    grid = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
+    layout = dict(meta, shape=list(shape), attributes={})
+    if grid is None or layout != array_metadata(shape, tuple(grid), {}):
+        return None
+    chunks = tuple(grid)
+    out = np.empty(shape, dtype="<f4")
+    chunk_bytes = 4 * math.prod(chunks)
+    ranges = [range(math.ceil(n / c)) for n, c in zip(shape, chunks, strict=True)]
+    for index in itertools.product(*ranges) if out.size else ():
+        with open(os.path.join(directory, _chunk_key(index)), "rb") as f:
+            raw = f.read()
+        data, crc = raw[:-4], raw[-4:]
+        if len(data) != chunk_bytes or google_crc32c.value(data).to_bytes(4, "little") != crc:
+            raise ChecksumMismatch(f"chunk {index} of {directory}: damaged or of another size")
+        block = np.frombuffer(data, dtype="<f4").reshape(chunks)
+        spans = zip(index, chunks, shape, strict=True)
+        region = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in spans)
+        out[region] = block[tuple(slice(0, r.stop - r.start) for r in region)]
+    return out, dict(meta.get("attributes") or {})

@@ -10,7 +10,7 @@ from zarr.codecs import Crc32cCodec
 
 from loraforge.pipeline.workdir import CorruptEntry, WorkDir
 from loraforge.pipeline.workdir import store as store_module
-from loraforge.pipeline.workdir.zarr_direct import write_array
+from loraforge.pipeline.workdir.zarr_direct import ChecksumMismatch, read_array, write_array
 
 
 @pytest.mark.parametrize(
@@ -36,6 +36,43 @@ def test_direct_arrays_equal_zarrs_own(tmp_path, shape, chunks):
                 theirs = os.path.join(root, name)
                 ours = theirs.replace("reference", "direct")
                 assert open(ours, "rb").read() == open(theirs, "rb").read()
+
+
+@pytest.mark.parametrize(
+    "shape,chunks", [((7, 5), (3, 5)), ((10,), (4,)), ((), ()), ((0, 3), (1, 3)), ((5, 6), (2, 4))]
+)
+def test_the_direct_reader_reads_what_zarr_writes_in_this_layout(tmp_path, shape, chunks):
+    # no chunk all zeros: zarr skips writing those, our writer (and so our reader) never does
+    data = (np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape) + 1) / 7
+    zarr.create_array(
+        store=zarr.storage.LocalStore(str(tmp_path)),
+        name="a",
+        data=data,
+        chunks=chunks,
+        compressors=[Crc32cCodec()],
+        attributes={"singular_values": [3.0, 1.0]},
+    )
+    array, attributes = read_array(str(tmp_path / "a"))
+    assert array.dtype == np.float32 and array.shape == shape
+    np.testing.assert_array_equal(array, data)
+    assert attributes == {"singular_values": [3.0, 1.0]}
+
+
+def test_the_direct_reader_leaves_other_layouts_to_zarr_and_refuses_damage(tmp_path):
+    data = np.arange(12, dtype=np.float32).reshape(3, 4)
+    zarr.create_array(store=zarr.storage.LocalStore(str(tmp_path)), name="gzip", data=data,
+                      chunks=(2, 4))  # zarr's default compressor: not our layout  # fmt: skip
+    assert read_array(str(tmp_path / "gzip")) is None
+    write_array(str(tmp_path / "ours"), data, (2, 4))
+    chunk = tmp_path / "ours" / "c" / "1" / "0"
+    damaged = bytearray(chunk.read_bytes())
+    damaged[0] ^= 1
+    chunk.write_bytes(bytes(damaged))
+    with pytest.raises(ChecksumMismatch, match=r"chunk \(1, 0\) of .*ours: damaged"):
+        read_array(str(tmp_path / "ours"))
+    chunk.unlink()
+    with pytest.raises(FileNotFoundError):
+        read_array(str(tmp_path / "ours"))
 
 
 def test_save_load_roundtrip_and_truncation_detected(tmp_path, monkeypatch):
