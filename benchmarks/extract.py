@@ -24,7 +24,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from measure import format_table, run_measured  # noqa: E402
+from measure import format_table, loraforge_program, run_measured  # noqa: E402
 from wan_shapes import generate_pair  # noqa: E402
 
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     out = os.path.join(args.workdir, "results")
     os.makedirs(out, exist_ok=True)
     ours = os.path.join(out, "loraforge.safetensors")
-    extract = ["loraforge", "extract", "--source-model", base, "--target-model", tuned,
+    extract = [loraforge_program(), "extract", "--source-model", base, "--target-model", tuned,
                "--output", ours, "--rank", str(args.rank), "--no-resume", "--no-keep-work",
                "--quiet", "--device", args.device]  # fmt: skip
     rate = subprocess.run(

@@ -28,6 +28,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from measure import loraforge_program  # noqa: E402
 from wan_shapes import FILE_PREFIX, generate_pair  # noqa: E402
 
 INDEX = f"{FILE_PREFIX}.safetensors.index.json"
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, arguments in cases(pair, out):
         before = set(os.listdir(out))
         start = time.perf_counter()
-        done = subprocess.run(["loraforge", *arguments, "--quiet"], capture_output=True, text=True)
+        command = [loraforge_program(), *arguments, "--quiet"]
+        done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"{name}: loraforge exited {done.returncode}\n{done.stderr[-3000:]}")
         new = sorted(set(os.listdir(out)) - before)

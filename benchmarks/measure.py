@@ -17,6 +17,14 @@ import psutil
 SAMPLE_INTERVAL_S = 0.02
 
 
+def loraforge_program() -> str:
+    """The ``loraforge`` console script of this Python's environment, run directly as a user of
+    that environment runs it: ``PATH`` may first find a wrapper (pyenv's shim costs 0.1–0.3 s
+    per start), or another environment's copy."""
+    script = os.path.join(os.path.dirname(sys.executable), "loraforge")
+    return script if os.access(script, os.X_OK) else "loraforge"
+
+
 def tree_rss(proc: psutil.Process) -> int:
     """Summed RSS of ``proc`` and all its descendants; processes that vanish count as 0.
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from measure import format_table, run_measured  # noqa: E402
+from measure import format_table, loraforge_program, run_measured  # noqa: E402
 from wan_shapes import FILE_PREFIX, generate_pair  # noqa: E402
 
 INDEX = f"{FILE_PREFIX}.safetensors.index.json"
@@ -48,7 +48,7 @@ def prepare(workdir: str, blocks: int, rank: int) -> tuple[str, str]:
     if not os.path.exists(lora):
         print(f"extracting a rank-{rank} LoRA with loraforge extract …", flush=True)
         result = run_measured(
-            ["loraforge", "extract", "--source-model", base, "--target-model", tuned]
+            [loraforge_program(), "extract", "--source-model", base, "--target-model", tuned]
             + ["--output", lora, "--rank", str(rank), "--quiet", "--no-keep-work"]
         )
         if result["returncode"]:
@@ -119,8 +119,8 @@ def runs(base: str, lora: str, out: str, dtypes: list[str], lightx2v: str | None
             cmd = [*FLOORS, "cast", base, target, "--dtype", dtype]
             planned.append(Run(floor, f"streaming cast to {dtype} + fsync", cmd, target))
         target = f"{out}/loraforge-{dtype}.safetensors"
-        cmd = ["loraforge", "merge", "--source-model", base, "--lora-model", lora, "--output",
-               target, "--output-dtype", dtype, "--quiet", "--no-resume"]  # fmt: skip
+        cmd = [loraforge_program(), "merge", "--source-model", base, "--lora-model", lora,
+               "--output", target, "--output-dtype", dtype, "--quiet", "--no-resume"]  # fmt: skip
         planned.append(Run(f"loraforge-{dtype}", f"loraforge merge ({dtype} out)", cmd, target,
                            floor))  # fmt: skip
     if lightx2v:

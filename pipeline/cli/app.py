@@ -3,9 +3,12 @@ entry point."""
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 import typer
 from typer.core import TyperGroup
@@ -72,4 +75,28 @@ def running(command: str, run: RunOptions) -> Iterator[Bar | JsonLog]:
 
 
 def main() -> None:
-    app(prog_name="loraforge")
+    """The console script. A finished command leaves the interpreter without its teardown:
+    the exit handlers run and the streams are flushed, then ``os._exit``. Every output is
+    published (renamed, fsynced) before the command returns, so nothing is left to do but
+    free memory, and with torch loaded that teardown took 0.45 s of every command here (of a
+    14 s extraction). Anything but ``SystemExit`` (an interrupt, a bug) exits the normal way."""
+    try:
+        app(prog_name="loraforge")
+        code = 0
+    except SystemExit as finished:
+        code = finished.code
+    _exit_now(code)
+
+
+def _exit_now(code: int | str | None) -> NoReturn:
+    if not isinstance(code, int):  # SystemExit's other forms: None is success, text an error
+        if code is not None:
+            print(code, file=sys.stderr)
+        code = 0 if code is None else 1
+    atexit._run_exitfuncs()  # logging's flush, weakref finalizers (temporary directories)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: the reader is gone, nothing to flush to
+            code = code or 1
+    os._exit(code)
