@@ -196,13 +196,13 @@ class WorkDir:
             arrays, attributes = {}, {}
             for name in marker.get("arrays", []):
                 try:
-                    direct = zarr_direct.read_array(os.path.join(self.tensors, _entry(key), name))
-                    if direct is None:  # not our layout: zarr reads it
+                    stored = zarr_direct.read_array(os.path.join(self.tensors, _entry(key), name))
+                    if stored is None:  # not our layout: zarr reads it
                         array = await zarr_async.open_array(
                             store=store, path=f"{_entry(key)}/{name}", mode="r"
                         )
-                        direct = await array.getitem(...), dict(array.attrs)
-                    arrays[name], attributes[name] = direct
+                        stored = await array.getitem(...), dict(array.attrs)
+                    arrays[name], attributes[name] = stored
                 except Exception as e:  # zarr raises many types for missing/truncated chunks
                     return CorruptEntry(f"{key}/{name}: {type(e).__name__}: {e}")
             for name, shape in marker.get("array_shapes", {}).items():
