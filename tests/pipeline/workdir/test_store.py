@@ -13,20 +13,25 @@ from loraforge.pipeline.workdir import store as store_module
 from loraforge.pipeline.workdir.zarr_direct import ChecksumMismatch, read_array, write_array
 
 
+def zarrs_own(folder, name: str, data: np.ndarray, chunks: tuple, attributes: dict) -> None:
+    """``data`` written by zarr itself in the layout zarr_direct writes and reads."""
+    zarr.create_array(
+        store=zarr.storage.LocalStore(str(folder)),
+        name=name,
+        data=data,
+        chunks=chunks,
+        compressors=[Crc32cCodec()],
+        attributes=attributes,
+    )
+
+
 @pytest.mark.parametrize(
     "shape,chunks", [((7, 5), (3, 5)), ((10,), (4,)), ((), ()), ((0, 3), (1, 3)), ((4, 6), (4, 6))]
 )
 def test_direct_arrays_equal_zarrs_own(tmp_path, shape, chunks):
     data = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape) / 7
     write_array(str(tmp_path / "direct"), data, chunks, {"note": [1.5]})
-    zarr.create_array(
-        store=zarr.storage.LocalStore(str(tmp_path)),
-        name="reference",
-        data=data,
-        chunks=chunks,
-        compressors=[Crc32cCodec()],
-        attributes={"note": [1.5]},
-    )
+    zarrs_own(tmp_path, "reference", data, chunks, {"note": [1.5]})
     direct = zarr.open_array(str(tmp_path / "direct"), mode="r")
     assert direct.shape == shape and direct.attrs["note"] == [1.5]
     np.testing.assert_array_equal(direct[...], data)
@@ -44,14 +49,7 @@ def test_direct_arrays_equal_zarrs_own(tmp_path, shape, chunks):
 def test_the_direct_reader_reads_what_zarr_writes_in_this_layout(tmp_path, shape, chunks):
     # no chunk all zeros: zarr skips writing those, our writer (and so our reader) never does
     data = (np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape) + 1) / 7
-    zarr.create_array(
-        store=zarr.storage.LocalStore(str(tmp_path)),
-        name="a",
-        data=data,
-        chunks=chunks,
-        compressors=[Crc32cCodec()],
-        attributes={"singular_values": [3.0, 1.0]},
-    )
+    zarrs_own(tmp_path, "a", data, chunks, {"singular_values": [3.0, 1.0]})
     array, attributes = read_array(str(tmp_path / "a"))
     assert array.dtype == np.float32 and array.shape == shape
     np.testing.assert_array_equal(array, data)
