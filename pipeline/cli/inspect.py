@@ -7,8 +7,9 @@ from typing import Annotated
 
 import typer
 
-from ..console import JsonLog, json_line, print_inspect, user_errors
+from ..console import JsonLog, json_line, user_errors
 from ..inspect.command import inspect_lora
+from ..inspect.display import print_inspect
 from .app import app, exit_on_failure
 from .options import CheckpointType
 
