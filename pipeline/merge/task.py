@@ -75,35 +75,41 @@ def run_merge_task(
     with mapped(task.base) as view:
         prefault(view)
         clock.lap("read")
-        if task.kind != "merged":
-            result = _cast(view, dtype)
-            clock.lap("cast")
-            result = checked(task, result, view, dtype, allow_nonfinite, carried)
-            clock.lap("check")
-            checksum = write_at(slot, result)
-            clock.lap("write")
-        else:
-            dev = torch.device(device)
-            # GPU: read the base into pinned memory, then hold the device for the merge, the
-            # cast and the copy back (run/gpu.py); LoRA factors are small, read inside.
-            (base,) = stage([view], dev, stage_nbytes)
-            with device_lock(dev):
-                out = thread_buffer(task.base.shape, torch.float32, dev, "merged")
-                merged = merge_weight(
-                    base.to(dev), load_deltas(task.patches, dev, allow_nonfinite), out=out
-                )
-                if dev.type != "cpu":
-                    on_device = _cast(merged, dtype)
-                    merged = thread_buffer(task.base.shape, on_device.dtype, "cpu", "result")
-                    merged.copy_(on_device)
+        value = view  # a tensor no LoRA touches: cast (or kept) as stored
+        if task.kind == "merged":
+            value = _merged(task, view, torch.device(device), dtype, allow_nonfinite, stage_nbytes)
             clock.lap("product")
-            result = _cast(merged, dtype)
-            clock.lap("cast")
-            result = checked(task, result, view, dtype, allow_nonfinite, carried)
-            clock.lap("check")
-            checksum = write_at(slot, result)
-            clock.lap("write")
+        result = _cast(value, dtype)
+        clock.lap("cast")
+        result = checked(task, result, view, dtype, allow_nonfinite, carried)
+        clock.lap("check")
+        checksum = write_at(slot, result)
+        clock.lap("write")
     return _finish(task, slot, work_dir, stamp, checksum, start, carried=carried, clock=clock)
+
+
+def _merged(
+    task: MergeTask,
+    view: torch.Tensor,
+    dev: torch.device,
+    dtype: torch.dtype,
+    allow_nonfinite: bool,
+    stage_nbytes: int | None,
+) -> torch.Tensor:
+    """The base ``view`` plus the task's LoRA products, in this thread's buffer on the host:
+    fp32 on the CPU; cast to ``dtype`` on a GPU before the copy back (then ``_cast`` is a no-op).
+    GPU: the base is read into pinned memory, then the device is held for the merge, the cast
+    and the copy back (run/gpu.py); LoRA factors are small, read inside."""
+    (base,) = stage([view], dev, stage_nbytes)
+    with device_lock(dev):
+        out = thread_buffer(task.base.shape, torch.float32, dev, "merged")
+        deltas = load_deltas(task.patches, dev, allow_nonfinite)
+        merged = merge_weight(base.to(dev), deltas, out=out)
+        if dev.type == "cpu":
+            return merged
+        on_device = _cast(merged, dtype)
+        result = thread_buffer(task.base.shape, on_device.dtype, "cpu", "result")
+        return result.copy_(on_device)
 
 
 def _finish(
