@@ -39,7 +39,7 @@ class Failed(Exception):
 
 
 # Per command: what names the places it writes, and whether a rerun resumes; for the line a
-# full disk or an unwritable location gets.
+# full disk, an unwritable location or an interrupt gets.
 WRITES = {
     "extract": ("--output / --work-dir", True),
     "merge": ("--output / --work-dir", True),
@@ -48,7 +48,10 @@ WRITES = {
     "verify": ("--report", False),
     "infer": ("--save_result_path / --report", False),
     "serve": ("--save_result_path", False),
+    "inspect": ("", False),
+    "clean": ("", False),
 }
+NOTHING_KEPT = ("", False)  # no command named
 FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
@@ -57,7 +60,7 @@ def environment_line(e: OSError, command: str | None) -> str:
     space, or a writable place, named as ``command`` names it; "rerun to resume" only for
     commands that keep finished work."""
     where = f"{e.filename}: " if e.filename else ""
-    places, resumes = WRITES.get(command or "", ("", False))
+    places, resumes = WRITES.get(command or "", NOTHING_KEPT)
     if command == "clean":
         fix = "loraforge removes nothing it cannot; fix the permissions and run clean again"
     elif e.errno in FULL:
@@ -67,6 +70,15 @@ def environment_line(e: OSError, command: str | None) -> str:
     if resumes:
         fix += "; finished tensors are kept, rerun to resume"
     return f"{where}{e.strerror} ({fix})"
+
+
+def interrupted(command: str | None) -> Interrupted:
+    """The error for Ctrl-C (or SIGTERM) during ``command``: what is kept, and what to rerun."""
+    if command == "clean":
+        return Interrupted("interrupted before clean finished", hint="run clean again")
+    if WRITES.get(command or "", NOTHING_KEPT)[1]:
+        return Interrupted(f"interrupted; {KEPT}", hint="rerun the same command to resume")
+    return Interrupted("interrupted; nothing was written")
 
 
 @contextmanager
@@ -89,10 +101,7 @@ def user_errors(log: JsonLog | None = None, command: str | None = None) -> Itera
             raise
         _fail(environment_line(e, command), 1, log)
     except KeyboardInterrupt:
-        if WRITES.get(command or "", ("", True))[1]:
-            e = Interrupted(f"interrupted; {KEPT}", hint="rerun the same command to resume")
-        else:
-            e = Interrupted("interrupted; nothing was written")
+        e = interrupted(command)
         _fail(str(e), e.exit_code, log)
     finally:
         signal.signal(signal.SIGTERM, previous)
