@@ -6,15 +6,16 @@ An original is a copy (on the weight's device, or on the CPU), or, where ``check
 file the model was loaded from) holds the same bytes, that tensor's address in the file. The
 file is fingerprinted at ``apply()`` (each file's size, mtime and inode, ``io/fingerprint.py``)
 and each tensor read from it by the CRC-32C of its bytes; before an original is read back the
-file is checked: unchanged stat, or a re-hash matching the CRC. A changed or missing file is an
-error before anything is written (the model stays as it is) and ``use_checkpoint(path)`` points
-the handle at a file that holds the originals (each checked by its CRC) to go on."""
+file is checked: unchanged stat, or a re-hash matching the CRC (the stat it matched at is then
+the one compared). A changed or missing file is an error before anything is written (the model
+stays as it is) and ``use_checkpoint(path)`` points the handle at a file that holds the
+originals (each checked by its CRC) to go on."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -42,10 +43,12 @@ def storage_of(tensor: torch.Tensor) -> Storage:
 
 @dataclass(frozen=True)
 class Stored:
-    """An original kept as its address in the checkpoint, with the CRC-32C of its bytes."""
+    """An original kept as its address in the checkpoint, with the CRC-32C of its bytes and the
+    file's stat when they last matched it (a file touched but not changed is re-hashed once)."""
 
     info: TensorInfo
     crc: int
+    stat: dict
 
 
 class Originals:
@@ -87,7 +90,7 @@ class Originals:
         if usable and info.shape == tuple(weight.shape) and self._unchanged(info.file):
             stored = load_tensor(info)
             if _same_bytes(stored.to(weight.dtype), weight.detach().cpu()):
-                self.stored[storage] = Stored(info, tensor_crc32c(stored))
+                self.stored[storage] = Stored(info, tensor_crc32c(stored), self.stats[info.file])
                 return
         device = "cpu" if self.keep_on == "cpu" else weight.device
         self.copies[storage] = weight.detach().to(device, copy=True)
@@ -108,9 +111,12 @@ class Originals:
         still be in its file (unchanged stat, or bytes matching its CRC-32C)."""
         for storage in storages:
             stored = self.stored.get(storage)
-            if stored is None or self._unchanged(stored.info.file):
+            if stored is None:
                 continue
             info = stored.info
+            stat = _stat(info.file)
+            if stat == stored.stat:
+                continue
             if not os.path.exists(info.file):
                 raise OriginalsGone(
                     "the checkpoint holding the originals is gone", path=info.file, hint=FIX
@@ -122,6 +128,8 @@ class Originals:
                     key=info.key,
                     hint=FIX,
                 )
+            if stat is not None:  # taken before the hash: a later change shows in it
+                self.stored[storage] = replace(stored, stat=stat)
 
     def use_checkpoint(self, path: str | os.PathLike) -> None:
         """Re-read the originals kept as addresses from ``path`` from now on: every one must
@@ -144,17 +152,22 @@ class Originals:
                         key=stored.info.key,
                         hint="give the file the model was loaded from",
                     )
-                moved[storage] = Stored(info, stored.crc)
+                moved[storage] = Stored(info, stored.crc, self.stats[info.file])
         except BaseException:
             self.checkpoint, self.stats = previous
             raise
         self.stored.update(moved)
 
     def _unchanged(self, file: str) -> bool:
-        try:
-            return file in self.stats and file_stat(file) == self.stats[file]
-        except OSError:
-            return False
+        """Whether ``file`` has the stat taken when the checkpoint was indexed."""
+        return file in self.stats and _stat(file) == self.stats[file]
+
+
+def _stat(file: str) -> dict | None:
+    try:
+        return file_stat(file)
+    except OSError:
+        return None
 
 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -15,6 +15,8 @@ from safetensors.torch import save_file
 
 import loraforge
 from loraforge.pipeline import errors
+from loraforge.pipeline.apply import originals
+from loraforge.pipeline.io.fingerprint import stored_crc32c
 from loraforge.stages.merge import Delta, merge_weight
 
 OUT, IN = 24, 16
@@ -233,6 +235,24 @@ def test_a_touched_checkpoint_with_the_same_bytes_still_serves(loaded):
     state, handle, base, original = loaded
     os.utime(base, ns=(1, 1))  # stat changed, bytes not: re-hashed, accepted
     handle.remove()
+    assert snapshot(state) == original
+
+
+def test_a_touched_checkpoint_is_re_hashed_once(loaded, monkeypatch):
+    state, handle, base, original = loaded
+    os.utime(base, ns=(1, 1))
+    hashed = []
+
+    def counting(info):
+        hashed.append(info.key)
+        return stored_crc32c(info)
+
+    monkeypatch.setattr(originals, "stored_crc32c", counting)
+    handle.set_strengths([0.5])
+    assert hashed == ["0.weight", "2.weight"]
+    handle.set_strengths([0.25])  # the stat the bytes matched at is the one compared now
+    handle.remove()
+    assert hashed == ["0.weight", "2.weight"]
     assert snapshot(state) == original
 
 
