@@ -13,6 +13,14 @@ def temporary_name(path: str) -> str:
     return os.path.join(directory, f".{name}.partial")
 
 
+def temporary_of(name: str) -> str | None:
+    """The file name whose temporary (``temporary_name``) is called ``name``; None for a name
+    that is not a temporary's."""
+    if name.startswith(".") and name.endswith(".partial"):
+        return name[1 : -len(".partial")]
+    return None
+
+
 def make_parent(path: str) -> None:
     """Create ``path``'s directory if needed: outputs may go to a directory that does not exist
     yet (the checks before a run only make sure it can be created)."""

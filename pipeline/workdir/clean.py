@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..errors import UsageError
-from ..io.atomic import remove_quietly
+from ..io.atomic import remove_quietly, temporary_of
 from ..io.layout import index_file_name, shard_pattern
 from .lock import RunLock
 from .store import WorkDir
@@ -44,9 +44,8 @@ def _temporaries_of(output: str) -> list[str]:
     return [
         os.path.join(directory, name)
         for name in names
-        if name.startswith(".")
-        and name.endswith(".partial")
-        and (name[1:-8] in own or shards.fullmatch(name[1:-8]))
+        if (plain := temporary_of(name)) is not None
+        and (plain in own or shards.fullmatch(plain))
         and os.path.isfile(os.path.join(directory, name))
     ]
 

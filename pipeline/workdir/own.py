@@ -15,6 +15,8 @@ import os
 from collections.abc import Callable
 from urllib.parse import quote
 
+from ..io.atomic import temporary_of
+
 META = "zarr.json"
 
 
@@ -25,9 +27,8 @@ def entry_name(key: str) -> str:
 
 def _plain(name: str) -> str:
     """A file's name without the ``.<name>.partial`` of a temporary."""
-    if name.startswith(".") and name.endswith(".partial"):
-        return name[1:-8]
-    return name
+    plain = temporary_of(name)
+    return name if plain is None else plain
 
 
 def is_result_file(parts: tuple[str, ...]) -> bool:

@@ -27,7 +27,7 @@ import zarr.storage
 
 from .. import __version__
 from ..errors import WorkDirConflict
-from ..io.atomic import remove_quietly, write_json
+from ..io.atomic import remove_quietly, temporary_name, write_json
 from . import zarr_direct
 from .own import entry_name, remove_entry, remove_markers, remove_results
 
@@ -37,9 +37,6 @@ _CHUNK_BYTES = 64 * 2**20
 
 class CorruptEntry(Exception):
     """An intermediate that has a marker but cannot be read back intact."""
-
-
-_entry = entry_name
 
 
 def _chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -101,7 +98,7 @@ class WorkDir:
         zarr.open_group(zarr.storage.LocalStore(self.tensors), mode="a")
 
     def marker_path(self, key: str) -> str:
-        return os.path.join(self.done, _entry(key) + ".json")
+        return os.path.join(self.done, entry_name(key) + ".json")
 
     def read_marker(self, key: str) -> dict | None:
         try:
@@ -133,7 +130,7 @@ class WorkDir:
     def _new_entry(self, key: str) -> str:
         """``key``'s group, emptied (and its marker removed) for a new result."""
         remove_quietly(self.marker_path(key))
-        entry = os.path.join(self.tensors, _entry(key))
+        entry = os.path.join(self.tensors, entry_name(key))
         remove_entry(entry)
         os.makedirs(entry, exist_ok=True)  # a user's file in it is kept
         zarr_direct.write_group(entry)
@@ -156,7 +153,7 @@ class WorkDir:
         """One stored array's zarr attributes, read from its ``zarr.json`` without opening the
         array: a rank decision reads every tensor's singular values before the output is laid
         out. Unreadable metadata raises ``CorruptEntry``."""
-        path = os.path.join(self.tensors, _entry(key), name, "zarr.json")
+        path = os.path.join(self.tensors, entry_name(key), name, "zarr.json")
         try:
             with open(path) as f:
                 return dict(json.load(f)["attributes"])
@@ -177,7 +174,7 @@ class WorkDir:
         ``CorruptEntry``."""
         store = zarr.storage.LocalStore(self.tensors, read_only=True)
         try:
-            array = zarr.open_array(store=store, path=f"{_entry(key)}/{name}", mode="r")
+            array = zarr.open_array(store=store, path=f"{entry_name(key)}/{name}", mode="r")
             if list(array.shape) != list(shape):
                 raise ValueError(f"expected shape {shape}, found {list(array.shape)}")
             rows = array.chunks[0]
@@ -193,13 +190,13 @@ class WorkDir:
         store = zarr.storage.LocalStore(self.tensors, read_only=True)
 
         async def one(key: str, marker: dict):
-            arrays, attributes = {}, {}
+            arrays, attributes, entry = {}, {}, entry_name(key)
             for name in marker.get("arrays", []):
                 try:
-                    stored = zarr_direct.read_array(os.path.join(self.tensors, _entry(key), name))
+                    stored = zarr_direct.read_array(os.path.join(self.tensors, entry, name))
                     if stored is None:  # not our layout: zarr reads it
                         array = await zarr_async.open_array(
-                            store=store, path=f"{_entry(key)}/{name}", mode="r"
+                            store=store, path=f"{entry}/{name}", mode="r"
                         )
                         stored = await array.getitem(...), dict(array.attrs)
                     arrays[name], attributes[name] = stored
@@ -228,9 +225,9 @@ class WorkDir:
         """Delete what loraforge made here (results, markers, manifest), then the directory
         itself if nothing else is left in it: a user's own files are never deleted."""
         self.clear()
-        for name in ("run.json", OWNER_FILE):
-            remove_quietly(os.path.join(self.path, name))
-            remove_quietly(os.path.join(self.path, f".{name}.partial"))
+        for path in (self.manifest_path, os.path.join(self.path, OWNER_FILE)):
+            remove_quietly(path)
+            remove_quietly(temporary_name(path))
         try:
             os.rmdir(self.path)
         except OSError:
@@ -238,7 +235,7 @@ class WorkDir:
 
     def discard(self, key: str) -> None:
         remove_quietly(self.marker_path(key))
-        remove_entry(os.path.join(self.tensors, _entry(key)))
+        remove_entry(os.path.join(self.tensors, entry_name(key)))
 
     def size_bytes(self) -> int:
         total = 0
