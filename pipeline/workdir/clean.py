@@ -72,20 +72,8 @@ def clean_work_dir(path: str) -> Cleaned:
         for file in temporaries:
             size += os.path.getsize(file)
             remove_quietly(file)
-        work.clear()
+        kept = work.remove(lock)
     finally:
         lock.release()
-    work.remove()
-    kept = _left_in(work.path)
     size -= work.size_bytes()
     return Cleaned(work.path, size, temporaries, kept)
-
-
-def _left_in(path: str) -> list[str]:
-    """Every file (or symlink) still under ``path``, relative to it: none of them loraforge's."""
-    left = []
-    for directory, dirs, files in os.walk(path):
-        rel = os.path.relpath(directory, path)
-        links = [d for d in dirs if os.path.islink(os.path.join(directory, d))]
-        left += [os.path.normpath(os.path.join(rel, name)) for name in files + links]
-    return sorted(left)

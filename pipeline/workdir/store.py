@@ -29,6 +29,7 @@ from .. import __version__
 from ..errors import WorkDirConflict
 from ..io.atomic import remove_quietly, temporary_name, write_json
 from . import zarr_direct
+from .lock import RunLock
 from .own import entry_name, remove_entry, remove_markers, remove_results
 
 # Rows per chunk are chosen so a chunk holds about this many bytes.
@@ -221,17 +222,24 @@ class WorkDir:
         kept = [os.path.join("tensors", k) for k in remove_results(self.tensors)]
         return kept + [os.path.join("done", k) for k in remove_markers(self.done)]
 
-    def remove(self) -> None:
-        """Delete what loraforge made here (results, markers, manifest), then the directory
-        itself if nothing else is left in it: a user's own files are never deleted."""
-        self.clear()
-        for path in (self.manifest_path, os.path.join(self.path, OWNER_FILE)):
-            remove_quietly(path)
-            remove_quietly(temporary_name(path))
+    def remove(self, lock: RunLock | None = None) -> list[str]:
+        """Delete what loraforge made here (results, markers, manifest), release ``lock`` (the
+        caller's: no run starts here while they go), then delete the directory itself if
+        nothing else is left in it: a user's own files are never deleted. Return the files
+        (and symlinks) kept, relative to the directory, sorted."""
+        try:
+            self.clear()
+            for path in (self.manifest_path, os.path.join(self.path, OWNER_FILE)):
+                remove_quietly(path)
+                remove_quietly(temporary_name(path))
+        finally:
+            if lock is not None:
+                lock.release()
         try:
             os.rmdir(self.path)
-        except OSError:
-            pass  # not empty: someone else's files (or the lock of a live run)
+            return []
+        except OSError:  # not empty: someone else's files (or the lock of a live run)
+            return _files_under(self.path)
 
     def discard(self, key: str) -> None:
         remove_quietly(self.marker_path(key))
@@ -257,3 +265,13 @@ class WorkDir:
 
     def write_manifest(self, manifest: dict) -> None:
         write_json(self.manifest_path, manifest)
+
+
+def _files_under(path: str) -> list[str]:
+    """Every file (or symlink) under ``path``, relative to it, sorted."""
+    found = []
+    for directory, dirs, files in os.walk(path):
+        rel = os.path.relpath(directory, path)
+        links = [d for d in dirs if os.path.islink(os.path.join(directory, d))]
+        found += [os.path.normpath(os.path.join(rel, name)) for name in files + links]
+    return sorted(found)

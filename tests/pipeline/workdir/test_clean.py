@@ -49,8 +49,22 @@ def test_clean_and_remove_keep_a_users_own_files(tmp_path):
     clean_work_dir(work.path)
     assert sorted(os.listdir(tmp_path / "w")) == ["notes.txt"]
     work = filled(tmp_path / "w")
-    work.remove()
+    assert work.remove() == ["notes.txt"]
     assert sorted(os.listdir(tmp_path / "w")) == ["notes.txt"]
+
+
+def test_clean_clears_once_while_it_holds_the_lock(tmp_path, monkeypatch):
+    work = filled(tmp_path / "w")
+    clear, locked = WorkDir.clear, []
+
+    def clearing(self):
+        locked.append(os.path.exists(os.path.join(self.path, "lock.json")))
+        return clear(self)
+
+    monkeypatch.setattr(WorkDir, "clear", clearing)
+    assert clean_work_dir(work.path).kept == []
+    assert locked == [True]
+    assert not os.path.exists(work.path)
 
 
 def test_a_directory_without_markers_is_not_a_work_directory(tmp_path):
