@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 
@@ -46,13 +46,22 @@ class SvdSettings:
     tol: float = DEFAULT_TOL
     max_iter: int = DEFAULT_MAX_ITER
 
+    # What a ``ValueError`` calls each field (a subclass may name its command-line options).
+    NAMES: ClassVar[dict[str, str]] = {
+        "oversample": "oversample",
+        "n_iter": "n_iter",
+        "tol": "tol",
+        "max_iter": "max_iter",
+    }
+
     def __post_init__(self):
+        name = self.NAMES
         if self.oversample < 0 or (self.n_iter is not None and self.n_iter < 0):
-            raise ValueError("oversample and n_iter must be >= 0")
+            raise ValueError(f"{name['oversample']} and {name['n_iter']} must be >= 0")
         if not self.tol > 0.0:
-            raise ValueError(f"tol must be > 0, got {self.tol}")
+            raise ValueError(f"{name['tol']} must be > 0, got {self.tol}")
         if self.max_iter < 1:
-            raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
+            raise ValueError(f"{name['max_iter']} must be >= 1, got {self.max_iter}")
 
 
 DEFAULT_SETTINGS = SvdSettings()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 from loraforge.kernels import SVD_METHODS, SvdSettings
 
@@ -39,17 +40,22 @@ class KernelOptions(SvdSettings, _Frozen):
     method: str = "randomized"
     rank: int = 32
 
+    NAMES: ClassVar[dict[str, str]] = {
+        "oversample": "--oversample",
+        "n_iter": "--power-iterations",
+        "tol": "--svd-tol",
+        "max_iter": "--max-power-iterations",
+    }
+
     def __post_init__(self):
         if self.rank < 1:
             raise UsageError(f"--rank must be >= 1, got {self.rank}")
         if self.method not in SVD_METHODS:
             raise UsageError(f"unknown --svd {self.method!r}; valid: {', '.join(SVD_METHODS)}")
-        if self.oversample < 0 or (self.n_iter is not None and self.n_iter < 0):
-            raise UsageError("--oversample and --power-iterations must be >= 0")
-        if not self.tol > 0.0:
-            raise UsageError(f"--svd-tol must be > 0, got {self.tol}")
-        if self.max_iter < 1:
-            raise UsageError(f"--max-power-iterations must be >= 1, got {self.max_iter}")
+        try:
+            super().__post_init__()  # SvdSettings' checks, under these option names
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -135,3 +135,6 @@ def test_kernel_options_default_to_adaptive_iterations_and_check_them():
     with pytest.raises(UsageError) as info:
         KernelOptions(max_iter=0)
     assert str(info.value) == "--max-power-iterations must be >= 1, got 0"
+    with pytest.raises(UsageError) as info:
+        KernelOptions(n_iter=-1)
+    assert str(info.value) == "--oversample and --power-iterations must be >= 0"
