@@ -7,6 +7,7 @@ import os
 import zlib
 
 import google_crc32c
+import numpy as np
 import torch
 
 from . import safetensors_format as stf
@@ -30,16 +31,17 @@ def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         written += os.pwrite(fd, data[written:], offset + written)
 
 
-def checksum(data: memoryview, zip_crc: bool, previous: int | None = None) -> int:
+def checksum(data: bytes | memoryview, zip_crc: bool, previous: int | None = None) -> int:
     """The checksum a slot's bytes are recorded with (``previous``: that of the bytes before
     these): CRC-32 where a zip record needs it, else the hardware CRC-32C (13 GB/s here, zlib's
-    CRC-32 4 GB/s). ``data``: a view of a numpy array (``tensor_bytes``), or bytes."""
+    CRC-32 4 GB/s). ``data``: bytes, or a contiguous view (``tensor_bytes``, a slice of one)."""
     if zip_crc:
         return zlib.crc32(data, previous or 0)
-    array = data.obj if data.obj is not None else data.tobytes()  # google_crc32c: no memoryview
+    if not isinstance(data, bytes):  # google_crc32c hashes bytes without the GIL, no memoryview
+        data = np.frombuffer(data, np.uint8)  # the view's own bytes, not copied
     if previous is None:
-        return google_crc32c.value(array)
-    return google_crc32c.extend(previous, array)
+        return google_crc32c.value(data)
+    return google_crc32c.extend(previous, data)
 
 
 def write_at(slot: Slot, tensor: torch.Tensor) -> int:
@@ -48,8 +50,8 @@ def write_at(slot: Slot, tensor: torch.Tensor) -> int:
 
     The bytes are not synced here: one fsync per tensor serialised a merge on the disk (2.7×
     the streaming-copy time). The output is fsynced once at commit, and a resumed run checks
-    each reused tensor against the CRC-32 in its marker (``slot_crc32``), which also covers a
-    machine that went down with the bytes still in its page cache."""
+    each reused tensor against the checksum in its marker (``slot_checksum``), which also covers
+    a machine that went down with the bytes still in its page cache."""
     data = tensor_bytes(slot.entry, tensor)
     fd = os.open(slot.file, os.O_WRONLY)
     try:
@@ -62,7 +64,7 @@ def write_at(slot: Slot, tensor: torch.Tensor) -> int:
 class RowWriter:
     """Writes one planned tensor at its ``slot`` a block of rows at a time, in order (a tensor
     larger than memory is never whole); ``close`` checks every byte arrived and returns the
-    CRC-32 of them all, as ``write_at`` does for a whole tensor."""
+    checksum of them all, as ``write_at`` does for a whole tensor."""
 
     def __init__(self, slot: Slot):
         self.slot = slot
@@ -110,7 +112,7 @@ def slot_checksum(slot: Slot) -> int | None:
         data = f.read(slot.entry.nbytes)
     if len(data) != slot.entry.nbytes:
         return None
-    return zlib.crc32(data) if slot.zip_crc else google_crc32c.value(data)
+    return checksum(data, slot.zip_crc)
 
 
 class Slots:
