@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psutil
@@ -70,16 +71,21 @@ def _cgroup_dirs() -> list[str]:
     return dirs
 
 
-def cgroup_available() -> int | None:
-    """Bytes this process's memory cgroups still allow (limit − usage, not counting the
-    reclaimable page cache), the tightest over the hierarchy; None without a limit."""
-    tightest = None
+def _cgroup_limits() -> Iterator[tuple[str, int]]:
+    """Each of this process's memory cgroups that has a limit: its directory and the limit."""
     for d in _cgroup_dirs():
         limit = _read_int(os.path.join(d, "memory.limit_in_bytes")) or _read_int(
             os.path.join(d, "memory.max")
         )
-        if limit is None or limit >= 1 << 60:  # "no limit" is a huge number in v1
-            continue
+        if limit is not None and limit < 1 << 60:  # "no limit" is a huge number in v1
+            yield d, limit
+
+
+def cgroup_available() -> int | None:
+    """Bytes this process's memory cgroups still allow (limit − usage, not counting the
+    reclaimable page cache), the tightest over the hierarchy; None without a limit."""
+    tightest = None
+    for d, limit in _cgroup_limits():
         usage = _read_int(os.path.join(d, "memory.usage_in_bytes")) or _read_int(
             os.path.join(d, "memory.current")
         )
@@ -93,14 +99,7 @@ def cgroup_available() -> int | None:
 
 def cgroup_limit() -> int | None:
     """The tightest memory limit of this process's cgroups; None without one."""
-    limits = []
-    for d in _cgroup_dirs():
-        limit = _read_int(os.path.join(d, "memory.limit_in_bytes")) or _read_int(
-            os.path.join(d, "memory.max")
-        )
-        if limit is not None and limit < 1 << 60:  # "no limit" is a huge number in v1
-            limits.append(limit)
-    return min(limits, default=None)
+    return min((limit for _, limit in _cgroup_limits()), default=None)
 
 
 def machine_memory() -> int:

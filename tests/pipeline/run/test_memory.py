@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from loraforge.pipeline.run import staging
+from loraforge.pipeline.run import memory, staging
 from loraforge.pipeline.run.cluster import TaskCall, run_tasks
 from loraforge.pipeline.run.memory import MemoryGate, cgroup_available, default_budget
 
@@ -97,3 +97,21 @@ def test_the_default_budget_is_a_fraction_of_what_is_available():
     assert default_budget() <= psutil.virtual_memory().available
     limited = cgroup_available()
     assert limited is None or default_budget() <= limited
+
+
+def test_cgroup_limits_are_read_once_for_the_limit_and_what_is_left(tmp_path, monkeypatch):
+    """v1 and v2 files, an unlimited level ("max", v1's huge number) skipped; the tightest
+    wins, and what is left does not count the reclaimable page cache."""
+    levels = {
+        "v2": {"memory.max": "8000", "memory.current": "5000", "memory.stat": "inactive_file 1000"},
+        "v1": {"memory.limit_in_bytes": "6000", "memory.usage_in_bytes": "1000"},
+        "open-v2": {"memory.max": "max", "memory.current": "100"},
+        "open-v1": {"memory.limit_in_bytes": str(1 << 62)},
+    }
+    for name, files in levels.items():
+        (tmp_path / name).mkdir()
+        for file, text in files.items():
+            (tmp_path / name / file).write_text(text + "\n")
+    monkeypatch.setattr(memory, "_cgroup_dirs", lambda: [str(tmp_path / n) for n in levels])
+    assert memory.cgroup_limit() == 6000
+    assert memory.cgroup_available() == 4000  # v2: 8000 - (5000 - 1000); v1: 6000 - 1000
