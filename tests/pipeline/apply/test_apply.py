@@ -218,7 +218,8 @@ def test_replace_switches_in_one_pass_and_equals_a_fresh_apply(tmp_path):
 
 def test_a_failure_part_way_is_undone_by_remove(tmp_path):
     """The new LoRA fails on the first weight recomputed (attn.k sorts first), while the
-    weights only the old LoRA touched are still patched: remove() restores those too."""
+    weights only the old LoRA touched are still patched: the model and the handle are as they
+    were before replace(), and remove() restores every weight."""
     _base, tensors = make_base(tmp_path, dtype=torch.float32)
     loras = two_loras(tmp_path)
     bad = lora_pair("blocks.0.attn.k", ".lora_up.weight", ".lora_down.weight", rank=2)
@@ -226,9 +227,12 @@ def test_a_failure_part_way_is_undone_by_remove(tmp_path):
     bad_path = save_lora(tmp_path, "nan.safetensors", bad)
     model = Tiny(tensors)
     handle = loraforge.apply(model, [(loras[0], 1.0)])
+    patched = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(NonFiniteTensor):
         handle.replace([(bad_path, 1.0)])
-    assert not torch.equal(model.state_dict()[f"{Q}.weight"], tensors[f"{Q}.weight"])
+    for key, value in patched.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert (handle.loras, handle.strengths) == ([loras[0]], [1.0])
     handle.remove()
     for key, value in tensors.items():
         assert torch.equal(model.state_dict()[key], value), key
