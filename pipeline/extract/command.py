@@ -98,7 +98,7 @@ class Extraction:
         check_changed(markers, self.target)
         phases["compute"] = time.time() - started - sum(phases.values())
         session.emit("write", {"tensors": len(plan.tasks)})
-        exported = export_loras(plan, markers, session, Recompute(session, calls))
+        exported = export_loras(plan, markers, session, Recompute(session, calls), checked=True)
         phases["write"] = time.time() - started - sum(phases.values())
         tensors = {
             task.key: _tensor_entry(task, markers[task.key], decisions[task.key], exported)

@@ -100,7 +100,13 @@ class Resize:
         results = session.compute([calls[t.key] for t in pending])
         markers.update({t.key: results[t.name] for t in pending})
         session.emit("write", {"tensors": len(plan.tasks)})
-        exported = export_loras(plan, markers, session, Recompute(session, calls))
+        exported = export_loras(
+            plan,
+            markers,
+            session,
+            Recompute(session, calls),
+            checked=not options.allow_nonfinite,
+        )
         return _report(plan, self.opened, markers, reasons, exported, session)
 
 
