@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import time
 
+from ..export.compute import compute_and_export
 from ..export.outputs import lowrank_entry, outputs_summary
-from ..export.write import Exported, export_loras
+from ..export.write import Exported
 from ..export.writer import lora_location
 from ..io.reader import CheckpointIndex, index_checkpoint
 from ..run.cluster import TaskCall
@@ -15,7 +16,7 @@ from ..run.device import device_type
 from ..run.options import RunOptions
 from ..run.paths import checkpoint_paths
 from ..run.report import blocked_note, build_report, memory_summary
-from ..run.session import Progress, Recompute, Session
+from ..run.session import Progress, Session
 from .blocked import block_rows_for, blocked_bytes, working_bytes
 from .checks import check_changed, check_something_to_extract, surprises
 from .options import ExtractOptions, KernelOptions
@@ -85,20 +86,15 @@ class Extraction:
             t.key: _call(session, t, plan.options.kernel, fingerprints[t.key]) for t in plan.tasks
         }
         pending = [t for t in plan.tasks if not decisions[t.key].reuse]
-        session.start(
-            tensors=len(plan.tasks),
-            total_bytes=plan.total_bytes,
-            done=len(plan.tasks) - len(pending),
-            done_bytes=plan.total_bytes - sum(t.read_bytes for t in pending),
-            changes=self.changes,
-        )
         phases["resume_check"] = time.time() - started - sum(phases.values())
-        results = session.compute([calls[t.key] for t in pending])
-        markers.update({t.key: results[t.name] for t in pending})
-        check_changed(markers, self.target)
-        phases["compute"] = time.time() - started - sum(phases.values())
-        session.emit("write", {"tensors": len(plan.tasks)})
-        exported = export_loras(plan, markers, session, Recompute(session, calls), checked=True)
+
+        def computed(finished: dict[str, dict]) -> None:
+            check_changed(finished, self.target)
+            phases["compute"] = time.time() - started - sum(phases.values())
+
+        exported = compute_and_export(
+            plan, session, calls, pending, markers, self.changes, checked=True, computed=computed
+        )
         phases["write"] = time.time() - started - sum(phases.values())
         tensors = {
             task.key: _tensor_entry(task, markers[task.key], decisions[task.key], exported)

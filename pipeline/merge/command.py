@@ -110,13 +110,7 @@ class Merge:
         )
         markers = _reused_markers(plan, writer, session, self.fingerprint)
         pending = [t for t in plan.tasks if t.key not in markers]
-        session.start(
-            tensors=len(plan.tasks),
-            total_bytes=plan.total_bytes,
-            done=len(markers),
-            done_bytes=plan.total_bytes - sum(t.read_bytes for t in pending),
-            changes=self.changes,
-        )
+        session.start_tasks(plan.tasks, pending, self.changes)
         calls = [_call(task, writer, session, self.fingerprint, options) for task in pending]
         results = session.compute(calls)
         for task in pending:

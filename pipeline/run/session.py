@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -197,6 +197,18 @@ class Session:
             "work_dir": self.work.path if self.work else None,
         }
         self.emit("start", {**info, "unit": unit} if unit else info)
+
+    def start_tasks(self, tasks: Sequence, pending: Sequence, changes: list[str]) -> None:
+        """The ``start`` event of a run of planned ``tasks`` (each reading ``read_bytes``) of
+        which only ``pending`` are computed: the others are done (reused from a previous run)."""
+        total_bytes = sum(task.read_bytes for task in tasks)
+        self.start(
+            tensors=len(tasks),
+            total_bytes=total_bytes,
+            done=len(tasks) - len(pending),
+            done_bytes=total_bytes - sum(task.read_bytes for task in pending),
+            changes=changes,
+        )
 
     def compute(self, calls: list[TaskCall], progress: bool = True) -> dict[str, object]:
         """Run ``calls`` where the options say (threads here, ``--gpus`` workers or a running

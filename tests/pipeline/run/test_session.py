@@ -3,6 +3,7 @@ lock and owner, the report's path."""
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -99,3 +100,29 @@ def test_events_and_report(tmp_path):
             "summary": {"kinds": {}, "report": str(tmp_path / "m.report.json")},
             "tensors": {},
         }
+
+
+def test_start_tasks_counts_what_is_not_pending_as_done(tmp_path):
+    events = []
+    session = Session.open(
+        "extract",
+        RunOptions(device="cpu"),
+        str(tmp_path / "lora.safetensors"),
+        "safetensors",
+        lambda event, info: events.append((event, info)),
+    )
+    tasks = [SimpleNamespace(read_bytes=n) for n in (100, 200, 300)]
+    session.start_tasks(tasks, tasks[1:2], ["x changed"])
+    assert events == [
+        (
+            "start",
+            {
+                "tensors": 3,
+                "bytes": 600,
+                "done": 2,
+                "done_bytes": 400,
+                "changes": ["x changed"],
+                "work_dir": str(tmp_path / "lora.safetensors.work"),
+            },
+        )
+    ]
