@@ -8,6 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from loraforge.pipeline.errors import OutputError, WorkDirConflict, WorkDirLocked
+from loraforge.pipeline.run import session as session_module
+from loraforge.pipeline.run.cluster import TaskCall
 from loraforge.pipeline.run.options import RunOptions
 from loraforge.pipeline.run.session import Session
 
@@ -126,3 +128,18 @@ def test_start_tasks_counts_what_is_not_pending_as_done(tmp_path):
             },
         )
     ]
+
+
+def test_crash_points_count_reused_tensors(tmp_path, monkeypatch):
+    """LORAFORGE_CRASH_AT=compute:N counts every finished tensor, those a resumed run reuses
+    included, as before the run layer computed for the commands."""
+    points = []
+    monkeypatch.setattr(session_module, "maybe_crash", lambda *point: points.append(point))
+    session = open_session(tmp_path, workers=1)
+    tasks = [SimpleNamespace(read_bytes=1) for _ in range(5)]
+    session.start_tasks(tasks, tasks[3:], [])
+    calls = [TaskCall(f"t{n}", int, (n,), tensor=f"t{n}") for n in (3, 4)]
+    assert session.compute(calls) == {"t3": 3, "t4": 4}
+    assert sorted(points) == [("compute", 4), ("compute", 5)]
+    session.compute(calls[:1], progress=False)  # a recompute during the export: no point
+    assert len(points) == 2
