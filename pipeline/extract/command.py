@@ -50,14 +50,14 @@ class Extraction:
     work = "results"
 
     def __init__(self, source: str, source_type: str, target: str, target_type: str, options):
-        self.paths = (source, source_type, target, target_type)
+        self.source_model, self.source_type = source, source_type
+        self.target_model, self.target_type = target, target_type
         self.options: ExtractOptions = options
         self.output_format = options.output_format
 
     def prepare(self, session: Session) -> None:
-        source_model, source_type, target_model, target_type = self.paths
-        self.source: CheckpointIndex = index_checkpoint(source_model, source_type)
-        self.target: CheckpointIndex = index_checkpoint(target_model, target_type)
+        self.source: CheckpointIndex = index_checkpoint(self.source_model, self.source_type)
+        self.target: CheckpointIndex = index_checkpoint(self.target_model, self.target_type)
         self.plan: ExtractionPlan = plan_extraction(self.source, self.target, self.options)
         session.check_paths(
             checkpoint_paths("--source-model", self.source)
