@@ -14,7 +14,7 @@ from ..run.cluster import TaskCall
 from ..run.command import execute
 from ..run.device import device_type
 from ..run.options import RunOptions
-from ..run.paths import checkpoint_paths
+from ..run.paths import check_two_models, checkpoint_paths
 from ..run.report import blocked_note, build_report, memory_summary
 from ..run.session import Progress, Session
 from .blocked import block_rows_for, blocked_bytes, working_bytes
@@ -56,6 +56,7 @@ class Extraction:
         self.output_format = options.output_format
 
     def prepare(self, session: Session) -> None:
+        check_two_models(self.source_model, self.target_model)
         self.source: CheckpointIndex = index_checkpoint(self.source_model, self.source_type)
         self.target: CheckpointIndex = index_checkpoint(self.target_model, self.target_type)
         self.plan: ExtractionPlan = plan_extraction(self.source, self.target, self.options)
