@@ -51,11 +51,20 @@ def fp8_result(
         deltas = load_deltas(task.patches, dev, allow_nonfinite) if task.patches else ()
         value = merge_weight(value, deltas, out=out)
         # the fp32 value first: fp8 saturates, and a weight's scale is computed from it
-        checked(task, value, view, torch.float32, allow_nonfinite, carried)
+        extremes = _extremes(value)
+        checked(task, extremes, view, torch.float32, allow_nonfinite, carried)
         result = _encode(task, value, dtype)
-        if result.dtype not in FP8_DTYPES:
-            checked(task, result, view, dtype, allow_nonfinite, carried)
+        if result.dtype not in FP8_DTYPES:  # the value cast, or its scale (fp32)
+            checked(task, extremes.to(dtype), view, dtype, allow_nonfinite, carried)
         return result.cpu()
+
+
+def _extremes(value: torch.Tensor) -> torch.Tensor:
+    """The least and greatest of ``value`` (NaN where it holds one; an empty ``value`` as it
+    is): finite exactly where ``value`` is, and, since rounding is monotonic, cast to a dtype
+    finite exactly where ``value`` cast is (``io/finite.py casts_finite``). A scale is finite
+    exactly where the value it is the amax of is, so one reduction serves both checks."""
+    return torch.stack(torch.aminmax(value)) if value.numel() else value
 
 
 def _encode(task: MergeTask, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
