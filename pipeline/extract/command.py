@@ -47,6 +47,7 @@ class Extraction:
     """The extraction filled into the command skeleton."""
 
     name = "extract"
+    output_option = "--output"
     work = "results"
 
     def __init__(self, source: str, source_type: str, target: str, target_type: str, options):

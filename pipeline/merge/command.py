@@ -55,6 +55,7 @@ class Merge:
     what a rerun resumes, vouched for by one marker per tensor in the work directory."""
 
     name = "merge"
+    output_option = "--output"
     work = "markers"
 
     def __init__(self, source: str, source_type: str, loras: MergeConfig, lora_type, options):

@@ -54,6 +54,7 @@ class Resize:
     """The resize filled into the command skeleton."""
 
     name = "resize"
+    output_option = "--output"
     work = "results"
 
     def __init__(self, loras: MergeConfig, options: ResizeOptions, base, base_type, lora_type):
