@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import psutil
 
 SAMPLE_INTERVAL_S = 0.02
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def loraforge_program() -> str:
@@ -23,6 +24,26 @@ def loraforge_program() -> str:
     per start), or another environment's copy."""
     script = os.path.join(os.path.dirname(sys.executable), "loraforge")
     return script if os.access(script, os.X_OK) else "loraforge"
+
+
+def warm(*folders: str) -> None:
+    """Read every file in ``folders`` once, so each tool starts from the same page cache."""
+    for folder in folders:
+        for name in sorted(os.listdir(folder)):
+            with open(os.path.join(folder, name), "rb") as f:
+                while f.read(1 << 24):
+                    pass
+
+
+def gemm_rate() -> float:
+    """This machine's fp32 GEMM rate in GFLOP/s (``floors.py gemm``, in a process of its own),
+    printed with a benchmark's figures: compute-bound figures scale with it between machines."""
+    done = subprocess.run(
+        [sys.executable, os.path.join(HERE, "floors.py"), "gemm"], capture_output=True, text=True
+    )
+    if done.returncode:
+        sys.exit(f"floors.py gemm failed:\n{done.stderr}")
+    return float(done.stdout)
 
 
 def tree_rss(proc: psutil.Process) -> int:

@@ -25,14 +25,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from measure import format_table, loraforge_program, run_measured  # noqa: E402
+from measure import format_table, gemm_rate, loraforge_program, run_measured, warm  # noqa: E402
 from wan_shapes import FILE_PREFIX, generate_pair  # noqa: E402
 
 INDEX = f"{FILE_PREFIX}.safetensors.index.json"
@@ -54,19 +53,6 @@ def prepare(workdir: str, blocks: int, rank: int) -> tuple[str, str]:
         if result["returncode"]:
             sys.exit(f"extraction failed:\n{result['stderr']}")
     return base, lora
-
-
-def warm(path: str) -> None:
-    """Read every file under ``path`` once so each tool starts from the same page cache."""
-    for name in sorted(os.listdir(path)):
-        with open(os.path.join(path, name), "rb") as f:
-            while f.read(1 << 24):
-                pass
-
-
-def gemm_rate() -> float:
-    done = subprocess.run([*FLOORS, "gemm"], capture_output=True, text=True, check=True)
-    return float(done.stdout)
 
 
 def compare(ours: str, theirs: str) -> str:

@@ -12,12 +12,11 @@ from typing import Annotated
 
 import typer
 
-from loraforge.kernels import RankRule
 from loraforge.kernels.svd import DEFAULT_MAX_ITER, DEFAULT_TOL
 
 from ..export.ranks import parse_iterations, parse_ranks, rank_rule
 from ..extract.options import KernelOptions
-from ..io.dtypes import parse_dtype, parse_size
+from ..io.dtypes import parse_size
 from ..lora.config import MergeConfig, loras_from_arguments
 from ..lora.styles import DEFAULT_STYLE
 from ..run.options import RunOptions
@@ -116,7 +115,8 @@ LORAS = OptionSet(
 @dataclass(frozen=True)
 class LoraOutputFlags:
     """How a LoRA is written (extract, resize): the ranks, the rank rule and the output
-    options, checked when ``fields()`` is called (in the command's run)."""
+    options, checked when ``fields()`` is called and its ``LoraOutput`` built (in the
+    command's run)."""
 
     rank: str
     rank_mode: str
@@ -130,27 +130,22 @@ class LoraOutputFlags:
     max_shard_size: str | None
     key_style: str
 
-    @property
-    def ranks(self) -> tuple[int, ...]:
-        return parse_ranks(self.rank)
-
-    def rule(self) -> RankRule:
-        return rank_rule(
+    def fields(self) -> dict:
+        """The ``export.options.LoraOutput`` fields (which check the dtype, format and style
+        together when built)."""
+        ranks = parse_ranks(self.rank)
+        rule = rank_rule(
             mode=RankModeName(self.rank_mode).value,
-            rank=self.ranks[-1],
+            rank=ranks[-1],
             min_rank=self.min_rank,
             energy=self.energy,
             sv_ratio=self.sv_ratio,
             sv_threshold=self.sv_threshold,
             rank_budget=self.rank_budget,
         )
-
-    def fields(self) -> dict:
-        """The ``export.options.LoraOutput`` fields."""
-        parse_dtype(self.output_dtype)
         return {
-            "rank_rule": self.rule(),
-            "ranks": self.ranks,
+            "rank_rule": rule,
+            "ranks": ranks,
             "output_dtype": self.output_dtype.lower(),
             "output_format": CheckpointType(self.output_format).value,
             "max_shard_size": parse_size(self.max_shard_size),

@@ -44,7 +44,12 @@ class Exported:
 
 
 def export_loras(
-    plan, markers: dict[str, dict], session: Session, recompute: Recompute
+    plan,
+    markers: dict[str, dict],
+    session: Session,
+    recompute: Recompute,
+    *,
+    checked: bool = True,
 ) -> Exported:
     """Write every finished result of ``plan.tasks`` (their ``markers``, in the session's work
     directory) into one output per cap of ``plan.options`` (a ``LoraOutput``) at the session's
@@ -52,7 +57,8 @@ def export_loras(
     session's, published with the report. An intermediate that cannot be read back intact is
     run again through ``recompute`` (where the run's tasks run, not in this process); factors
     are deterministic (the same seed, device and kernel), so ranks chosen from the old spectrum
-    still apply."""
+    still apply. Every tensor is checked finite as cast unless not ``checked`` (resize's
+    ``--allow-nonfinite``)."""
     tasks, options, work = plan.tasks, plan.options, session.work
     values, notes = _singular_values(tasks, markers, work, recompute)
     outputs = open_outputs(tasks, markers, values, options, plan.style, session.output, session)
@@ -62,7 +68,6 @@ def export_loras(
     )
     for warning in clients.warnings() if clients else ():
         session.emit("warning", {"message": warning})
-    checked = not getattr(options, "allow_nonfinite", False)  # resize's --allow-nonfinite
     notes.update(_write(tasks, markers, work, outputs, values, dtype, recompute, checked))
     return Exported(outputs, notes, clients)
 

@@ -8,14 +8,12 @@ import torch
 
 from ..errors import ModelMismatch
 from ..io.reader import CheckpointIndex, TensorInfo, mapped
-from ..run.paths import check_two_models
 from .plan import ExtractionPlan
 
 
 def check_something_to_extract(
     plan: ExtractionPlan, source: CheckpointIndex, target: CheckpointIndex
 ) -> None:
-    check_two_models(source.path, target.path)
     if plan.tasks:
         return
     scales = {**source.fp8.companions, **target.fp8.companions}  # not weights: not counted

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import time
 
+from ..export.compute import compute_and_export
 from ..export.outputs import lowrank_entry, outputs_summary
-from ..export.write import Exported, export_loras
+from ..export.write import Exported
 from ..export.writer import lora_location
 from ..io.reader import CheckpointIndex, index_checkpoint
 from ..run.cluster import TaskCall
 from ..run.command import execute
 from ..run.device import device_type
 from ..run.options import RunOptions
-from ..run.paths import checkpoint_paths
+from ..run.paths import check_two_models, checkpoint_paths
 from ..run.report import blocked_note, build_report, memory_summary
-from ..run.session import Progress, Recompute, Session
+from ..run.session import Progress, Session
 from .blocked import block_rows_for, blocked_bytes, working_bytes
 from .checks import check_changed, check_something_to_extract, surprises
 from .options import ExtractOptions, KernelOptions
@@ -46,17 +47,19 @@ class Extraction:
     """The extraction filled into the command skeleton."""
 
     name = "extract"
+    output_option = "--output"
     work = "results"
 
     def __init__(self, source: str, source_type: str, target: str, target_type: str, options):
-        self.paths = (source, source_type, target, target_type)
+        self.source_model, self.source_type = source, source_type
+        self.target_model, self.target_type = target, target_type
         self.options: ExtractOptions = options
         self.output_format = options.output_format
 
     def prepare(self, session: Session) -> None:
-        source_model, source_type, target_model, target_type = self.paths
-        self.source: CheckpointIndex = index_checkpoint(source_model, source_type)
-        self.target: CheckpointIndex = index_checkpoint(target_model, target_type)
+        check_two_models(self.source_model, self.target_model)
+        self.source: CheckpointIndex = index_checkpoint(self.source_model, self.source_type)
+        self.target: CheckpointIndex = index_checkpoint(self.target_model, self.target_type)
         self.plan: ExtractionPlan = plan_extraction(self.source, self.target, self.options)
         session.check_paths(
             checkpoint_paths("--source-model", self.source)
@@ -85,20 +88,15 @@ class Extraction:
             t.key: _call(session, t, plan.options.kernel, fingerprints[t.key]) for t in plan.tasks
         }
         pending = [t for t in plan.tasks if not decisions[t.key].reuse]
-        session.start(
-            tensors=len(plan.tasks),
-            total_bytes=plan.total_bytes,
-            done=len(plan.tasks) - len(pending),
-            done_bytes=plan.total_bytes - sum(t.read_bytes for t in pending),
-            changes=self.changes,
-        )
         phases["resume_check"] = time.time() - started - sum(phases.values())
-        results = session.compute([calls[t.key] for t in pending])
-        markers.update({t.key: results[t.name] for t in pending})
-        check_changed(markers, self.target)
-        phases["compute"] = time.time() - started - sum(phases.values())
-        session.emit("write", {"tensors": len(plan.tasks)})
-        exported = export_loras(plan, markers, session, Recompute(session, calls))
+
+        def computed(finished: dict[str, dict]) -> None:
+            check_changed(finished, self.target)
+            phases["compute"] = time.time() - started - sum(phases.values())
+
+        exported = compute_and_export(
+            plan, session, calls, pending, markers, self.changes, checked=True, computed=computed
+        )
         phases["write"] = time.time() - started - sum(phases.values())
         tensors = {
             task.key: _tensor_entry(task, markers[task.key], decisions[task.key], exported)

@@ -19,6 +19,7 @@ from ..io.maps import release
 from ..io.reader import load_tensor, mapped
 from ..io.slots import RowWriter
 from ..lora.patches import load_deltas
+from ..run.clock import PhaseClock
 from ..run.device import usable_device_memory
 from ..run.staging import thread_buffer
 from .checks import Carried, checked
@@ -95,9 +96,14 @@ def merge_blocked(
     block_rows: int,
     allow_nonfinite: bool,
     carried: Carried | None = None,
+    clock: PhaseClock | None = None,
 ) -> int:
-    """Merge (or cast) ``task`` into ``slot`` in blocks of ``block_rows`` rows on ``device``;
-    return the CRC-32 of the bytes written."""
+    """Merge (or cast) ``task`` into ``slot`` in blocks of ``block_rows`` rows on ``device``,
+    charging each step to its phase on ``clock``; return the checksum of the bytes written
+    (CRC-32C, CRC-32 in a zip record: ``io/slots.py checksum``). On the CPU a block's rows are
+    read from the map as the product or cast first touches them: ``read`` then holds only the
+    LoRA factors."""
+    clock = clock or PhaseClock()
     deltas = list(load_deltas(task.patches, device, allow_nonfinite))
     scale = load_tensor(task.base.scale) if task.base.scale is not None else None
     with mapped(task.base) as view, RowWriter(slot) as writer:
@@ -106,19 +112,27 @@ def merge_blocked(
             rows = view[start:stop]
             shape = tuple(rows.shape)
             value = rows.to(device)
+            clock.lap("read")
             if task.kind == "merged" or scale is not None:
                 out = thread_buffer(shape, torch.float32, device, "merged")
                 if scale is not None:  # W_fp8 · scale, as fp8.py reads a scaled weight
                     value = dequantize(value, scale_rows(scale, start, stop), out=out)
                 if task.kind == "merged":
                     value = merge_weight(value, [_rows(d, start, stop) for d in deltas], out=out)
+                clock.lap("product")
             buffer = None
             if needs_cast(value, dtype):
                 buffer = thread_buffer(shape, dtype, device, "cast")
             result = cast(value, dtype, out=buffer)
-            writer.write(checked(task, result, rows, dtype, allow_nonfinite, carried))
+            clock.lap("cast")
+            result = checked(task, result, rows, dtype, allow_nonfinite, carried)
+            clock.lap("check")
+            writer.write(result)
             release(rows)
             for d in deltas:
                 if d.diff is not None:
                     release(d.diff[start:stop])
-        return writer.close()
+            clock.lap("write")
+        checksum = writer.close()
+        clock.lap("write")
+        return checksum

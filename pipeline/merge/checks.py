@@ -39,9 +39,10 @@ def checked(
     rows) already held, or that ``--allow-nonfinite`` lets through, is noted in ``carried``."""
     if task.kind == "copied" or is_finite(result):
         return result
-    if allow_nonfinite or not is_finite(base):
+    base_held = not is_finite(base)
+    if allow_nonfinite or base_held:
         if carried is not None:
-            carried.why = "the base held it" if not is_finite(base) else "--allow-nonfinite"
+            carried.why = "the base held it" if base_held else "--allow-nonfinite"
         return result
     if task.patches:
         made_from = f"{task.base.file} + {describe(task.patches)}"

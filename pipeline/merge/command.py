@@ -55,6 +55,7 @@ class Merge:
     what a rerun resumes, vouched for by one marker per tensor in the work directory."""
 
     name = "merge"
+    output_option = "--output"
     work = "markers"
 
     def __init__(self, source: str, source_type: str, loras: MergeConfig, lora_type, options):
@@ -110,13 +111,7 @@ class Merge:
         )
         markers = _reused_markers(plan, writer, session, self.fingerprint)
         pending = [t for t in plan.tasks if t.key not in markers]
-        session.start(
-            tensors=len(plan.tasks),
-            total_bytes=plan.total_bytes,
-            done=len(markers),
-            done_bytes=plan.total_bytes - sum(t.read_bytes for t in pending),
-            changes=self.changes,
-        )
+        session.start_tasks(plan.tasks, pending, self.changes)
         calls = [_call(task, writer, session, self.fingerprint, options) for task in pending]
         results = session.compute(calls)
         for task in pending:

@@ -18,6 +18,7 @@ from loraforge.stages.quantize import FP8_DTYPES, fp8_scale, quantize_fp8
 from ..io import safetensors_format as stf
 from ..io.reader import dequantized, mapped
 from ..lora.patches import load_deltas
+from ..run.clock import PhaseClock
 from ..run.staging import device_lock, thread_buffer
 from .checks import Carried, checked
 from .plan import MergeTask
@@ -36,9 +37,15 @@ def is_fp8_task(task: MergeTask) -> bool:
 
 
 def fp8_result(
-    task: MergeTask, device: str, allow_nonfinite: bool = False, carried: Carried | None = None
+    task: MergeTask,
+    device: str,
+    allow_nonfinite: bool = False,
+    carried: Carried | None = None,
+    clock: PhaseClock | None = None,
 ) -> torch.Tensor:
-    """What ``task`` writes, on the CPU: the tensor in its output dtype, or its scale."""
+    """What ``task`` writes, on the CPU: the tensor in its output dtype, or its scale; each
+    step charged to its phase on ``clock``."""
+    clock = clock or PhaseClock()
     dtype = stf.DTYPE_BY_CODE[task.out_dtype]
     if task.part == "marker":  # its dtype is what it says; ComfyUI saves it empty
         return torch.zeros(task.entry.shape, dtype=dtype)
@@ -47,15 +54,30 @@ def fp8_result(
     dev = torch.device(device)
     with mapped(task.base) as view, device_lock(dev):
         out = thread_buffer(task.base.shape, torch.float32, dev, "merged")
-        value = dequantized(task.base, view.to(dev), out)
+        stored = view.to(dev)
+        clock.lap("read")
+        value = dequantized(task.base, stored, out)
         deltas = load_deltas(task.patches, dev, allow_nonfinite) if task.patches else ()
         value = merge_weight(value, deltas, out=out)
+        clock.lap("product")
         # the fp32 value first: fp8 saturates, and a weight's scale is computed from it
-        checked(task, value, view, torch.float32, allow_nonfinite, carried)
+        extremes = _extremes(value)
+        checked(task, extremes, view, torch.float32, allow_nonfinite, carried)
+        clock.lap("check")
         result = _encode(task, value, dtype)
-        if result.dtype not in FP8_DTYPES:
-            checked(task, result, view, dtype, allow_nonfinite, carried)
+        clock.lap("cast")
+        if result.dtype not in FP8_DTYPES:  # the value cast, or its scale (fp32)
+            checked(task, extremes.to(dtype), view, dtype, allow_nonfinite, carried)
+            clock.lap("check")
         return result.cpu()
+
+
+def _extremes(value: torch.Tensor) -> torch.Tensor:
+    """The least and greatest of ``value`` (NaN where it holds one; an empty ``value`` as it
+    is): finite exactly where ``value`` is, and, since rounding is monotonic, cast to a dtype
+    finite exactly where ``value`` cast is (``io/finite.py casts_finite``). A scale is finite
+    exactly where the value it is the amax of is, so one reduction serves both checks."""
+    return torch.stack(torch.aminmax(value)) if value.numel() else value
 
 
 def _encode(task: MergeTask, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -59,6 +59,7 @@ def run_merge_task(
     ``stage_nbytes`` (GPU only) the pinned staging to reserve, the plan's largest
     ``stage_bytes`` (default: this task's own)."""
     start = time.perf_counter()
+    clock = PhaseClock()
     dtype = stf.DTYPE_BY_CODE[task.out_dtype]
     carried = Carried()
     if block_rows is None and torch.device(device).type == "cuda":
@@ -66,12 +67,15 @@ def run_merge_task(
     if block_rows is not None:
         dev = torch.device(device)
         with device_lock(dev):
-            checksum = merge_blocked(task, slot, dev, dtype, block_rows, allow_nonfinite, carried)
-        return _finish(task, slot, work_dir, stamp, checksum, start, block_rows, carried)
+            checksum = merge_blocked(
+                task, slot, dev, dtype, block_rows, allow_nonfinite, carried, clock
+            )
+        return _finish(task, slot, work_dir, stamp, checksum, start, block_rows, carried, clock)
     if is_fp8_task(task):  # scaled fp8 read or written (fp8.py)
-        checksum = write_at(slot, fp8_result(task, device, allow_nonfinite, carried))
-        return _finish(task, slot, work_dir, stamp, checksum, start, carried=carried)
-    clock = PhaseClock()
+        result = fp8_result(task, device, allow_nonfinite, carried, clock)
+        checksum = write_at(slot, result)
+        clock.lap("write")  # with the copy back from the device
+        return _finish(task, slot, work_dir, stamp, checksum, start, carried=carried, clock=clock)
     with mapped(task.base) as view:
         prefault(view)
         clock.lap("read")
@@ -123,7 +127,8 @@ def _finish(
     carried: Carried | None = None,
     clock: PhaseClock | None = None,
 ) -> dict:
-    """Write and return the completion marker of a task whose bytes are written."""
+    """Write and return the completion marker of a task whose bytes are written, with the
+    seconds it spent per phase (``clock``)."""
     marker = {
         **stamp,
         "key": task.key,

@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 
 from ..errors import LoraMismatch, ShapeMismatch, UsageError
+from ..export.compute import compute_and_export
 from ..export.outputs import lowrank_entry, outputs_summary
-from ..export.write import Exported, export_loras
+from ..export.write import Exported
 from ..export.writer import lora_location
 from ..io.reader import TensorInfo, index_checkpoint
 from ..lora.config import MergeConfig
@@ -24,7 +25,7 @@ from ..run.command import execute
 from ..run.options import RunOptions
 from ..run.paths import checkpoint_paths
 from ..run.report import build_report
-from ..run.session import Progress, Recompute, Session
+from ..run.session import Progress, Session
 from .options import ResizeOptions
 from .plan import ResizePlan, ResizeTask, plan_resize
 from .resume import resume_decisions
@@ -53,6 +54,7 @@ class Resize:
     """The resize filled into the command skeleton."""
 
     name = "resize"
+    output_option = "--output"
     work = "results"
 
     def __init__(self, loras: MergeConfig, options: ResizeOptions, base, base_type, lora_type):
@@ -90,17 +92,10 @@ class Resize:
         fingerprints, reasons, markers = resume_decisions(plan, session.work)
         calls = {t.key: _call(t, session, fingerprints[t.key], options) for t in plan.tasks}
         pending = [t for t in plan.tasks if reasons[t.key] is not None]
-        session.start(
-            tensors=len(plan.tasks),
-            total_bytes=plan.total_bytes,
-            done=len(plan.tasks) - len(pending),
-            done_bytes=plan.total_bytes - sum(t.read_bytes for t in pending),
-            changes=sorted({r for r in reasons.values() if r}),
+        changes = sorted({r for r in reasons.values() if r})
+        exported = compute_and_export(
+            plan, session, calls, pending, markers, changes, checked=not options.allow_nonfinite
         )
-        results = session.compute([calls[t.key] for t in pending])
-        markers.update({t.key: results[t.name] for t in pending})
-        session.emit("write", {"tensors": len(plan.tasks)})
-        exported = export_loras(plan, markers, session, Recompute(session, calls))
         return _report(plan, self.opened, markers, reasons, exported, session)
 
 

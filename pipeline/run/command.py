@@ -3,8 +3,7 @@ budget) → the command reads its inputs' headers, plans and checks every path �
 directory → the command says what it depends on (the manifest) → compute and write the outputs'
 temporaries → publish outputs and report together, or abort → clean up.
 
-A command fills it in with a ``Command`` (whose ``output_option``, if it has one, names its
-output in messages instead of ``--output``): what it reads and plans (``prepare``), what its work
+A command fills it in with a ``Command``: what it reads and plans (``prepare``), what its work
 directory must match to be reused (``begin``) and the run itself (``run``: tasks on
 ``session.compute``, writers opened through ``session.add_writer``, the report returned). The
 skeleton decides what happens to the outputs and the work directory on failure and success,
@@ -27,6 +26,7 @@ WorkKind = Literal["results", "markers"] | None
 class Command(Protocol):
     name: str
     output_format: str
+    output_option: str  # what messages call the output: "--output", or convert's OUT
     work: WorkKind
 
     def prepare(self, session: Session) -> None:
@@ -46,8 +46,9 @@ def execute(
     command: Command, run: RunOptions, output: str, progress: Progress | None = None
 ) -> dict:
     """Run ``command`` writing ``output``; return its report (also saved as JSON)."""
-    option = getattr(command, "output_option", "--output")  # convert: OUT
-    session = Session.open(command.name, run, output, command.output_format, progress, option)
+    session = Session.open(
+        command.name, run, output, command.output_format, progress, command.output_option
+    )
     command.prepare(session)
     if command.work is None:
         return _run_and_publish(command, session)

@@ -1,8 +1,9 @@
 """Crash injection for the crash-safety tests.
 
 ``LORAFORGE_CRASH_AT=compute:N`` (or ``write:N``) makes a run SIGKILL its whole process group
-once N tensors have finished computing (or N output tensors are written): the same as an
-external ``kill -9 -PGID`` at a chosen point, without a race against the clock."""
+once N tensors are finished, those reused from a previous run included (or N output tensors
+are written): the same as an external ``kill -9 -PGID`` at a chosen point, without a race
+against the clock."""
 
 from __future__ import annotations
 

@@ -30,7 +30,8 @@ class UserPath:
 def check_two_models(source: str, target: str) -> None:
     """The same checkpoint given as ``--source-model`` and ``--target-model`` differs from
     itself nowhere (extract would write an empty LoRA, verify divide by zero): refused before
-    any work."""
+    any work. Either path may be as typed: the message names both absolute."""
+    source, target = (os.path.abspath(os.path.expanduser(p)) for p in (source, target))
     if os.path.exists(source) and os.path.exists(target) and os.path.samefile(source, target):
         raise ModelMismatch(
             f"is the --source-model too ({source}): a model does not differ from itself",

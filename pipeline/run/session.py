@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -69,6 +69,7 @@ class Session:
     outputs: list[str] = field(default_factory=list)  # written beside --output (check_paths)
     output_option: str = "--output"  # what the command calls its output (convert: OUT, infer)
     writers: list = field(default_factory=list)  # the run's outputs, published together
+    done: int = 0  # tensors already done when the run started (reused): counted by compute
     _discard: bool = False
 
     @classmethod
@@ -188,6 +189,7 @@ class Session:
     ) -> None:
         """The ``start`` event: totals, what is already done (resumed) and why not more;
         ``unit``: what ``tensors`` counts when it is not tensors (infer: ``steps``)."""
+        self.done = done
         info = {
             "tensors": tensors,
             "bytes": total_bytes,
@@ -198,10 +200,22 @@ class Session:
         }
         self.emit("start", {**info, "unit": unit} if unit else info)
 
+    def start_tasks(self, tasks: Sequence, pending: Sequence, changes: list[str]) -> None:
+        """The ``start`` event of a run of planned ``tasks`` (each reading ``read_bytes``) of
+        which only ``pending`` are computed: the others are done (reused from a previous run)."""
+        total_bytes = sum(task.read_bytes for task in tasks)
+        self.start(
+            tensors=len(tasks),
+            total_bytes=total_bytes,
+            done=len(tasks) - len(pending),
+            done_bytes=total_bytes - sum(task.read_bytes for task in pending),
+            changes=changes,
+        )
+
     def compute(self, calls: list[TaskCall], progress: bool = True) -> dict[str, object]:
         """Run ``calls`` where the options say (threads here, ``--gpus`` workers or a running
         cluster); return each call's result by its key. With ``progress``, a ``tensor`` event
-        as each finishes."""
+        as each finishes, counted with those done before (``start``) for ``maybe_crash``."""
         results: dict[str, object] = {}
         by_key = {call.key: call for call in calls}
 
@@ -210,7 +224,7 @@ class Session:
             if progress:
                 call = by_key[key]
                 self.emit("tensor", {"key": call.tensor, "bytes": call.read_bytes})
-                maybe_crash("compute", len(results))
+                maybe_crash("compute", self.done + len(results))
 
         run_tasks(
             calls,

@@ -77,9 +77,7 @@ def verify(
     for warning in warnings:
         session.emit("warning", {"message": warning})
     session.emit("loras", {"loras": lora_summaries(opened, plan.unmatched)})
-    session.start(
-        tensors=len(plan.tasks), total_bytes=plan.total_bytes, done=0, done_bytes=0, changes=[]
-    )
+    session.start_tasks(plan.tasks, plan.tasks, changes=[])
     calls = [
         TaskCall(
             task.name,

@@ -4,11 +4,12 @@ import os
 
 import pytest
 
-from loraforge.pipeline.errors import OutputError, UsageError
+from loraforge.pipeline.errors import ModelMismatch, OutputError, UsageError
 from loraforge.pipeline.run.paths import (
     UserPath,
     check_output_argument,
     check_paths,
+    check_two_models,
     check_writable_location,
     same_path,
 )
@@ -121,3 +122,16 @@ def test_unwritable_report_location_fails_before_work(tmp_path):
         f"{tmp_path / 'a_file'}: cannot create the report directory (File exists) "
         "(choose a writable --report location)"
     )
+
+
+def test_one_model_twice_is_named_absolute_as_typed_or_not(files, monkeypatch):
+    monkeypatch.chdir(files)
+    base = str(files / "models" / "base.safetensors")
+    with pytest.raises(ModelMismatch) as caught:
+        check_two_models("models/base.safetensors", base)
+    assert caught.value.exit_code == 1
+    assert str(caught.value) == (
+        f"{base}: is the --source-model too ({base}): a model does not differ from itself "
+        "(pass the fine-tuned checkpoint as --target-model)"
+    )
+    check_two_models("models/base.safetensors", "models/ft.safetensors")

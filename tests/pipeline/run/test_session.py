@@ -3,10 +3,13 @@ lock and owner, the report's path."""
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 
 from loraforge.pipeline.errors import OutputError, WorkDirConflict, WorkDirLocked
+from loraforge.pipeline.run import session as session_module
+from loraforge.pipeline.run.cluster import TaskCall
 from loraforge.pipeline.run.options import RunOptions
 from loraforge.pipeline.run.session import Session
 
@@ -99,3 +102,44 @@ def test_events_and_report(tmp_path):
             "summary": {"kinds": {}, "report": str(tmp_path / "m.report.json")},
             "tensors": {},
         }
+
+
+def test_start_tasks_counts_what_is_not_pending_as_done(tmp_path):
+    events = []
+    session = Session.open(
+        "extract",
+        RunOptions(device="cpu"),
+        str(tmp_path / "lora.safetensors"),
+        "safetensors",
+        lambda event, info: events.append((event, info)),
+    )
+    tasks = [SimpleNamespace(read_bytes=n) for n in (100, 200, 300)]
+    session.start_tasks(tasks, tasks[1:2], ["x changed"])
+    assert events == [
+        (
+            "start",
+            {
+                "tensors": 3,
+                "bytes": 600,
+                "done": 2,
+                "done_bytes": 400,
+                "changes": ["x changed"],
+                "work_dir": str(tmp_path / "lora.safetensors.work"),
+            },
+        )
+    ]
+
+
+def test_crash_points_count_reused_tensors(tmp_path, monkeypatch):
+    """LORAFORGE_CRASH_AT=compute:N counts every finished tensor, those a resumed run reuses
+    included, as before the run layer computed for the commands."""
+    points = []
+    monkeypatch.setattr(session_module, "maybe_crash", lambda *point: points.append(point))
+    session = open_session(tmp_path, workers=1)
+    tasks = [SimpleNamespace(read_bytes=1) for _ in range(5)]
+    session.start_tasks(tasks, tasks[3:], [])
+    calls = [TaskCall(f"t{n}", int, (n,), tensor=f"t{n}") for n in (3, 4)]
+    assert session.compute(calls) == {"t3": 3, "t4": 4}
+    assert sorted(points) == [("compute", 4), ("compute", 5)]
+    session.compute(calls[:1], progress=False)  # a recompute during the export: no point
+    assert len(points) == 2
