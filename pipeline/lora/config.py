@@ -44,7 +44,8 @@ _SHAPES = "{'lora_configs': [{'path', 'strength'}]} or {'lora_path': [...], 'str
 
 
 def _number(value: object, what: str, where: str | None = None) -> float:
-    if not is_number(value) or not math.isfinite(value):
+    # Only a float can be NaN or infinite; an int past float64 is ``checked``'s range error.
+    if not is_number(value) or (isinstance(value, float) and not math.isfinite(value)):
         raise UsageError(f"{what} must be a finite number, got {value!r}", path=where)
     return checked(value, what, path=where)
 
