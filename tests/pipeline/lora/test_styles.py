@@ -96,6 +96,15 @@ def test_a_wan_model_is_written_in_each_styles_layout():
     )
 
 
+def test_a_wrapped_wan_model_is_relaid_without_its_wrappers():
+    wrapped = ["model.diffusion_model." + name for name in WAN_ORIGINAL]
+    diffusers = KEY_STYLES["diffusers"].for_model(wrapped)
+    assert diffusers.lowrank_names("model.diffusion_model.blocks.0.self_attn.q.weight") == {
+        "up": "transformer.blocks.0.attn1.to_q.lora_B.weight",
+        "down": "transformer.blocks.0.attn1.to_q.lora_A.weight",
+    }
+
+
 def test_a_model_that_only_shares_generic_names_is_not_renamed():
     toy = KEY_STYLES["diffusers"].for_model(["blocks.0.ffn.0.weight", "blocks.0.modulation"])
     assert (
