@@ -38,9 +38,7 @@ class Exported:
         a client leaves out gets ``not_applied_by`` (client → why) in ``tensors``."""
         if self.clients is None:
             return None
-        for key, why in self.clients.per_tensor(plan.tasks, plan.style).items():
-            tensors[key]["not_applied_by"] = why
-        return self.clients.summary()
+        return self.clients.report(plan.tasks, plan.style, tensors)
 
 
 def export_loras(
