@@ -287,6 +287,7 @@ def test_named_loras_keeps_each_entrys_name(tmp_path):
             "lora_configs[0]: 'name' must be a non-empty string, got 3",
         ),
         ({"lora_configs": {"path": "a"}}, "'lora_configs' must be a list of objects"),
+        ({"lora_configs": ["a"]}, "lora_configs[0] must be an object with 'path' and 'strength'"),
         (
             {"lora_configs": [{"path": "a", "strength": "x"}]},
             "lora_configs[0]: 'strength' must be a finite number, got 'x'",
