@@ -17,7 +17,7 @@ from loraforge.kernels import product_distance_sq, squared_norm, truncated_resid
 from loraforge.stages.cast import cast
 
 from ..io import safetensors_format as stf
-from ..io.finite import check_written, output_fix
+from ..io.finite import check_written, is_finite, output_fix
 from ..io.slots import RowWriter
 from ..lora.styles import diff_pair
 from ..run.faults import maybe_crash
@@ -69,8 +69,9 @@ def _check(task, tensors: dict, dtype: torch.dtype) -> None:
     """Every tensor about to be written for ``task`` finite (``io/finite.py``), else one line
     naming it, what it was made from (``task.made_from``) and how to avoid it."""
     for name, tensor in tensors.items():
-        fix = output_fix(dtype, task.knob)
-        check_written(tensor, key=name, made_from=task.made_from, fix=fix, dtype=dtype)
+        if not is_finite(tensor):  # the message is built only for a tensor that fails
+            fix = output_fix(dtype, task.knob)
+            check_written(tensor, key=name, made_from=task.made_from, fix=fix, dtype=dtype)
 
 
 def _recomputed(task, markers: dict, work: WorkDir, recompute: Recompute, why) -> str:
@@ -243,11 +244,13 @@ def _write(
             arrays, _attributes = loaded.pop(task.key)
             marker = markers[task.key]
             same = diff_tensors(task, arrays, dtype) if marker["kind"] == "diff" else None
+            if checked and same:  # a diff is the same in every output: checked once
+                _check(task, same[0], dtype)
             for output in outputs:
                 tensors, error, kernel_error = same or lowrank_tensors(
                     task, arrays, marker, values[task.key], output.ranks[task.key], dtype
                 )
-                if checked:
+                if checked and not same:
                     _check(task, tensors, dtype)
                 for name, tensor in tensors.items():
                     output.writer.write(name, tensor)
