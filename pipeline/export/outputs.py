@@ -28,13 +28,15 @@ from .writer import open_lora_output, task_weights
 
 @dataclass
 class RankedOutput:
-    """One output file (or shard set) of a run: its cap, writer and chosen rank per tensor;
-    ``errors`` fills in as it is written: key → (stored error, kernel error)."""
+    """One output file (or shard set) of a run: its cap, writer, chosen rank per tensor and
+    the entries laid out at those ranks; ``errors`` fills in as it is written: key → (stored
+    error, kernel error)."""
 
     cap: int
     writer: object
     ranks: dict[str, int]
     spectra: dict[str, Spectrum]
+    entries: list[OutputEntry]
     errors: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
@@ -147,14 +149,15 @@ def open_outputs(
             for t in lowrank
         }
         ranks = choose_ranks(with_cap(options.rank_rule, cap), spectra)
+        entries = planned_entries(tasks, markers, ranks, code)
         writer = open_lora_output(
             path,
             style,
             task_weights(tasks, markers, ranks),
-            planned_entries(tasks, markers, ranks, code),
+            entries,
             options.output_format,
             options.max_shard_size,
             metadata=PRODUCER,
         )
-        outputs.append(RankedOutput(cap, session.add_writer(writer), ranks, spectra))
+        outputs.append(RankedOutput(cap, session.add_writer(writer), ranks, spectra, entries))
     return outputs

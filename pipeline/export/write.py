@@ -16,7 +16,6 @@ import torch
 from loraforge.kernels import product_distance_sq, squared_norm, truncated_residual_sq
 from loraforge.stages.cast import cast
 
-from ..io import safetensors_format as stf
 from ..io.finite import check_written, is_finite, output_fix
 from ..io.slots import RowWriter
 from ..lora.styles import diff_pair
@@ -24,7 +23,7 @@ from ..run.faults import maybe_crash
 from ..run.session import Recompute, Session
 from ..workdir import CorruptEntry, WorkDir
 from .clients import ClientVerdicts, judge
-from .outputs import RankedOutput, factor_shapes, open_outputs, planned_entries
+from .outputs import RankedOutput, factor_shapes, open_outputs
 
 
 @dataclass
@@ -55,9 +54,7 @@ def export_loras(
     values, notes = _singular_values(tasks, markers, work, recompute)
     outputs = open_outputs(tasks, markers, values, options, plan.style, session.output, session)
     dtype = options.torch_dtype
-    clients = judge(
-        plan.style, planned_entries(tasks, markers, outputs[-1].ranks, stf.CODE_BY_DTYPE[dtype])
-    )
+    clients = judge(plan.style, outputs[-1].entries)
     for warning in clients.warnings() if clients else ():
         session.emit("warning", {"message": warning})
     checked = not getattr(options, "allow_nonfinite", False)  # resize's --allow-nonfinite
