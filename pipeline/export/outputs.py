@@ -134,16 +134,16 @@ def open_outputs(
     values: dict[str, list[float]],
     options: LoraOutput,
     style: KeyStyle,
-    output: str,
     session: Session,
 ) -> list[RankedOutput]:
-    """One writer per cap (``options.paths(output)``), laid out at the ranks the rule (with
-    that cap) chooses from the stored spectra, each truncated to the cap and to the task's own
-    factored ``rank``; each writer is the session's, published or aborted with the run."""
+    """One writer per cap (``options.paths`` of the session's output), laid out at the ranks
+    the rule (with that cap) chooses from the stored spectra, each truncated to the cap and to
+    the task's own factored ``rank``; each writer is the session's, published or aborted with
+    the run."""
     code = stf.CODE_BY_DTYPE[options.torch_dtype]
     lowrank = [t for t in tasks if markers[t.key]["kind"] == "lowrank"]
     outputs: list[RankedOutput] = []
-    for cap, path in options.paths(output).items():
+    for cap, path in options.paths(session.output).items():
         spectra = {
             t.key: spectrum(markers[t.key], values[t.key], min(cap, t.rank), t.shape)
             for t in lowrank

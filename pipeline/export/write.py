@@ -52,7 +52,7 @@ def export_loras(
     still apply."""
     tasks, options, work = plan.tasks, plan.options, session.work
     values, notes = _singular_values(tasks, markers, work, recompute)
-    outputs = open_outputs(tasks, markers, values, options, plan.style, session.output, session)
+    outputs = open_outputs(tasks, markers, values, options, plan.style, session)
     dtype = options.torch_dtype
     clients = judge(plan.style, outputs[-1].entries)
     for warning in clients.warnings() if clients else ():
