@@ -118,7 +118,7 @@ def planned_entries(
         elif kind == "diff" and "diff" in task.outputs:
             entries.append(OutputEntry(task.outputs["diff"], code, task.shape))
         elif kind == "diff":  # a 2-D diff written as an exact pair (styles.diff_pair)
-            r, _ = diff_pair(task.shape)
+            r = diff_pair(task.shape).rank
             entries += [
                 OutputEntry(task.outputs["up"], code, (task.shape[0], r)),
                 OutputEntry(task.outputs["down"], code, (r, task.shape[1])),

@@ -125,7 +125,7 @@ def lowrank_tensors(
 def _diff_holder(task) -> str:
     """The output role a stored diff's values go to: ``diff``, or the factor of the exact pair
     that holds them (``styles.diff_pair``)."""
-    return "diff" if "diff" in task.outputs else diff_pair(task.shape)[1]
+    return "diff" if "diff" in task.outputs else diff_pair(task.shape).holder
 
 
 def _identity(task, dtype: torch.dtype) -> dict:
@@ -133,11 +133,10 @@ def _identity(task, dtype: torch.dtype) -> dict:
     the style keeps one as a key (none for a ``.diff``)."""
     if "diff" in task.outputs:
         return {}
-    rank, holder = diff_pair(task.shape)
-    other = "down" if holder == "up" else "up"
-    tensors = {task.outputs[other]: torch.eye(rank, dtype=dtype)}
+    pair = diff_pair(task.shape)
+    tensors = {task.outputs[pair.identity]: torch.eye(pair.rank, dtype=dtype)}
     if "alpha" in task.outputs:
-        tensors[task.outputs["alpha"]] = torch.tensor(float(rank), dtype=torch.float32)
+        tensors[task.outputs["alpha"]] = torch.tensor(float(pair.rank), dtype=torch.float32)
     return tensors
 
 

@@ -68,7 +68,8 @@ def test_a_2d_weight_diff_is_an_exact_pair_in_every_style_unless_diffs_are_kept(
 
 
 @pytest.mark.parametrize(
-    ("shape", "expected"), [((8, 4), (4, "up")), ((4, 8), (4, "down")), ((5, 5), (5, "up"))]
+    ("shape", "expected"),
+    [((8, 4), (4, "up", "down")), ((4, 8), (4, "down", "up")), ((5, 5), (5, "up", "down"))],
 )
 def test_the_exact_pair_of_a_diff_puts_it_in_the_factor_of_its_shape(shape, expected):
     assert diff_pair(shape) == expected
