@@ -118,10 +118,10 @@ class Conversion:
             session.emit("tensor", {"key": weight.key, "bytes": _read_bytes(weight)})
         session.emit("write", {"tensors": len(plan.weights)})
         report = _report(plan, self.opened, self.lora, self.base, session, self.warnings)
-        if self.clients is not None:
-            for key, why in self.clients.per_tensor(plan.weights, plan.style).items():
-                report["tensors"][key]["not_applied_by"] = why
-        report["summary"]["clients"] = self.clients.summary() if self.clients else None
+        verdicts = self.clients
+        report["summary"]["clients"] = (
+            verdicts.report(plan.weights, plan.style, report["tensors"]) if verdicts else None
+        )
         return report
 
 

@@ -101,11 +101,11 @@ def _weight(patch: LoraPatch, opened: OpenedLora, style: KeyStyle) -> ConvertWei
             return Unmatched(patch.diff_key, style.cannot_hold(patch.base_key))
         if "diff" in names:
             return ConvertWeight(patch.base_key, "diff", {"diff": diff}, names)
-        rank, holder = diff_pair(diff.shape)  # a style without diffs: the exact pair
-        identity = "down" if holder == "up" else "up"
+        pair = diff_pair(diff.shape)  # a style without diffs: the exact pair
         return ConvertWeight(
-            patch.base_key, "diff", {holder: diff}, names, rank, float(rank), identity
-        )
+            patch.base_key, "diff", {pair.holder: diff}, names, pair.rank, float(pair.rank),
+            pair.identity,
+        )  # fmt: skip
     sources = {"up": tensors[patch.up_key], "down": tensors[patch.down_key]}
     if patch.alpha_key is not None:
         sources["alpha"] = tensors[patch.alpha_key]

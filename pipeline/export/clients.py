@@ -25,20 +25,17 @@ class ClientVerdicts:
                 lines.append(f"{loading.summary()} (per tensor in the report)")
         return lines
 
-    def summary(self) -> dict:
-        return {name: loading.to_dict() for name, loading in self.loadings.items()}
-
-    def per_tensor(self, tasks: Iterable, style: KeyStyle) -> dict[str, dict[str, str]]:
-        """Tensor key → {client: why it is not applied} (a refused file: every tensor)."""
-        result: dict[str, dict[str, str]] = {}
+    def report(self, tasks: Iterable, style: KeyStyle, tensors: dict[str, dict]) -> dict:
+        """The report's ``summary.clients``; each of ``tasks`` a client leaves out gets
+        ``not_applied_by`` (client → why; a refused file: every tensor) in ``tensors``."""
         for task in tasks:
             outputs = task.outputs
             label = outputs["diff"] if "diff" in outputs else outputs["up"].removesuffix(style.up)
             for name, loading in self.loadings.items():
                 why = loading.refused or loading.not_applied.get(label)
                 if why:
-                    result.setdefault(task.key, {})[name] = why
-        return result
+                    tensors[task.key].setdefault("not_applied_by", {})[name] = why
+        return {name: loading.to_dict() for name, loading in self.loadings.items()}
 
 
 def judge(style: KeyStyle, entries: Sequence[OutputEntry]) -> ClientVerdicts | None:

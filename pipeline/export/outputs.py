@@ -28,13 +28,15 @@ from .writer import open_lora_output, task_weights
 
 @dataclass
 class RankedOutput:
-    """One output file (or shard set) of a run: its cap, writer and chosen rank per tensor;
-    ``errors`` fills in as it is written: key → (stored error, kernel error)."""
+    """One output file (or shard set) of a run: its cap, writer, chosen rank per tensor and
+    the entries laid out at those ranks; ``errors`` fills in as it is written: key → (stored
+    error, kernel error)."""
 
     cap: int
     writer: object
     ranks: dict[str, int]
     spectra: dict[str, Spectrum]
+    entries: list[OutputEntry]
     errors: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
@@ -116,7 +118,7 @@ def planned_entries(
         elif kind == "diff" and "diff" in task.outputs:
             entries.append(OutputEntry(task.outputs["diff"], code, task.shape))
         elif kind == "diff":  # a 2-D diff written as an exact pair (styles.diff_pair)
-            r, _ = diff_pair(task.shape)
+            r = diff_pair(task.shape).rank
             entries += [
                 OutputEntry(task.outputs["up"], code, (task.shape[0], r)),
                 OutputEntry(task.outputs["down"], code, (r, task.shape[1])),
@@ -132,29 +134,30 @@ def open_outputs(
     values: dict[str, list[float]],
     options: LoraOutput,
     style: KeyStyle,
-    output: str,
     session: Session,
 ) -> list[RankedOutput]:
-    """One writer per cap (``options.paths(output)``), laid out at the ranks the rule (with
-    that cap) chooses from the stored spectra, each truncated to the cap and to the task's own
-    factored ``rank``; each writer is the session's, published or aborted with the run."""
+    """One writer per cap (``options.paths`` of the session's output), laid out at the ranks
+    the rule (with that cap) chooses from the stored spectra, each truncated to the cap and to
+    the task's own factored ``rank``; each writer is the session's, published or aborted with
+    the run."""
     code = stf.CODE_BY_DTYPE[options.torch_dtype]
     lowrank = [t for t in tasks if markers[t.key]["kind"] == "lowrank"]
     outputs: list[RankedOutput] = []
-    for cap, path in options.paths(output).items():
+    for cap, path in options.paths(session.output).items():
         spectra = {
             t.key: spectrum(markers[t.key], values[t.key], min(cap, t.rank), t.shape)
             for t in lowrank
         }
         ranks = choose_ranks(with_cap(options.rank_rule, cap), spectra)
+        entries = planned_entries(tasks, markers, ranks, code)
         writer = open_lora_output(
             path,
             style,
             task_weights(tasks, markers, ranks),
-            planned_entries(tasks, markers, ranks, code),
+            entries,
             options.output_format,
             options.max_shard_size,
             metadata=PRODUCER,
         )
-        outputs.append(RankedOutput(cap, session.add_writer(writer), ranks, spectra))
+        outputs.append(RankedOutput(cap, session.add_writer(writer), ranks, spectra, entries))
     return outputs

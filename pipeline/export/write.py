@@ -16,15 +16,14 @@ import torch
 from loraforge.kernels import product_distance_sq, squared_norm, truncated_residual_sq
 from loraforge.stages.cast import cast
 
-from ..io import safetensors_format as stf
-from ..io.finite import check_written, output_fix
+from ..io.finite import check_written, is_finite, output_fix
 from ..io.slots import RowWriter
 from ..lora.styles import diff_pair
 from ..run.faults import maybe_crash
 from ..run.session import Recompute, Session
 from ..workdir import CorruptEntry, WorkDir
 from .clients import ClientVerdicts, judge
-from .outputs import RankedOutput, factor_shapes, open_outputs, planned_entries
+from .outputs import RankedOutput, factor_shapes, open_outputs
 
 
 @dataclass
@@ -38,9 +37,7 @@ class Exported:
         a client leaves out gets ``not_applied_by`` (client → why) in ``tensors``."""
         if self.clients is None:
             return None
-        for key, why in self.clients.per_tensor(plan.tasks, plan.style).items():
-            tensors[key]["not_applied_by"] = why
-        return self.clients.summary()
+        return self.clients.report(plan.tasks, plan.style, tensors)
 
 
 def export_loras(
@@ -61,11 +58,9 @@ def export_loras(
     ``--allow-nonfinite``)."""
     tasks, options, work = plan.tasks, plan.options, session.work
     values, notes = _singular_values(tasks, markers, work, recompute)
-    outputs = open_outputs(tasks, markers, values, options, plan.style, session.output, session)
+    outputs = open_outputs(tasks, markers, values, options, plan.style, session)
     dtype = options.torch_dtype
-    clients = judge(
-        plan.style, planned_entries(tasks, markers, outputs[-1].ranks, stf.CODE_BY_DTYPE[dtype])
-    )
+    clients = judge(plan.style, outputs[-1].entries)
     for warning in clients.warnings() if clients else ():
         session.emit("warning", {"message": warning})
     notes.update(_write(tasks, markers, work, outputs, values, dtype, recompute, checked))
@@ -76,8 +71,9 @@ def _check(task, tensors: dict, dtype: torch.dtype) -> None:
     """Every tensor about to be written for ``task`` finite (``io/finite.py``), else one line
     naming it, what it was made from (``task.made_from``) and how to avoid it."""
     for name, tensor in tensors.items():
-        fix = output_fix(dtype, task.knob)
-        check_written(tensor, key=name, made_from=task.made_from, fix=fix, dtype=dtype)
+        if not is_finite(tensor):  # the message is built only for a tensor that fails
+            fix = output_fix(dtype, task.knob)
+            check_written(tensor, key=name, made_from=task.made_from, fix=fix, dtype=dtype)
 
 
 def _recomputed(task, markers: dict, work: WorkDir, recompute: Recompute, why) -> str:
@@ -134,7 +130,7 @@ def lowrank_tensors(
 def _diff_holder(task) -> str:
     """The output role a stored diff's values go to: ``diff``, or the factor of the exact pair
     that holds them (``styles.diff_pair``)."""
-    return "diff" if "diff" in task.outputs else diff_pair(task.shape)[1]
+    return "diff" if "diff" in task.outputs else diff_pair(task.shape).holder
 
 
 def _identity(task, dtype: torch.dtype) -> dict:
@@ -142,11 +138,10 @@ def _identity(task, dtype: torch.dtype) -> dict:
     the style keeps one as a key (none for a ``.diff``)."""
     if "diff" in task.outputs:
         return {}
-    rank, holder = diff_pair(task.shape)
-    other = "down" if holder == "up" else "up"
-    tensors = {task.outputs[other]: torch.eye(rank, dtype=dtype)}
+    pair = diff_pair(task.shape)
+    tensors = {task.outputs[pair.identity]: torch.eye(pair.rank, dtype=dtype)}
     if "alpha" in task.outputs:
-        tensors[task.outputs["alpha"]] = torch.tensor(float(rank), dtype=torch.float32)
+        tensors[task.outputs["alpha"]] = torch.tensor(float(pair.rank), dtype=torch.float32)
     return tensors
 
 
@@ -250,11 +245,13 @@ def _write(
             arrays, _attributes = loaded.pop(task.key)
             marker = markers[task.key]
             same = diff_tensors(task, arrays, dtype) if marker["kind"] == "diff" else None
+            if checked and same:  # a diff is the same in every output: checked once
+                _check(task, same[0], dtype)
             for output in outputs:
                 tensors, error, kernel_error = same or lowrank_tensors(
                     task, arrays, marker, values[task.key], output.ranks[task.key], dtype
                 )
-                if checked:
+                if checked and not same:
                     _check(task, tensors, dtype)
                 for name, tensor in tensors.items():
                     output.writer.write(name, tensor)

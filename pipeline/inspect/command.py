@@ -69,10 +69,10 @@ def inspect_lora(
 def _clients(plan: InspectPlan) -> dict | None:
     """Per client (``lora/clients``), whether it loads the file and which entries it applies;
     None for a LoRA of a model whose loaders' rules are not known (not Wan)."""
-    shapes = {key: info.shape for key, info in plan.lora.index.tensors.items()}
-    if not judges(shapes):
+    keys = tuple(plan.lora.index.tensors)
+    if not judges(keys):
         return None
-    file = LoraFile.from_shapes(shapes, peft_config=plan.lora.config is not None)
+    file = LoraFile(keys, tuple(plan.modules), peft_config=plan.lora.config is not None)
     return {
         name: {**loading.to_dict(), "summary": loading.summary()}
         for name, loading in client_loadings(file).items()

@@ -44,7 +44,8 @@ _SHAPES = "{'lora_configs': [{'path', 'strength'}]} or {'lora_path': [...], 'str
 
 
 def _number(value: object, what: str, where: str | None = None) -> float:
-    if not is_number(value) or not math.isfinite(value):
+    # Only a float can be NaN or infinite; an int past float64 is ``checked``'s range error.
+    if not is_number(value) or (isinstance(value, float) and not math.isfinite(value)):
         raise UsageError(f"{what} must be a finite number, got {value!r}", path=where)
     return checked(value, what, path=where)
 
@@ -88,14 +89,10 @@ class MergeConfig:
             raise UsageError(f"a merge config must be a JSON object: {_SHAPES}", path=where)
         if "lora_path" not in data and "lora_configs" not in data:
             raise UsageError(f"the config names no LoRA; expected {_SHAPES}", path=where)
-        if "lora_path" in data and "lora_configs" in data:
-            raise UsageError("give either 'lora_path' or 'lora_configs', not both", path=where)
+        entries = _entries(data, where)
         read = ("lora_configs",) if "lora_configs" in data else ("lora_path", "strength_model")
         unused = tuple(sorted(set(data) - set(read)))
-        if "lora_configs" in data:
-            entries = data["lora_configs"]
-            if not isinstance(entries, list):
-                raise UsageError("'lora_configs' must be a list of objects", path=where)
+        if entries is not None:
             named = _choose(entries, name, where)
             specs = [_entry(e, i, where, base_dir) for i, e in named]
         else:
@@ -114,21 +111,13 @@ def named_loras(
     an entry without one and for the ``lora_path`` shape): for a runtime that hands each of its
     models its own LoRAs (Wan2.2 MoE). [] when the config names no LoRA (an inference config
     may have none); the fields are checked as ``MergeConfig.from_dict`` checks them."""
-    if "lora_path" in data and "lora_configs" in data:
-        raise UsageError("give either 'lora_path' or 'lora_configs', not both", path=where)
-    if "lora_path" in data:
-        return [(None, spec) for spec in _lora_path_specs(data, where, base_dir)]
-    entries = data.get("lora_configs")
-    if entries is None:
+    if "lora_path" not in data and data.get("lora_configs") is None:
         return []
-    if not isinstance(entries, list):
-        raise UsageError("'lora_configs' must be a list of objects", path=where)
+    entries = _entries(data, where)
+    if entries is None:
+        return [(None, spec) for spec in _lora_path_specs(data, where, base_dir)]
     named = []
     for i, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            raise UsageError(
-                f"lora_configs[{i}] must be an object with 'path' and 'strength'", path=where
-            )
         name = entry.get("name")
         if name is not None and (not isinstance(name, str) or not name):
             raise UsageError(
@@ -147,13 +136,26 @@ def _lora_path_specs(data: dict, where: str | None, base_dir: str) -> list[LoraS
     return [LoraSpec(resolve_config_path(p, base_dir, where), strength) for p in paths]
 
 
-def _choose(entries: list, name: str | None, where: str | None) -> list[tuple[int, object]]:
-    """The entries (with their positions) that ``name`` chooses: all when none is named."""
+def _entries(data: dict, where: str | None) -> list[dict] | None:
+    """The ``lora_configs`` entries, checked to be a list of objects; None for the
+    ``lora_path`` shape. A config in both shapes is refused."""
+    if "lora_path" in data and "lora_configs" in data:
+        raise UsageError("give either 'lora_path' or 'lora_configs', not both", path=where)
+    if "lora_path" in data:
+        return None
+    entries = data.get("lora_configs")
+    if not isinstance(entries, list):
+        raise UsageError("'lora_configs' must be a list of objects", path=where)
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise UsageError(
                 f"lora_configs[{i}] must be an object with 'path' and 'strength'", path=where
             )
+    return entries
+
+
+def _choose(entries: list[dict], name: str | None, where: str | None) -> list[tuple[int, dict]]:
+    """The entries (with their positions) that ``name`` chooses: all when none is named."""
     names = [e.get("name") for e in entries]
     if all(n is None for n in names):
         if name is not None:

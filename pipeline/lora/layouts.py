@@ -84,9 +84,10 @@ class ModelLayout:
         }
 
     def rename(self, name: str, to: str) -> str | None:
-        """``name`` (a module path or tensor key, without wrapper prefixes) in layout ``to``;
-        None when no rule covers it (then it is the same in both layouts, or not this
-        family's)."""
+        """``name`` (a module path or tensor key, wrapper prefixes allowed and dropped) in
+        layout ``to``; None when no rule covers it (then it is the same in both layouts, or not
+        this family's)."""
+        name = strip_wrappers(name)
         for pattern, target in self._rules[to]:
             match = pattern.match(name)
             if match:

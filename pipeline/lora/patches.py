@@ -15,6 +15,7 @@ import torch
 from loraforge.stages.merge import Delta
 
 from ..errors import LoraMismatch, NonFiniteTensor, ShapeMismatch, UsageError
+from ..io.finite import is_finite
 from ..io.reader import TensorInfo, load_tensor, mapped
 from .inputs import LoraInput, telling
 from .keys import Unmatched
@@ -97,7 +98,7 @@ def _unusable(target: TensorInfo, tensors) -> str:
 
 
 def _finite(tensor: torch.Tensor, info: TensorInfo, allow: bool) -> None:
-    if not allow and not bool(torch.isfinite(tensor).all()):
+    if not allow and not is_finite(tensor):
         raise NonFiniteTensor(
             "holds NaN or Inf",
             path=info.file,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import UsageError
 from .layouts import DIFFUSERS, ORIGINAL, ModelLayout, detect_layout
@@ -125,12 +126,18 @@ class KeyStyle:
         )
 
 
-def diff_pair(delta_shape: tuple[int, ...]) -> tuple[int, str]:
-    """The rank of the exact pair that writes a 2-D diff D (out x in), and which factor holds
-    D: ``up`` = D with ``down`` = the in x in identity when in <= out, else ``up`` = the
+class DiffPair(NamedTuple):
+    rank: int
+    holder: str  # the factor (role) that holds the diff
+    identity: str  # the other factor: the rank x rank identity
+
+
+def diff_pair(delta_shape: tuple[int, ...]) -> DiffPair:
+    """The exact pair that writes a 2-D diff D (out x in): its rank and which factor holds D,
+    ``up`` = D with ``down`` = the in x in identity when in <= out, else ``up`` = the
     out x out identity with ``down`` = D. up @ down = D exactly in every float format."""
     out, inputs = delta_shape
-    return (inputs, "up") if inputs <= out else (out, "down")
+    return DiffPair(inputs, "up", "down") if inputs <= out else DiffPair(out, "down", "up")
 
 
 def module_of(key: str) -> str:

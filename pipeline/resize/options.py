@@ -20,6 +20,7 @@ class ResizeOptions(LoraOutput):
         rule = self.rank_rule
         if rule is None:
             raise UsageError("resize needs a rank rule: its --rank is the largest rank kept")
-        if isinstance(rule, dict):
+        if isinstance(rule, dict):  # built once: check_output keeps a RankRule as it is
             rule = rank_rule(**rule)
+            object.__setattr__(self, "rank_rule", rule)
         self.check_output(rule.rank, "rule's rank")

@@ -107,10 +107,10 @@ def plain_state(model) -> dict:
 def predicted_keys(weights: str, base: dict, client: str, peft_config: bool = False):
     """(refusal, base keys the client rule says it applies) for the LoRA file ``weights``."""
     shapes = {k: tuple(v.shape) for k, v in load_file(weights).items()}
-    loading = client_loadings(LoraFile.from_shapes(shapes, peft_config))[client]
+    file = LoraFile.from_shapes(shapes, peft_config)
+    loading = client_loadings(file)[client]
     if loading.refused:
         return loading.refused, set()
-    file = LoraFile.from_shapes(shapes, peft_config)
     by_key = {}
     for entry in file.entries:
         by_key[entry.diff_key or entry.up_key] = label(entry)

@@ -19,6 +19,7 @@ import pytest
 from loraforge.pipeline.lora.clients import LoraFile, client_loadings, judges
 
 PAIR = {"lora_up.weight": (32, 2), "lora_down.weight": (2, 32)}
+Q = "diffusion_model.blocks.0.self_attn.q"
 
 
 def pair(stem: str, up: str = "lora_up.weight", down: str = "lora_down.weight") -> dict:
@@ -33,28 +34,31 @@ def loading(shapes: dict, client: str, peft_config: bool = False):
 
 
 @pytest.mark.parametrize(
-    ("shapes", "not_applied"),
+    ("shapes", "applied", "not_applied"),
     [
         # the generic and the kohya names of a .weight tensor, in every pair spelling
-        (pair("diffusion_model.blocks.0.self_attn.q"), {}),
-        (pair("diffusion_model.blocks.0.self_attn.q", "lora_B.weight", "lora_A.weight"), {}),
-        (pair("lora_unet_blocks_0_self_attn_q"), {}),
+        (pair(Q), {Q}, {}),
+        (pair(Q, "lora_B.weight", "lora_A.weight"), {Q}, {}),
+        (pair("lora_unet_blocks_0_self_attn_q"), {"lora_unet_blocks_0_self_attn_q"}, {}),
         # .diff onto the weight (norms included), .diff_b onto the bias
         (
             {
                 "diffusion_model.blocks.0.norm3.diff": (32,),
                 "diffusion_model.head.head.diff_b": (16,),
             },
+            {"diffusion_model.blocks.0.norm3.diff", "diffusion_model.head.head.diff_b"},
             {},
         ),
         # no .diff_m in ComfyUI: "lora key not loaded"
         (
             {"diffusion_model.blocks.0.diff_m": (1, 6, 32)},
+            set(),
             {"diffusion_model.blocks.0.diff_m": "ComfyUI reads no .diff_m ('lora key not loaded')"},
         ),
         # consumed, but the patcher never writes a parameter of a module with children
         (
             {"diffusion_model.blocks.0.modulation.diff": (1, 6, 32)},
+            set(),
             {
                 "diffusion_model.blocks.0.modulation.diff": "ComfyUI never patches Wan's "
                 "modulation (a parameter of a module with children)"
@@ -63,6 +67,7 @@ def loading(shapes: dict, client: str, peft_config: bool = False):
         # diffusers' and PEFT's prefixes are not mapped for Wan
         (
             pair("transformer.blocks.0.attn1.to_q", "lora_B.weight", "lora_A.weight"),
+            set(),
             {
                 "transformer.blocks.0.attn1.to_q": "ComfyUI maps Wan LoRA keys as "
                 "diffusion_model.<name> or lora_unet_<name> only"
@@ -71,6 +76,7 @@ def loading(shapes: dict, client: str, peft_config: bool = False):
         # diffusers' module names under diffusion_model. match no weight of Wan's model
         (
             pair("diffusion_model.blocks.0.attn1.to_q"),
+            set(),
             {
                 "diffusion_model.blocks.0.attn1.to_q": "diffusers' module names: ComfyUI loads "
                 "Wan in its original naming"
@@ -78,11 +84,11 @@ def loading(shapes: dict, client: str, peft_config: bool = False):
         ),
     ],
 )
-def test_comfyui_facts(shapes, not_applied):
+def test_comfyui_facts(shapes, applied, not_applied):
     result = loading(shapes, "comfyui")
     assert result.refused is None
+    assert set(result.applied) == applied
     assert result.not_applied == not_applied
-    assert len(result.applied) + len(not_applied) == result.total
 
 
 # ---- LightX2V ------------------------------------------------------------------------------

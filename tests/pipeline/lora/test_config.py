@@ -91,6 +91,27 @@ def test_malformed_configs(tmp_path, data, message):
     assert message in str(info.value) and info.value.path == path
 
 
+BIG = 10**400  # a JSON integer float64 cannot hold
+OUTSIDE = "is outside float32's range (±3.4e+38), in which LoRAs are applied"
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"lora_path": ["a"], "strength_model": BIG}, f"'strength_model' {BIG} {OUTSIDE}"),
+        (
+            {"lora_configs": [{"path": "a", "alpha": -BIG}]},
+            f"lora_configs[0]: 'alpha' {-BIG} {OUTSIDE}",
+        ),
+    ],
+)
+def test_an_integer_past_float64_is_a_usage_error(tmp_path, data, message):
+    path = write(tmp_path, data)
+    with pytest.raises(UsageError) as info:
+        load_merge_config(path, check_files=False)
+    assert str(info.value) == f"{path}: {message}"
+
+
 def test_missing_config_and_missing_lora(tmp_path):
     with pytest.raises(CheckpointNotFound, match="merge config not found"):
         load_merge_config(str(tmp_path / "none.json"))
@@ -266,6 +287,7 @@ def test_named_loras_keeps_each_entrys_name(tmp_path):
             "lora_configs[0]: 'name' must be a non-empty string, got 3",
         ),
         ({"lora_configs": {"path": "a"}}, "'lora_configs' must be a list of objects"),
+        ({"lora_configs": ["a"]}, "lora_configs[0] must be an object with 'path' and 'strength'"),
         (
             {"lora_configs": [{"path": "a", "strength": "x"}]},
             "lora_configs[0]: 'strength' must be a finite number, got 'x'",

@@ -68,7 +68,8 @@ def test_a_2d_weight_diff_is_an_exact_pair_in_every_style_unless_diffs_are_kept(
 
 
 @pytest.mark.parametrize(
-    ("shape", "expected"), [((8, 4), (4, "up")), ((4, 8), (4, "down")), ((5, 5), (5, "up"))]
+    ("shape", "expected"),
+    [((8, 4), (4, "up", "down")), ((4, 8), (4, "down", "up")), ((5, 5), (5, "up", "down"))],
 )
 def test_the_exact_pair_of_a_diff_puts_it_in_the_factor_of_its_shape(shape, expected):
     assert diff_pair(shape) == expected
@@ -94,6 +95,15 @@ def test_a_wan_model_is_written_in_each_styles_layout():
     assert (
         same.lowrank_names("head.head.weight")["up"] == "diffusion_model.head.head.lora_up.weight"
     )
+
+
+def test_a_wrapped_wan_model_is_relaid_without_its_wrappers():
+    wrapped = ["model.diffusion_model." + name for name in WAN_ORIGINAL]
+    diffusers = KEY_STYLES["diffusers"].for_model(wrapped)
+    assert diffusers.lowrank_names("model.diffusion_model.blocks.0.self_attn.q.weight") == {
+        "up": "transformer.blocks.0.attn1.to_q.lora_B.weight",
+        "down": "transformer.blocks.0.attn1.to_q.lora_A.weight",
+    }
 
 
 def test_a_model_that_only_shares_generic_names_is_not_renamed():
