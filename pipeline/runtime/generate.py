@@ -78,9 +78,7 @@ class Runtime:
         return cls(spec, loaded.pipe, loras, loaded.notes)
 
     def switch(self, assigned: Assigned) -> bool:
-        """Check (a LoRA that patches nothing is refused), then apply ``assigned`` in place of
-        the current LoRAs."""
-        self.loras.check(assigned)
+        """Apply ``assigned`` in place of the current LoRAs (``ModelLoras.switch``)."""
         return self.loras.switch(assigned)
 
     def generate(self, job: Job, on_step: StepCallback | None = None) -> Generated:

@@ -86,21 +86,21 @@ class ModelLoras:
             refuse_unfit(self.handles[name].check(specs), name, strict)
 
     def switch(self, assigned: Assigned) -> bool:
-        """Apply ``assigned`` in place of the current LoRAs (nothing happens for a transformer
-        whose set is unchanged); True when a weight was recomputed. After a failure every
-        transformer is back at its original bytes."""
-        changed = False
+        """Apply ``assigned`` in place of the current LoRAs; True when a weight was recomputed.
+        Only the transformers whose set changed are touched: their LoRAs are checked first
+        (``check``), so a refused one leaves every weight as it was. After a failure once
+        weights change, every transformer is back at its original bytes."""
+        changed = {name: specs for name, specs in assigned.items() if specs != self.current[name]}
+        self.check(changed)
         try:
-            for name, specs in assigned.items():
-                if specs != self.current[name]:
-                    self.current[name] = ()  # unknown until replace returns
-                    self.handles[name].replace(list(specs))
-                    self.current[name] = specs
-                    changed = True
+            for name, specs in changed.items():
+                self.current[name] = ()  # unknown until replace returns
+                self.handles[name].replace(list(specs))
+                self.current[name] = specs
         except BaseException:
             self.remove()
             raise
-        return changed
+        return bool(changed)
 
     def remove(self) -> None:
         for name, handle in self.handles.items():
