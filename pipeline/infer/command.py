@@ -57,7 +57,7 @@ class Inference:
         options = self.options
         self.spec = spec = open_spec(self.runtime, session.device)
         self.loras, note = lora_specs(spec, list(options.lora_path), list(options.lora_strength))
-        check_headers(spec.checkpoints(), self.loras)
+        check_headers(spec.checkpoints, self.loras)
         self.image = check_image(options.image_path, spec.task)
         self.frames = FramesOutput(frames_dir(session.output)) if options.save_frames else None
         if self.frames is not None:
@@ -75,6 +75,7 @@ class Inference:
                 f"config fields not used by --model_cls {spec.model.name}: "
                 f"{', '.join(spec.settings.ignored)}"
             )
+        notes += spec.notes
         for message in notes:
             session.emit("note", {"message": message})
 
@@ -87,8 +88,6 @@ class Inference:
         spec, phases = self.spec, {}
         clock = time.perf_counter()
         runtime = Runtime.load(spec)
-        for message in runtime.notes:
-            session.emit("note", {"message": message})
         phases["load"], clock = _lap(clock)
         runtime.switch(self.loras)
         loras = runtime.loras.summaries()

@@ -64,18 +64,18 @@ def torch_threads(count: int) -> Iterator[None]:
 
 
 class Runtime:
-    def __init__(self, spec: RuntimeSpec, pipe, loras: ModelLoras, notes: list[str]):
-        self.spec, self.pipe, self.loras, self.notes = spec, pipe, loras, notes
+    def __init__(self, spec: RuntimeSpec, pipe, loras: ModelLoras):
+        self.spec, self.pipe, self.loras = spec, pipe, loras
         self.threads = threads()
 
     @classmethod
     def load(cls, spec: RuntimeSpec) -> Runtime:
         """Load the pipeline and set its scheduler; no LoRA is applied yet."""
+        replacements = {name: spec.checkpoints[name] for name in spec.originals}
         with torch_threads(threads()):
-            loaded = load_pipeline(spec.folder, spec.originals, DTYPES[spec.dtype], spec.device)
-        configure(loaded.pipe, spec.model, spec.settings, spec.folder.boundary_ratio)
-        loras = ModelLoras(loaded.pipe, spec.model, loaded.checkpoints)
-        return cls(spec, loaded.pipe, loras, loaded.notes)
+            pipe = load_pipeline(spec.folder, replacements, DTYPES[spec.dtype], spec.device)
+        configure(pipe, spec.model, spec.settings, spec.folder.boundary_ratio)
+        return cls(spec, pipe, ModelLoras(pipe, spec.model, spec.checkpoints))
 
     def switch(self, assigned: Assigned) -> bool:
         """Apply ``assigned`` in place of the current LoRAs (``ModelLoras.switch``)."""

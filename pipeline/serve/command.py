@@ -38,7 +38,7 @@ def serve(
     _check_port(host, port)
     spec = open_spec(runtime, resolve_device(run.device))
     base_loras, _note = lora_specs(spec, [], [])
-    check_headers(spec.checkpoints(), base_loras)
+    check_headers(spec.checkpoints, base_loras)
     if lora_dir is not None:
         lora_dir = os.path.abspath(os.path.expanduser(lora_dir))
         if not os.path.isdir(lora_dir):

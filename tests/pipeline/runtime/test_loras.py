@@ -129,10 +129,10 @@ def test_check_headers_refuses_before_loading_as_apply_would(wan_sample, tmp_pat
         },
         loud,
     )
-    check_headers(spec.checkpoints(), {"transformer": (LoraSpec(loud, 1.0),)})
+    check_headers(spec.checkpoints, {"transformer": (LoraSpec(loud, 1.0),)})
     with pytest.raises(LoraMismatch) as caught:
         check_headers(
-            spec.checkpoints(),
+            spec.checkpoints,
             {"transformer": (LoraSpec(wan_sample["style_a"]), LoraSpec(foreign))},
         )
     assert str(caught.value) == (
@@ -141,7 +141,7 @@ def test_check_headers_refuses_before_loading_as_apply_would(wan_sample, tmp_pat
         "another model?)"
     )
     with pytest.raises(UsageError) as caught:
-        check_headers(spec.checkpoints(), {"transformer": (LoraSpec(loud, 1e30),)})
+        check_headers(spec.checkpoints, {"transformer": (LoraSpec(loud, 1e30),)})
     assert str(caught.value) == (
         f"{loud}: tensor '{q}.lora_up.weight': strength 1e+30 × scale 5e+09 = 5e+39 is outside "
         "float32's range (±3.4e+38), in which LoRAs are applied (lower the strength (or the "
