@@ -6,8 +6,8 @@ it left out, the config fields ignored)."""
 from __future__ import annotations
 
 import os
-import time
 
+from ..run.clock import PhaseClock
 from ..run.command import execute
 from ..run.options import RunOptions
 from ..run.paths import UserPath
@@ -85,15 +85,14 @@ class Inference:
     def run(self, session: Session) -> dict:
         from ..runtime.generate import Job, Runtime, peak_memory
 
-        spec, phases = self.spec, {}
-        clock = time.perf_counter()
+        spec, clock = self.spec, PhaseClock()
         runtime = Runtime.load(spec)
-        phases["load"], clock = _lap(clock)
+        clock.lap("load")
         runtime.switch(self.loras)
         loras = runtime.loras.summaries()
         if loras:
             session.emit("loras", {"loras": loras})
-        phases["loras"], clock = _lap(clock)
+        clock.lap("loras")
         settings = spec.settings
         session.start(
             tensors=settings.steps, total_bytes=0, done=0, done_bytes=0, changes=[], unit="steps"
@@ -111,18 +110,16 @@ class Inference:
             settings,
             self.image,
         )
-        generated = runtime.generate(job, on_step)
+        generated = runtime.generate(job, on_step, clock)
         session.emit("write", {"tensors": settings.steps})
-        phases.update(generated.phases)
-        clock = time.perf_counter()
         video = session.add_writer(VideoOutput(session.output))
         video.write(generated.frames, settings.fps)
         if self.frames is not None:
             session.add_writer(self.frames).write(generated.frames)
-        phases["write"], clock = _lap(clock)
+        clock.lap("write")
         frames, height, width, _ = generated.frames.shape
         extra = {
-            "phases": {name: round(seconds, 3) for name, seconds in phases.items()},
+            "phases": {name: round(seconds, 3) for name, seconds in clock.seconds.items()},
             **peak_memory(spec.device),
             "video": {"frames": frames, "height": height, "width": width, "fps": settings.fps},
             "frames_sha256": generated.digest,
@@ -144,8 +141,3 @@ class Inference:
             "seed": self.options.seed,
         }
         return build_report("infer", options, inputs, {}, extra, session.started)
-
-
-def _lap(clock: float) -> tuple[float, float]:
-    now = time.perf_counter()
-    return now - clock, now

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..run.clock import PhaseClock
 from .load import DTYPES, load_pipeline
 from .loras import Assigned, ModelLoras, weights_digest
 from .schedule import configure, sampling
@@ -42,7 +43,6 @@ class Generated:
     frames: np.ndarray  # (frames, height, width, 3) float32 in [0, 1]
     digest: str  # sha256 of the frames' bytes
     step_seconds: list[float]
-    phases: dict[str, float]  # denoise (text encoder included), decode
 
 
 def threads() -> int:
@@ -81,13 +81,18 @@ class Runtime:
         """Apply ``assigned`` in place of the current LoRAs (``ModelLoras.switch``)."""
         return self.loras.switch(assigned)
 
-    def generate(self, job: Job, on_step: StepCallback | None = None) -> Generated:
+    def generate(
+        self, job: Job, on_step: StepCallback | None = None, clock: PhaseClock | None = None
+    ) -> Generated:
+        """``clock``: charged with ``denoise`` (the text encoder included) and ``decode``."""
         settings, spec = job.settings, self.spec
         plan = sampling(spec.model, settings)
+        clock = clock or PhaseClock()
         marks: list[float] = []
         started = time.perf_counter()
 
         def step_end(pipe, index, timestep, tensors):
+            clock.lap("denoise")
             marks.append(time.perf_counter())
             if on_step is not None:
                 on_step(index, float(timestep), marks[-1] - started)
@@ -115,12 +120,10 @@ class Runtime:
                 kwargs["image"] = image.convert("RGB")
         with torch_threads(self.threads), torch.inference_mode():
             frames = self.pipe(**kwargs).frames[0]
-        ended = time.perf_counter()
+        clock.lap("decode")
         frames = np.ascontiguousarray(frames, dtype=np.float32)
-        last = marks[-1] if marks else started
         seconds = [b - a for a, b in zip([started, *marks], marks, strict=False)]
-        phases = {"denoise": last - started, "decode": ended - last}
-        return Generated(frames, frames_digest(frames), seconds, phases)
+        return Generated(frames, frames_digest(frames), seconds)
 
     def digest(self) -> str:
         """sha256 of every transformer's weights (``loras.weights_digest``)."""
