@@ -22,7 +22,7 @@ def load_pipeline(
     else in ``dtype``. Returns the pipeline (a ``WanPipeline`` or ``WanImageToVideoPipeline``)."""
     import diffusers
 
-    _quiet()
+    quiet()
     components = {
         name: load_original(folder.component(name), index, dtype, f"{name} of {folder.path}")
         for name, index in replacements.items()
@@ -37,7 +37,7 @@ def load_pipeline(
     return pipe
 
 
-def _quiet() -> None:
+def quiet() -> None:
     """No loading bars or advice from diffusers and transformers: the console shows progress."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
