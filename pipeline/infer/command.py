@@ -70,11 +70,6 @@ class Inference:
         notes = [note] if note else []
         if options.image_path and spec.task == "t2v":
             notes.append("--image_path is not used by --task t2v")
-        if spec.settings.ignored:
-            notes.append(
-                f"config fields not used by --model_cls {spec.model.name}: "
-                f"{', '.join(spec.settings.ignored)}"
-            )
         notes += spec.notes
         for message in notes:
             session.emit("note", {"message": message})

@@ -48,7 +48,7 @@ class RuntimeSpec:
     dtype: str  # bf16 | fp16 | fp32
     device: str  # resolved: cpu, cuda, cuda:N
     checkpoints: dict[str, CheckpointIndex | None]  # per transformer (``transformer_checkpoints``)
-    notes: tuple[str, ...]  # what the run says once, before it loads anything
+    notes: tuple[str, ...]  # what ``infer`` and ``serve`` say once, before loading anything
 
     def inputs(self) -> list[UserPath]:
         paths = self.folder.files()
@@ -82,10 +82,17 @@ def open_spec(options: RuntimeOptions, device: str) -> RuntimeSpec:
     for name, path in chosen.items():
         if not os.path.exists(path):
             raise CheckpointNotFound(f"{name} checkpoint not found", path=path)
-    checkpoints, notes = transformer_checkpoints(model, folder, chosen)
+    checkpoints, unread = transformer_checkpoints(model, folder, chosen)
+    notes = (*_ignored(settings, model), *unread)
     return RuntimeSpec(
         model, options.task, folder, settings, chosen, options.dtype, device, checkpoints, notes
     )
+
+
+def _ignored(settings: Settings, model: ModelClass) -> list[str]:
+    if not settings.ignored:
+        return []
+    return [f"config fields not used by --model_cls {model.name}: {', '.join(settings.ignored)}"]
 
 
 def transformer_checkpoints(

@@ -47,14 +47,8 @@ def serve(
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise OutputError("--output_dir is not a directory", path=output_dir)
     check_writable_location(os.path.join(output_dir, "x.mp4"), "--output_dir")
-    if spec.settings.ignored:
-        emit(
-            "note",
-            {
-                "message": f"config fields not used by --model_cls {spec.model.name}: "
-                f"{', '.join(spec.settings.ignored)}"
-            },
-        )
+    for message in spec.notes:
+        emit("note", {"message": message})
     import uvicorn
 
     from ..runtime.generate import Runtime

@@ -125,6 +125,7 @@ def no_lora_config(wan_sample, tmp_path_factory):
     with open(wan_sample["lora_config"]) as f:
         data = json.load(f)
     del data["lora_configs"]
+    data["self_attn_1_type"] = "flash_attn3"  # a LightX2V field loraforge does not use
     path.write_text(json.dumps(data))
     return str(path)
 
@@ -304,4 +305,10 @@ def test_sigterm_stops_the_server_cleanly(server):
     process = server["process"]
     os.killpg(process.pid, signal.SIGTERM)
     assert process.wait(30) == 0
-    assert (server["root"] / "server.log").read_text().endswith("note: server stopped\n")
+    log = (server["root"] / "server.log").read_text()
+    assert [line for line in log.splitlines() if line.startswith("note: ")] == [
+        "note: config fields not used by --model_cls wan2.1: self_attn_1_type",
+        f"note: serving wan2.1 t2v on {server['url']}",
+        "note: server stopped",
+    ]
+    assert log.endswith("note: server stopped\n")
