@@ -266,6 +266,13 @@ def test_the_server_goes_on_and_no_value_leaks_into_the_next_request(server):
         assert read_mp4(str(server["root"] / "out" / status["save_result_path"])).shape[0] == frames
     listed = http("GET", url + "/v1/tasks/")[1]
     assert first["task_id"] in listed and second["task_id"] in listed
+    assert http("POST", url + "/v1/tasks/video/", {"task_id": first["task_id"]}) == (
+        409,
+        {
+            "detail": f"Task ID {first['task_id']} already exists: give another task_id",
+            "field": "task_id",
+        },
+    )
     assert http("GET", url + "/v1/tasks/nope/status") == (404, {"detail": "Task not found"})
 
 

@@ -13,7 +13,7 @@ pytest.importorskip("fastapi")
 
 from loraforge.pipeline.runtime.settings import Settings  # noqa: E402
 from loraforge.pipeline.serve.requests import Plan  # noqa: E402
-from loraforge.pipeline.serve.tasks import Full, Task, TaskManager  # noqa: E402
+from loraforge.pipeline.serve.tasks import DuplicateTask, Full, Task, TaskManager  # noqa: E402
 from loraforge.pipeline.serve.worker import Worker  # noqa: E402
 
 
@@ -58,9 +58,9 @@ def test_fifo_limits_cancel_and_failures(tmp_path):
     thread.start()
     assert model.paused.wait(10)  # first is at its step 1
     assert tasks.cancel("dropped") and tasks.get("dropped").status == "cancelled"
-    with pytest.raises(Full) as caught:
+    with pytest.raises(DuplicateTask) as caught:
         tasks.add(task(tmp_path, "first"))
-    assert str(caught.value) == "Task ID first already exists"
+    assert str(caught.value) == "Task ID first already exists: give another task_id"
     tasks.add(task(tmp_path, "last"))
     release.set()
     while tasks.get("last").status in ("pending", "processing"):
