@@ -68,7 +68,8 @@ def open_spec(options: RuntimeOptions, device: str) -> RuntimeSpec:
         raise UsageError(f"unknown --dtype {options.dtype!r}; valid: {', '.join(DTYPE_NAMES)}")
     folder = open_folder(options.model_path, model, options.task)
     settings = read_settings(options.config_json, model)
-    settings.check_shape(folder.spatial, folder.temporal, settings.path)
+    settings.check_frames(folder.temporal, settings.path)
+    settings.check_size(folder.spatial, settings.path)
     chosen = dict(settings.originals)
     given = {"transformer": options.transformer_path, "transformer_2": options.transformer_2_path}
     for name, path in given.items():
