@@ -42,7 +42,6 @@ class Job:
 class Generated:
     frames: np.ndarray  # (frames, height, width, 3) float32 in [0, 1]
     digest: str  # sha256 of the frames' bytes
-    step_seconds: list[float]
 
 
 def threads() -> int:
@@ -88,14 +87,12 @@ class Runtime:
         settings, spec = job.settings, self.spec
         plan = sampling(spec.model, settings)
         clock = clock or PhaseClock()
-        marks: list[float] = []
         started = time.perf_counter()
 
         def step_end(pipe, index, timestep, tensors):
             clock.lap("denoise")
-            marks.append(time.perf_counter())
             if on_step is not None:
-                on_step(index, float(timestep), marks[-1] - started)
+                on_step(index, float(timestep), time.perf_counter() - started)
             return {}
 
         kwargs = dict(
@@ -122,8 +119,7 @@ class Runtime:
             frames = self.pipe(**kwargs).frames[0]
         clock.lap("decode")
         frames = np.ascontiguousarray(frames, dtype=np.float32)
-        seconds = [b - a for a, b in zip([started, *marks], marks, strict=False)]
-        return Generated(frames, frames_digest(frames), seconds)
+        return Generated(frames, frames_digest(frames))
 
     def digest(self) -> str:
         """sha256 of every transformer's weights (``loras.weights_digest``)."""
