@@ -63,18 +63,18 @@ def torch_threads(count: int) -> Iterator[None]:
 
 
 class Runtime:
-    def __init__(self, spec: RuntimeSpec, pipe, loras: ModelLoras):
-        self.spec, self.pipe, self.loras = spec, pipe, loras
-        self.threads = threads()
+    def __init__(self, spec: RuntimeSpec, pipe, loras: ModelLoras, threads: int):
+        self.spec, self.pipe, self.loras, self.threads = spec, pipe, loras, threads
 
     @classmethod
     def load(cls, spec: RuntimeSpec) -> Runtime:
         """Load the pipeline and set its scheduler; no LoRA is applied yet."""
         replacements = {name: spec.checkpoints[name] for name in spec.originals}
-        with torch_threads(threads()):
+        count = threads()
+        with torch_threads(count):
             pipe = load_pipeline(spec.folder, replacements, DTYPES[spec.dtype], spec.device)
         configure(pipe, spec.model, spec.settings, spec.folder.boundary_ratio)
-        return cls(spec, pipe, ModelLoras(pipe, spec.model, spec.checkpoints))
+        return cls(spec, pipe, ModelLoras(pipe, spec.model, spec.checkpoints), count)
 
     def switch(self, assigned: Assigned) -> bool:
         """Apply ``assigned`` in place of the current LoRAs (``ModelLoras.switch``)."""
