@@ -77,10 +77,10 @@ class Settings:
         """Denoising steps: the distill list's length, else ``infer_steps``."""
         return len(self.denoising_step_list) if self.denoising_step_list else self.infer_steps
 
-    def with_overrides(self, where: str | None = None, **values) -> Settings:
+    def with_overrides(self, **values) -> Settings:
         """The settings with some result fields replaced (a server request's), checked as the
         config's are."""
-        checked = {name: _CHECKS[name](value, name, where) for name, value in values.items()}
+        checked = {name: _CHECKS[name](value, name, None) for name, value in values.items()}
         return dataclasses.replace(self, **checked)
 
     def check_frames(self, temporal: int, where: str | None) -> None:
