@@ -129,10 +129,5 @@ class Inference:
             "transformers": dict(spec.originals),
             "image_path": self.image,
         }
-        options = {
-            **self.runtime.to_dict(),
-            **self.options.to_dict(),
-            "device": spec.device,
-            "seed": self.options.seed,
-        }
+        options = {**self.runtime.to_dict(), **self.options.to_dict(), "device": spec.device}
         return build_report("infer", options, inputs, {}, extra, session.started)
