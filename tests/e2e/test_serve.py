@@ -295,7 +295,9 @@ def test_cancel_a_running_task_and_a_pending_one(server):
             "stop_status": "success",
             "reason": "Task stopped successfully.",
         }
+    deadline = time.monotonic() + 60
     while http("GET", url + "/v1/service/status")[1]["service_status"] == "busy":
+        assert time.monotonic() < deadline
         time.sleep(0.05)
     status = http("GET", f"{url}/v1/tasks/{running['task_id']}/status")[1]
     assert status["status"] == "cancelled" and status["progress"]["step"] < 400
