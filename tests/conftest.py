@@ -41,13 +41,14 @@ def wan_sample(tmp_path_factory) -> Iterator[dict[str, str]]:
     """The tiny random Wan sample (model folders, LoRAs, configs, image), built once per
     session; the session fails at teardown if a test changed any of its files."""
     pytest.importorskip("diffusers")
-    from tests.helpers.tiny_wan import builder, tree_digest
+    from tests.helpers.tiny_wan import builder
+    from tests.helpers.tree import snapshot
 
     directory = str(tmp_path_factory.mktemp("wan"))
     paths = builder().build(directory)
-    before = tree_digest(directory)
+    before = snapshot(directory)
     yield paths
-    assert tree_digest(directory) == before, "a test modified the shared Wan sample"
+    assert snapshot(directory) == before, "a test modified the shared Wan sample"
 
 
 def has_cuda() -> bool:

@@ -6,8 +6,8 @@ it left out, the config fields ignored)."""
 from __future__ import annotations
 
 import os
-import time
 
+from ..run.clock import PhaseClock
 from ..run.command import execute
 from ..run.options import RunOptions
 from ..run.paths import UserPath
@@ -57,7 +57,7 @@ class Inference:
         options = self.options
         self.spec = spec = open_spec(self.runtime, session.device)
         self.loras, note = lora_specs(spec, list(options.lora_path), list(options.lora_strength))
-        check_headers(spec.checkpoints(), self.loras)
+        check_headers(spec.checkpoints, self.loras)
         self.image = check_image(options.image_path, spec.task)
         self.frames = FramesOutput(frames_dir(session.output)) if options.save_frames else None
         if self.frames is not None:
@@ -70,11 +70,7 @@ class Inference:
         notes = [note] if note else []
         if options.image_path and spec.task == "t2v":
             notes.append("--image_path is not used by --task t2v")
-        if spec.settings.ignored:
-            notes.append(
-                f"config fields not used by --model_cls {spec.model.name}: "
-                f"{', '.join(spec.settings.ignored)}"
-            )
+        notes += spec.notes
         for message in notes:
             session.emit("note", {"message": message})
 
@@ -84,17 +80,14 @@ class Inference:
     def run(self, session: Session) -> dict:
         from ..runtime.generate import Job, Runtime, peak_memory
 
-        spec, phases = self.spec, {}
-        clock = time.perf_counter()
+        spec, clock = self.spec, PhaseClock()
         runtime = Runtime.load(spec)
-        for message in runtime.notes:
-            session.emit("note", {"message": message})
-        phases["load"], clock = _lap(clock)
+        clock.lap("load")
         runtime.switch(self.loras)
         loras = runtime.loras.summaries()
         if loras:
             session.emit("loras", {"loras": loras})
-        phases["loras"], clock = _lap(clock)
+        clock.lap("loras")
         settings = spec.settings
         session.start(
             tensors=settings.steps, total_bytes=0, done=0, done_bytes=0, changes=[], unit="steps"
@@ -112,18 +105,16 @@ class Inference:
             settings,
             self.image,
         )
-        generated = runtime.generate(job, on_step)
+        generated = runtime.generate(job, on_step, clock)
         session.emit("write", {"tensors": settings.steps})
-        phases.update(generated.phases)
-        clock = time.perf_counter()
         video = session.add_writer(VideoOutput(session.output))
         video.write(generated.frames, settings.fps)
         if self.frames is not None:
             session.add_writer(self.frames).write(generated.frames)
-        phases["write"], clock = _lap(clock)
+        clock.lap("write")
         frames, height, width, _ = generated.frames.shape
         extra = {
-            "phases": {name: round(seconds, 3) for name, seconds in phases.items()},
+            "phases": {name: round(seconds, 3) for name, seconds in clock.seconds.items()},
             **peak_memory(spec.device),
             "video": {"frames": frames, "height": height, "width": width, "fps": settings.fps},
             "frames_sha256": generated.digest,
@@ -138,15 +129,5 @@ class Inference:
             "transformers": dict(spec.originals),
             "image_path": self.image,
         }
-        options = {
-            **self.runtime.to_dict(),
-            **self.options.to_dict(),
-            "device": spec.device,
-            "seed": self.options.seed,
-        }
+        options = {**self.runtime.to_dict(), **self.options.to_dict(), "device": spec.device}
         return build_report("infer", options, inputs, {}, extra, session.started)
-
-
-def _lap(clock: float) -> tuple[float, float]:
-    now = time.perf_counter()
-    return now - clock, now

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..run.clock import PhaseClock
 from .load import DTYPES, load_pipeline
 from .loras import Assigned, ModelLoras, weights_digest
 from .schedule import configure, sampling
@@ -41,8 +42,6 @@ class Job:
 class Generated:
     frames: np.ndarray  # (frames, height, width, 3) float32 in [0, 1]
     digest: str  # sha256 of the frames' bytes
-    step_seconds: list[float]
-    phases: dict[str, float]  # denoise (text encoder included), decode
 
 
 def threads() -> int:
@@ -64,35 +63,36 @@ def torch_threads(count: int) -> Iterator[None]:
 
 
 class Runtime:
-    def __init__(self, spec: RuntimeSpec, pipe, loras: ModelLoras, notes: list[str]):
-        self.spec, self.pipe, self.loras, self.notes = spec, pipe, loras, notes
-        self.threads = threads()
+    def __init__(self, spec: RuntimeSpec, pipe, loras: ModelLoras, threads: int):
+        self.spec, self.pipe, self.loras, self.threads = spec, pipe, loras, threads
 
     @classmethod
     def load(cls, spec: RuntimeSpec) -> Runtime:
         """Load the pipeline and set its scheduler; no LoRA is applied yet."""
-        with torch_threads(threads()):
-            loaded = load_pipeline(spec.folder, spec.originals, DTYPES[spec.dtype], spec.device)
-        configure(loaded.pipe, spec.model, spec.settings, spec.folder.boundary_ratio)
-        loras = ModelLoras(loaded.pipe, spec.model, loaded.checkpoints)
-        return cls(spec, loaded.pipe, loras, loaded.notes)
+        replacements = {name: spec.checkpoints[name] for name in spec.originals}
+        count = threads()
+        with torch_threads(count):
+            pipe = load_pipeline(spec.folder, replacements, DTYPES[spec.dtype], spec.device)
+        configure(pipe, spec.model, spec.settings, spec.folder.boundary_ratio)
+        return cls(spec, pipe, ModelLoras(pipe, spec.model, spec.checkpoints), count)
 
     def switch(self, assigned: Assigned) -> bool:
-        """Check (a LoRA that patches nothing is refused), then apply ``assigned`` in place of
-        the current LoRAs."""
-        self.loras.check(assigned)
+        """Apply ``assigned`` in place of the current LoRAs (``ModelLoras.switch``)."""
         return self.loras.switch(assigned)
 
-    def generate(self, job: Job, on_step: StepCallback | None = None) -> Generated:
+    def generate(
+        self, job: Job, on_step: StepCallback | None = None, clock: PhaseClock | None = None
+    ) -> Generated:
+        """``clock``: charged with ``denoise`` (the text encoder included) and ``decode``."""
         settings, spec = job.settings, self.spec
         plan = sampling(spec.model, settings)
-        marks: list[float] = []
+        clock = clock or PhaseClock()
         started = time.perf_counter()
 
         def step_end(pipe, index, timestep, tensors):
-            marks.append(time.perf_counter())
+            clock.lap("denoise")
             if on_step is not None:
-                on_step(index, float(timestep), marks[-1] - started)
+                on_step(index, float(timestep), time.perf_counter() - started)
             return {}
 
         kwargs = dict(
@@ -117,12 +117,9 @@ class Runtime:
                 kwargs["image"] = image.convert("RGB")
         with torch_threads(self.threads), torch.inference_mode():
             frames = self.pipe(**kwargs).frames[0]
-        ended = time.perf_counter()
+        clock.lap("decode")
         frames = np.ascontiguousarray(frames, dtype=np.float32)
-        last = marks[-1] if marks else started
-        seconds = [b - a for a, b in zip([started, *marks], marks, strict=False)]
-        phases = {"denoise": last - started, "decode": ended - last}
-        return Generated(frames, frames_digest(frames), seconds, phases)
+        return Generated(frames, frames_digest(frames))
 
     def digest(self) -> str:
         """sha256 of every transformer's weights (``loras.weights_digest``)."""

@@ -17,8 +17,9 @@ import torch
 
 from ..errors import CheckpointNotFound, LoraMismatch, UsageError
 from ..io.reader import CheckpointIndex
-from ..io.safetensors_format import DTYPE_BY_CODE
 from ..lora.config import LoraSpec
+from ..lora.inputs import open_lora
+from ..lora.patches import collect_patches
 from .models import EXPERTS, ModelClass
 
 Assigned = dict[str, tuple[LoraSpec, ...]]  # transformer -> its LoRAs, in order
@@ -80,27 +81,29 @@ class ModelLoras:
 
     def check(self, assigned: Assigned, strict: bool = False) -> None:
         """Refuse, before any weight changes, a LoRA for another model: one that patches
-        nothing, or (``strict``: a server's requests) one with any key that patches nothing.
-        Keys left out otherwise are reported by ``summaries``."""
+        nothing (refused as it is opened), or (``strict``: a server's requests) one with any key
+        that patches nothing. Keys left out otherwise are reported by ``summaries``."""
         for name, specs in assigned.items():
-            refuse_unfit(self.handles[name].check(specs), name, strict)
+            summaries = self.handles[name].check(specs)
+            if strict:
+                _refuse_left_out(summaries, name)
 
     def switch(self, assigned: Assigned) -> bool:
-        """Apply ``assigned`` in place of the current LoRAs (nothing happens for a transformer
-        whose set is unchanged); True when a weight was recomputed. After a failure every
-        transformer is back at its original bytes."""
-        changed = False
+        """Apply ``assigned`` in place of the current LoRAs; True when a weight was recomputed.
+        Only the transformers whose set changed are touched: their LoRAs are checked first
+        (``check``), so a refused one leaves every weight as it was. After a failure once
+        weights change, every transformer is back at its original bytes."""
+        changed = {name: specs for name, specs in assigned.items() if specs != self.current[name]}
+        self.check(changed)
         try:
-            for name, specs in assigned.items():
-                if specs != self.current[name]:
-                    self.current[name] = ()  # unknown until replace returns
-                    self.handles[name].replace(list(specs))
-                    self.current[name] = specs
-                    changed = True
+            for name, specs in changed.items():
+                self.current[name] = ()  # unknown until replace returns
+                self.handles[name].replace(list(specs))
+                self.current[name] = specs
         except BaseException:
             self.remove()
             raise
-        return changed
+        return bool(changed)
 
     def remove(self) -> None:
         for name, handle in self.handles.items():
@@ -128,34 +131,28 @@ class ModelLoras:
         ]
 
 
-def refuse_unfit(summaries: list[dict], name: str, strict: bool) -> None:
+def _refuse_left_out(summaries: list[dict], name: str) -> None:
     for summary in summaries:
-        left = summary["unmatched"]
-        if summary["patches"] and not (strict and left):
-            continue
-        key, why = next(iter(left.items()), ("", "no LoRA keys"))
-        count = f"{len(left)} of its {summary['keys']} keys patch" if strict else "patches"
-        raise LoraMismatch(
-            f"{count} nothing in {name} (e.g. '{key}': {why})",
-            path=summary["path"],
-            hint="is it a LoRA for this model?",
-        )
+        if left := summary["unmatched"]:
+            key, why = next(iter(left.items()))
+            raise LoraMismatch(
+                f"{len(left)} of its {summary['keys']} keys patch nothing in {name} "
+                f"(e.g. '{key}': {why})",
+                path=summary["path"],
+                hint="is it a LoRA for this model?",
+            )
 
 
 def check_headers(checkpoints: dict[str, CheckpointIndex | None], assigned: Assigned) -> None:
     """Before anything is loaded: refuse a LoRA that patches nothing in its transformer, from
     the transformer checkpoint's headers (a transformer in another format is checked once
-    loaded)."""
-    import loraforge
-
+    loaded), as ``loraforge.apply`` would refuse it."""
     for name, index in checkpoints.items():
-        if index is None or not assigned.get(name):
+        if index is None:
             continue
-        shapes = {
-            key: torch.empty(info.shape, dtype=DTYPE_BY_CODE[info.dtype], device="meta")
-            for key, info in index.tensors.items()
-        }
-        refuse_unfit(loraforge.apply(shapes, []).check(assigned[name]), name, False)
+        shapes = {key: info.shape for key, info in index.tensors.items()}
+        opened = [open_lora(spec, shapes) for spec in assigned.get(name, ())]
+        collect_patches(index.tensors, opened)  # refuses a strength × scale past float32's range
 
 
 def weights_digest(modules: Iterable[tuple[str, torch.nn.Module]]) -> str:

@@ -11,8 +11,6 @@ computed as usual), and the checkpoint's tensors, copied and cast, become its pa
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..errors import ModelMismatch
@@ -71,13 +69,12 @@ def check_fits(index: CheckpointIndex, shapes: dict[str, tuple[int, ...]], what:
     )
 
 
-def load_original(component: str, path: str, dtype: torch.dtype, what: str):
+def load_original(component: str, index: CheckpointIndex, dtype: torch.dtype, what: str):
     """The ``WanTransformer3DModel`` of ``component`` (its folder's config) with the weights
-    of the original-layout checkpoint ``path``; returns it and its diffusers-keyed index."""
+    of an original-layout checkpoint, from its ``diffusers_index``."""
     from accelerate import init_empty_weights
     from diffusers import WanTransformer3DModel
 
-    index = diffusers_index(os.path.abspath(os.path.expanduser(path)))
     config = WanTransformer3DModel.load_config(component)
     with init_empty_weights(include_buffers=False):
         model = WanTransformer3DModel.from_config(config)
@@ -89,7 +86,7 @@ def load_original(component: str, path: str, dtype: torch.dtype, what: str):
         for key, info in index.tensors.items()
     }
     model.load_state_dict(state, strict=True, assign=True)
-    return model.eval(), index
+    return model.eval()
 
 
 def _load(info, dtype: torch.dtype) -> torch.Tensor:

@@ -77,15 +77,14 @@ class Settings:
         """Denoising steps: the distill list's length, else ``infer_steps``."""
         return len(self.denoising_step_list) if self.denoising_step_list else self.infer_steps
 
-    def with_overrides(self, where: str | None = None, **values) -> Settings:
+    def with_overrides(self, **values) -> Settings:
         """The settings with some result fields replaced (a server request's), checked as the
         config's are."""
-        checked = {name: _CHECKS[name](value, name, where) for name, value in values.items()}
+        checked = {name: _CHECKS[name](value, name, None) for name, value in values.items()}
         return dataclasses.replace(self, **checked)
 
-    def check_shape(self, spatial: int, temporal: int, where: str | None) -> None:
-        """Frames and size the model can make: 4k+1 frames (``temporal`` = 4), height and
-        width multiples of ``spatial`` (the VAE's factor times the patch size, 16)."""
+    def check_frames(self, temporal: int, where: str | None) -> None:
+        """Frames the model can make: ``temporal``·k + 1 (``temporal`` = 4 for Wan)."""
         frames = self.target_video_length
         if (frames - 1) % temporal:
             lower = (frames - 1) // temporal * temporal + 1
@@ -94,6 +93,10 @@ class Settings:
                 path=where,
                 hint=f"use {lower} or {lower + temporal}",
             )
+
+    def check_size(self, spatial: int, where: str | None) -> None:
+        """Height and width multiples of ``spatial`` (the VAE's factor times the patch size,
+        16 for Wan)."""
         for name in ("target_height", "target_width"):
             value = getattr(self, name)
             if value % spatial:

@@ -47,31 +47,15 @@ class RuntimeSpec:
     originals: dict[str, str]  # transformer -> original-layout checkpoint replacing it
     dtype: str  # bf16 | fp16 | fp32
     device: str  # resolved: cpu, cuda, cuda:N
-
-    def checkpoints(self) -> dict[str, CheckpointIndex | None]:
-        """Each transformer's checkpoint headers under the module's names (None: not
-        safetensors): an original-layout replacement's renamed (checked to fit the folder's
-        where it has weights to compare with), or the folder's."""
-        found = {}
-        for name in self.model.transformers:
-            try:
-                found[name] = index_checkpoint(self.folder.component(name))
-            except (CheckpointNotFound, CheckpointFormatError):
-                found[name] = None
-            if name in self.originals:
-                replacement = diffusers_index(self.originals[name])
-                if found[name] is not None:
-                    shapes = {k: info.shape for k, info in found[name].tensors.items()}
-                    check_fits(replacement, shapes, f"{name} of {self.folder.path}")
-                found[name] = replacement
-        return found
+    checkpoints: dict[str, CheckpointIndex | None]  # per transformer (``transformer_checkpoints``)
+    notes: tuple[str, ...]  # what ``infer`` and ``serve`` say once, before loading anything
 
     def inputs(self) -> list[UserPath]:
         paths = self.folder.files()
         if self.settings.path:
             paths.append(UserPath("--config_json", self.settings.path))
-        for name, path in self.originals.items():
-            paths += checkpoint_paths(f"--{name}_path", index_checkpoint(path))
+        for name in self.originals:
+            paths += checkpoint_paths(f"--{name}_path", self.checkpoints[name])
         return paths
 
 
@@ -84,7 +68,8 @@ def open_spec(options: RuntimeOptions, device: str) -> RuntimeSpec:
         raise UsageError(f"unknown --dtype {options.dtype!r}; valid: {', '.join(DTYPE_NAMES)}")
     folder = open_folder(options.model_path, model, options.task)
     settings = read_settings(options.config_json, model)
-    settings.check_shape(folder.spatial, folder.temporal, settings.path)
+    settings.check_frames(folder.temporal, settings.path)
+    settings.check_size(folder.spatial, settings.path)
     chosen = dict(settings.originals)
     given = {"transformer": options.transformer_path, "transformer_2": options.transformer_2_path}
     for name, path in given.items():
@@ -98,7 +83,45 @@ def open_spec(options: RuntimeOptions, device: str) -> RuntimeSpec:
     for name, path in chosen.items():
         if not os.path.exists(path):
             raise CheckpointNotFound(f"{name} checkpoint not found", path=path)
-    return RuntimeSpec(model, options.task, folder, settings, chosen, options.dtype, device)
+    checkpoints, unread = transformer_checkpoints(model, folder, chosen)
+    notes = (*_ignored(settings, model), *unread)
+    return RuntimeSpec(
+        model, options.task, folder, settings, chosen, options.dtype, device, checkpoints, notes
+    )
+
+
+def _ignored(settings: Settings, model: ModelClass) -> list[str]:
+    if not settings.ignored:
+        return []
+    return [f"config fields not used by --model_cls {model.name}: {', '.join(settings.ignored)}"]
+
+
+def transformer_checkpoints(
+    model: ModelClass, folder: ModelFolder, originals: dict[str, str]
+) -> tuple[dict[str, CheckpointIndex | None], tuple[str, ...]]:
+    """Each transformer's checkpoint headers under the module's names, read once for the whole
+    run: an original-layout replacement's renamed (checked to fit the folder's where it has
+    weights to compare with), or the folder's. None, with a note, for a folder transformer not
+    in safetensors: its weights cannot be re-read, so LoRAs keep copies of those they patch."""
+    found: dict[str, CheckpointIndex | None] = {}
+    notes = []
+    for name in model.transformers:
+        try:
+            own = index_checkpoint(folder.component(name))
+        except (CheckpointNotFound, CheckpointFormatError) as e:
+            own = None
+            if name not in originals:
+                notes.append(
+                    f"{name}: weights not re-readable ({e}); LoRAs keep copies of the weights "
+                    "they patch"
+                )
+        found[name] = own
+        if name in originals:
+            found[name] = diffusers_index(originals[name])
+            if own is not None:
+                shapes = {key: info.shape for key, info in own.tensors.items()}
+                check_fits(found[name], shapes, f"{name} of {folder.path}")
+    return found, tuple(notes)
 
 
 def lora_specs(

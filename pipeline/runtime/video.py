@@ -81,7 +81,8 @@ class VideoOutput:
 class FramesOutput:
     """One PNG per frame (``frame_00000.png``, ...) in the directory ``path``. A directory
     already there is replaced only if it holds nothing but such frames (a previous run's):
-    ``check`` refuses any other before the run starts."""
+    ``check`` refuses any other before the run starts. The previous frames are moved aside to
+    ``old`` while the new ones are renamed in; an ``old`` a crashed run left is removed first."""
 
     def __init__(self, path: str):
         self.path = path
@@ -94,12 +95,13 @@ class FramesOutput:
         return [self.temporary] if os.path.exists(self.temporary) else []
 
     def check(self) -> None:
-        if os.path.lexists(self.path) and not _only_frames(self.path):
-            raise OutputError(
-                "exists and holds other files than frame_NNNNN.png",
-                path=self.path,
-                hint="remove it, or choose another --save_result_path",
-            )
+        for path in (self.path, self.old):
+            if os.path.lexists(path) and not _only_frames(path):
+                raise OutputError(
+                    "exists and holds other files than frame_NNNNN.png",
+                    path=path,
+                    hint="remove it, or choose another --save_result_path",
+                )
 
     def write(self, frames: np.ndarray) -> None:
         from PIL import Image
@@ -113,6 +115,7 @@ class FramesOutput:
         self.check()
 
     def publish(self) -> list[str]:
+        shutil.rmtree(self.old, ignore_errors=True)  # frames only: ``check`` ran at ``seal``
         if os.path.lexists(self.path):
             os.replace(self.path, self.old)
         os.replace(self.temporary, self.path)

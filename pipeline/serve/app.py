@@ -3,7 +3,8 @@ request checked before it is queued (``requests.py``) and one worker thread runn
 
 Errors are ``{"detail": <one line>, "field": <the request field>}`` (``field`` where a field is
 at fault): 400 a bad value, 403 a path reaching outside ``--lora_dir`` / ``--output_dir``, 404 a
-missing LoRA, task or result, 422 a body that does not parse, 503 a full queue.
+missing LoRA, task or result, 409 a ``task_id`` already in use, 422 a body that does not parse,
+503 a full queue.
 
 No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations."""
 
@@ -16,7 +17,7 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 
 from .requests import BadRequest, Context, plan_request
 from .schema import StopTaskResponse, TaskResponse, VideoTaskRequest
-from .tasks import ACTIVE, Full, Task, TaskManager
+from .tasks import ACTIVE, DuplicateTask, Full, Task, TaskManager
 from .worker import Worker
 
 
@@ -61,6 +62,8 @@ def create_app(context: Context, tasks: TaskManager) -> FastAPI:
         plan = plan_request(message, context)
         try:
             tasks.add(Task(message.task_id, plan))
+        except DuplicateTask as e:
+            raise BadRequest("task_id", str(e), 409) from None
         except Full as e:
             return JSONResponse({"detail": str(e)}, 503)
         return TaskResponse(

@@ -38,7 +38,7 @@ def serve(
     _check_port(host, port)
     spec = open_spec(runtime, resolve_device(run.device))
     base_loras, _note = lora_specs(spec, [], [])
-    check_headers(spec.checkpoints(), base_loras)
+    check_headers(spec.checkpoints, base_loras)
     if lora_dir is not None:
         lora_dir = os.path.abspath(os.path.expanduser(lora_dir))
         if not os.path.isdir(lora_dir):
@@ -47,14 +47,8 @@ def serve(
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise OutputError("--output_dir is not a directory", path=output_dir)
     check_writable_location(os.path.join(output_dir, "x.mp4"), "--output_dir")
-    if spec.settings.ignored:
-        emit(
-            "note",
-            {
-                "message": f"config fields not used by --model_cls {spec.model.name}: "
-                f"{', '.join(spec.settings.ignored)}"
-            },
-        )
+    for message in spec.notes:
+        emit("note", {"message": message})
     import uvicorn
 
     from ..runtime.generate import Runtime

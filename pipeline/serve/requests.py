@@ -119,12 +119,15 @@ def _settings(request: VideoTaskRequest, spec):
             raise BadRequest("target_shape", f"must be [height, width], got {request.target_shape}")
         height, width = request.target_shape
         settings = _override(settings, "target_shape", target_height=height, target_width=width)
-    try:
-        settings.check_shape(spec.folder.spatial, spec.folder.temporal, None)
-    except LoraforgeError as e:  # the config's shape was checked at start: the request's
-        raise BadRequest(
-            "target_video_length" if "target_video_length" in str(e) else "target_shape", str(e)
-        ) from None
+    checks = (
+        ("target_video_length", settings.check_frames, spec.folder.temporal),
+        ("target_shape", settings.check_size, spec.folder.spatial),
+    )
+    for field_name, check, multiple in checks:
+        try:
+            check(multiple, None)
+        except LoraforgeError as e:  # the config's shape was checked at start: the request's
+            raise BadRequest(field_name, str(e)) from None
     return settings
 
 

@@ -54,7 +54,11 @@ class Task:
 
 
 class Full(Exception):
-    pass
+    """The queue holds ``max_queue_size`` active tasks: a request may retry later (503)."""
+
+
+class DuplicateTask(Exception):
+    """A request's ``task_id`` names a task the server holds: it can never be queued (409)."""
 
 
 class TaskManager:
@@ -70,7 +74,7 @@ class TaskManager:
     def add(self, task: Task) -> None:
         with self.lock:
             if task.task_id in self.tasks:
-                raise Full(f"Task ID {task.task_id} already exists")
+                raise DuplicateTask(f"Task ID {task.task_id} already exists: give another task_id")
             if self.active() >= self.max_queue_size:
                 raise Full(f"Task queue is full (max {self.max_queue_size} tasks)")
             self.tasks[task.task_id] = task

@@ -194,18 +194,10 @@ def original_transformer(model: str) -> dict[str, torch.Tensor]:
     return {renamed(key, ORIGINAL) or key: value for key, value in state.items()}
 
 
-def quiet() -> None:
-    """No progress bars or advice (torchvision, ...) from diffusers and transformers."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    for logging in (diffusers_logging, transformers_logging):
-        logging.disable_progress_bar()
-        logging.set_verbosity_error()
-
-
 def build(out: str) -> dict[str, str]:
     """Everything, under ``out``; returns the paths by name."""
+    from loraforge.pipeline.runtime.load import quiet
+
     quiet()
     os.makedirs(os.path.join(out, "loras"), exist_ok=True)
     paths = build_models(out)

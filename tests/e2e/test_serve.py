@@ -125,6 +125,7 @@ def no_lora_config(wan_sample, tmp_path_factory):
     with open(wan_sample["lora_config"]) as f:
         data = json.load(f)
     del data["lora_configs"]
+    data["self_attn_1_type"] = "flash_attn3"  # a LightX2V field loraforge does not use
     path.write_text(json.dumps(data))
     return str(path)
 
@@ -265,6 +266,13 @@ def test_the_server_goes_on_and_no_value_leaks_into_the_next_request(server):
         assert read_mp4(str(server["root"] / "out" / status["save_result_path"])).shape[0] == frames
     listed = http("GET", url + "/v1/tasks/")[1]
     assert first["task_id"] in listed and second["task_id"] in listed
+    assert http("POST", url + "/v1/tasks/video/", {"task_id": first["task_id"]}) == (
+        409,
+        {
+            "detail": f"Task ID {first['task_id']} already exists: give another task_id",
+            "field": "task_id",
+        },
+    )
     assert http("GET", url + "/v1/tasks/nope/status") == (404, {"detail": "Task not found"})
 
 
@@ -287,7 +295,9 @@ def test_cancel_a_running_task_and_a_pending_one(server):
             "stop_status": "success",
             "reason": "Task stopped successfully.",
         }
+    deadline = time.monotonic() + 60
     while http("GET", url + "/v1/service/status")[1]["service_status"] == "busy":
+        assert time.monotonic() < deadline
         time.sleep(0.05)
     status = http("GET", f"{url}/v1/tasks/{running['task_id']}/status")[1]
     assert status["status"] == "cancelled" and status["progress"]["step"] < 400
@@ -304,4 +314,10 @@ def test_sigterm_stops_the_server_cleanly(server):
     process = server["process"]
     os.killpg(process.pid, signal.SIGTERM)
     assert process.wait(30) == 0
-    assert (server["root"] / "server.log").read_text().endswith("note: server stopped\n")
+    log = (server["root"] / "server.log").read_text()
+    assert [line for line in log.splitlines() if line.startswith("note: ")] == [
+        "note: config fields not used by --model_cls wan2.1: self_attn_1_type",
+        f"note: serving wan2.1 t2v on {server['url']}",
+        "note: server stopped",
+    ]
+    assert log.endswith("note: server stopped\n")

@@ -3,7 +3,6 @@ command uses too), built once per test session, and small helpers for inference 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 
@@ -19,17 +18,6 @@ def builder():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def tree_digest(directory: str) -> dict[str, str]:
-    """sha256 of every file under ``directory``, by relative path."""
-    found = {}
-    for folder, _dirs, names in os.walk(directory):
-        for name in names:
-            path = os.path.join(folder, name)
-            with open(path, "rb") as f:
-                found[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-    return found
 
 
 def read_mp4(path: str) -> np.ndarray:

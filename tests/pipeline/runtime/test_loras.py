@@ -100,3 +100,50 @@ def test_lora_path_refusals(wan_sample, tmp_path, paths, strengths, error, messa
     with pytest.raises(error) as caught:
         lora_specs(spec, paths, strengths)
     assert str(caught.value) == message
+
+
+def test_check_headers_refuses_before_loading_as_apply_would(wan_sample, tmp_path):
+    """From the checkpoint's headers: a LoRA that patches nothing, and one whose strength ×
+    scale leaves float32's range."""
+    import torch
+    from safetensors.torch import save_file
+
+    from loraforge.pipeline.errors import LoraMismatch
+    from loraforge.pipeline.runtime.loras import check_headers
+
+    spec = open_spec(RuntimeOptions("wan2.1", "t2v", wan_sample["model"]), "cpu")
+    foreign, loud = str(tmp_path / "foreign.safetensors"), str(tmp_path / "loud.safetensors")
+    save_file(
+        {
+            "diffusion_model.other.lora_down.weight": torch.ones(2, 3),
+            "diffusion_model.other.lora_up.weight": torch.ones(3, 2),
+        },
+        foreign,
+    )
+    q = "diffusion_model.blocks.0.self_attn.q"
+    save_file(
+        {
+            f"{q}.lora_down.weight": torch.ones(2, 32),
+            f"{q}.lora_up.weight": torch.ones(32, 2),
+            f"{q}.alpha": torch.tensor(1e10),
+        },
+        loud,
+    )
+    check_headers(spec.checkpoints, {"transformer": (LoraSpec(loud, 1.0),)})
+    with pytest.raises(LoraMismatch) as caught:
+        check_headers(
+            spec.checkpoints,
+            {"transformer": (LoraSpec(wan_sample["style_a"]), LoraSpec(foreign))},
+        )
+    assert str(caught.value) == (
+        f"{foreign}: none of its 2 keys patches the base, e.g. "
+        "'diffusion_model.other.lora_down.weight': targets no base tensor (is this LoRA for "
+        "another model?)"
+    )
+    with pytest.raises(UsageError) as caught:
+        check_headers(spec.checkpoints, {"transformer": (LoraSpec(loud, 1e30),)})
+    assert str(caught.value) == (
+        f"{loud}: tensor '{q}.lora_up.weight': strength 1e+30 × scale 5e+09 = 5e+39 is outside "
+        "float32's range (±3.4e+38), in which LoRAs are applied (lower the strength (or the "
+        "alpha))"
+    )

@@ -141,12 +141,12 @@ def test_refusals_name_the_file_and_field(tmp_path, model, data, message):
 def test_shape_checks_and_overrides():
     settings = Settings(target_video_length=6)
     with pytest.raises(UsageError) as caught:
-        settings.check_shape(16, 4, "c.json")
+        settings.check_frames(4, "c.json")
     assert (
         str(caught.value) == "c.json: 'target_video_length' must be 4k+1 frames, got 6 (use 5 or 9)"
     )
     with pytest.raises(UsageError) as caught:
-        Settings(target_width=40).check_shape(16, 4, None)
+        Settings(target_width=40).check_size(16, None)
     assert str(caught.value) == "'target_width' must be a multiple of 16, got 40"
     assert Settings().with_overrides(infer_steps=8).infer_steps == 8
     with pytest.raises(UsageError) as caught:

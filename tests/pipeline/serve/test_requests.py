@@ -59,7 +59,7 @@ def test_lora_name_overrides_and_ignored_fields(wan_sample, tmp_path):
     plan = plan_request(request, ctx)
     linked = str(tmp_path / "loras" / "style_b.safetensors")  # the operator's symlink, followed
     assert plan.loras == {"transformer": (LoraSpec(linked, 0.5),)}
-    assert checked == [plan.loras]  # strict check of the request's LoRAs
+    assert checked == [{"transformer": (LoraSpec(linked, 0.5),)}]  # the request's, strictly
     assert plan.requested == [{"path": "style_b.safetensors", "strength": 0.5}]
     settings = plan.job.settings
     assert (settings.infer_steps, settings.target_video_length) == (2, 9)
@@ -69,7 +69,9 @@ def test_lora_name_overrides_and_ignored_fields(wan_sample, tmp_path):
 
 
 def test_lora_configs_per_expert_under_the_configs_own(wan_sample, tmp_path):
-    ctx, _ = context(wan_sample, tmp_path, "wan2.2_moe_distill", "model_moe", config="moe_config")
+    ctx, checked = context(
+        wan_sample, tmp_path, "wan2.2_moe_distill", "model_moe", config="moe_config"
+    )
     ctx = Context(
         ctx.runtime,
         {"transformer": (LoraSpec("/base", 1.0),), "transformer_2": ()},
@@ -90,6 +92,9 @@ def test_lora_configs_per_expert_under_the_configs_own(wan_sample, tmp_path):
         "transformer": (LoraSpec("/base", 1.0), LoraSpec(b, 1.0)),
         "transformer_2": (LoraSpec(a, 2.0), LoraSpec(b, 1.0)),
     }
+    assert checked == [  # the request's alone: the config's were checked at start
+        {"transformer": (LoraSpec(b, 1.0),), "transformer_2": (LoraSpec(a, 2.0), LoraSpec(b, 1.0))}
+    ]
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ its next step and writes nothing, a failed task leaves the worker serving."""
 
 import os
 import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,7 +14,7 @@ pytest.importorskip("fastapi")
 
 from loraforge.pipeline.runtime.settings import Settings  # noqa: E402
 from loraforge.pipeline.serve.requests import Plan  # noqa: E402
-from loraforge.pipeline.serve.tasks import Full, Task, TaskManager  # noqa: E402
+from loraforge.pipeline.serve.tasks import DuplicateTask, Full, Task, TaskManager  # noqa: E402
 from loraforge.pipeline.serve.worker import Worker  # noqa: E402
 
 
@@ -44,6 +45,14 @@ def task(tmp_path, name, steps=3, loras=None):
     return Task(name, plan)
 
 
+def wait_until(done, seconds: float = 10) -> None:
+    """Poll ``done`` until it holds; fail after ``seconds`` instead of hanging."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < deadline, f"still waiting after {seconds} s"
+        time.sleep(0.02)
+
+
 def test_fifo_limits_cancel_and_failures(tmp_path):
     model, tasks = StandIn(), TaskManager(max_queue_size=3)
     worker = Worker(model, tasks)
@@ -54,17 +63,16 @@ def test_fifo_limits_cancel_and_failures(tmp_path):
     with pytest.raises(Full) as caught:
         tasks.add(task(tmp_path, "fourth"))
     assert str(caught.value) == "Task queue is full (max 3 tasks)"
-    thread = threading.Thread(target=worker.run)
+    thread = threading.Thread(target=worker.run, daemon=True)  # a failed test must not hang
     thread.start()
     assert model.paused.wait(10)  # first is at its step 1
     assert tasks.cancel("dropped") and tasks.get("dropped").status == "cancelled"
-    with pytest.raises(Full) as caught:
+    with pytest.raises(DuplicateTask) as caught:
         tasks.add(task(tmp_path, "first"))
-    assert str(caught.value) == "Task ID first already exists"
+    assert str(caught.value) == "Task ID first already exists: give another task_id"
     tasks.add(task(tmp_path, "last"))
     release.set()
-    while tasks.get("last").status in ("pending", "processing"):
-        threading.Event().wait(0.02)
+    wait_until(lambda: tasks.get("last").status not in ("pending", "processing"))
     tasks.stop()
     thread.join(10)
     assert model.ran == ["first", "last"]  # broken failed at its switch, dropped never ran
@@ -86,14 +94,13 @@ def test_a_running_task_cancelled_stops_at_its_next_step_and_writes_nothing(tmp_
     release = threading.Event()
     model.hold[("long", 2)] = release
     tasks.add(task(tmp_path, "long", steps=50))
-    thread = threading.Thread(target=Worker(model, tasks).run)
+    thread = threading.Thread(target=Worker(model, tasks).run, daemon=True)
     thread.start()
     assert model.paused.wait(10)
     assert tasks.get("long").status == "processing"
     assert tasks.cancel("long")
     release.set()
-    while tasks.current is not None:
-        threading.Event().wait(0.02)
+    wait_until(lambda: tasks.current is None)
     tasks.stop()
     thread.join(10)
     long = tasks.get("long")
