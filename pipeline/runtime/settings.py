@@ -149,9 +149,16 @@ def _int(value: object, name: str, where: str | None, minimum: int = 1) -> int:
 
 
 def _number(value: object, name: str, where: str | None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise UsageError(f"'{name}' must be a finite number, got {value!r}", path=where)
-    return float(value)
+    number = math.nan
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer of hundreds of digits, valid JSON
+            pass
+    if not math.isfinite(number):
+        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:37]}..."
+        raise UsageError(f"'{name}' must be a finite number, got {shown}", path=where)
+    return number
 
 
 def _positive(value: object, name: str, where: str | None) -> float:

@@ -124,6 +124,11 @@ def test_moe_fields_and_defaults(tmp_path):
             "'denoising_step_list' must decrease within (0, 1000], got [1000, 500, 750]",
         ),
         (MOE, {"boundary": 1.5}, "'boundary' must be between 0 and 1, got 1.5"),
+        (  # valid JSON, past any float: a usage error, not an OverflowError
+            WAN21,
+            {"sample_shift": 10**400},
+            "'sample_shift' must be a finite number, got 1000000000000000000000000000000000000...",
+        ),
         (
             WAN21,
             {"lora_configs": [{"path": "a", "strenght": 1}]},
