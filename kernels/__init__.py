@@ -12,6 +12,7 @@ if __name__ == "kernels":  # a bare `import kernels` from the checkout root: not
 else:
     from .blocked import RowBlocks
     from .methods import SVD_METHODS, SvdMethod
+    from .precision import SKETCH_CHOICES, sketch_dtype
     from .ranks import RANK_MODES, RankMode, RankRule, Spectrum, kept_energy
     from .stacked import refactor_sum
     from .svd import (
@@ -19,6 +20,8 @@ else:
         DenseOperator,
         LowRank,
         MatrixOperator,
+        Products,
+        Scratch,
         SvdSettings,
         full_svd,
         product_distance_sq,
@@ -34,10 +37,13 @@ else:
     __all__ = [
         "DEFAULT_SETTINGS",
         "RANK_MODES",
+        "SKETCH_CHOICES",
         "SVD_METHODS",
         "DenseOperator",
         "LowRank",
         "MatrixOperator",
+        "Products",
+        "Scratch",
         "RankMode",
         "RankRule",
         "RowBlocks",
@@ -53,6 +59,7 @@ else:
         "relative_error",
         "residual_sq",
         "seed_for",
+        "sketch_dtype",
         "squared_norm",
         "truncated_residual_sq",
     ]

@@ -95,6 +95,11 @@ class RowBlocks:
             out.addmm_(basis[start:stop].T, block)
         return out
 
+    def lowered(self, dtype: torch.dtype) -> None:
+        """None: a lowered copy would be a second matrix the size of A, which this operator
+        exists not to hold, so every pass runs in fp32."""
+        return None
+
     def residual_sq(self, up: torch.Tensor, down: torch.Tensor, captured: float) -> float:
         """‖A − up·down‖²: ‖A‖² − Σσᵢ² unless that cancels (under 0.1% of ‖A‖², see
         ``svd.residual_sq``), then measured in one more pass."""

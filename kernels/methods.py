@@ -1,6 +1,7 @@
 """The SVD methods a user can name (``--svd``), each with its help text and one calling
-convention: ``factor(delta, rank, *, seed, settings) -> LowRank`` (``settings``: the
-``SvdSettings`` of a randomized method, see ``randomized_svd_op``)."""
+convention: ``factor(delta, rank, *, seed, settings, scratch) -> LowRank`` (``settings``:
+the ``SvdSettings`` of a randomized method, see ``randomized_svd_op``; ``scratch``: where its
+bf16 sketch copies the delta, see ``DenseOperator``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .svd import LowRank, SvdSettings, full_svd, randomized_svd
+from .svd import LowRank, Scratch, SvdSettings, full_svd, randomized_svd
 
 
 @dataclass(frozen=True)
@@ -19,12 +20,26 @@ class SvdMethod:
     factor: Callable[..., LowRank]
 
 
-def _randomized(delta: torch.Tensor, rank: int, *, seed: int, settings: SvdSettings) -> LowRank:
+def _randomized(
+    delta: torch.Tensor,
+    rank: int,
+    *,
+    seed: int,
+    settings: SvdSettings,
+    scratch: Scratch | None = None,
+) -> LowRank:
     generator = torch.Generator(device=delta.device).manual_seed(seed)
-    return randomized_svd(delta, rank, settings, generator=generator)
+    return randomized_svd(delta, rank, settings, generator=generator, scratch=scratch)
 
 
-def _full(delta: torch.Tensor, rank: int, *, seed: int, settings: SvdSettings) -> LowRank:
+def _full(
+    delta: torch.Tensor,
+    rank: int,
+    *,
+    seed: int,
+    settings: SvdSettings,
+    scratch: Scratch | None = None,
+) -> LowRank:
     return full_svd(delta, rank)  # exact: no test matrix, sketch or iterations apply
 
 

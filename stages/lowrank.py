@@ -7,6 +7,7 @@ from loraforge.kernels import (
     SVD_METHODS,
     LowRank,
     MatrixOperator,
+    Scratch,
     SvdSettings,
     randomized_svd_op,
     seed_for,
@@ -20,16 +21,18 @@ def lowrank(
     name: str,
     method: str = "randomized",
     settings: SvdSettings = DEFAULT_SETTINGS,
+    scratch: Scratch | None = None,
 ) -> LowRank:
     """Rank-``rank`` factors of ``delta`` on its device; a randomized kernel's test matrix is
-    seeded from ``name``, so the same tensor always gives the same bytes."""
+    seeded from ``name``, so the same tensor always gives the same bytes. ``scratch``: where a
+    bf16 sketch copies the delta (default: a new tensor)."""
     try:
         kernel = SVD_METHODS[method]
     except KeyError:
         raise ValueError(
             f"unknown SVD method {method!r}; valid: {', '.join(SVD_METHODS)}"
         ) from None
-    return kernel.factor(delta, rank, seed=seed_for(name), settings=settings)
+    return kernel.factor(delta, rank, seed=seed_for(name), settings=settings, scratch=scratch)
 
 
 def lowrank_blocked(

@@ -46,6 +46,7 @@ from .options import (
     ReportPath,
     Resume,
     Scheduler,
+    SketchPrecision,
     Strengths,
     SvdMethod,
     SvRatio,
@@ -190,6 +191,7 @@ class KernelFlags:
     power_iterations: str
     svd_tol: float
     max_power_iterations: int
+    sketch_precision: str
 
     def options(self, rank: int) -> KernelOptions:
         return KernelOptions(
@@ -199,6 +201,7 @@ class KernelFlags:
             n_iter=parse_iterations(self.power_iterations),
             tol=self.svd_tol,
             max_iter=self.max_power_iterations,
+            sketch=SketchPrecision(self.sketch_precision).value,
         )
 
 
@@ -233,6 +236,19 @@ KERNEL = OptionSet(
                 typer.Option("--max-power-iterations", help="Cap of auto power iterations."),
             ],
             DEFAULT_MAX_ITER,
+        ),
+        "sketch_precision": (
+            Annotated[
+                SketchPrecision,
+                typer.Option(
+                    "--sketch-precision",
+                    help="Precision of the randomized SVD's power iterations (the factors "
+                    "always come from fp32 products); auto: bf16 where the CPU or GPU "
+                    "multiplies it natively (AVX512-BF16, AMX, compute capability 8+), "
+                    "else fp32.",
+                ),
+            ],
+            "auto",
         ),
     },
 )

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from loraforge.kernels import RANK_MODES, SVD_METHODS
+from loraforge.kernels import RANK_MODES, SKETCH_CHOICES, SVD_METHODS
 
 from ..io.dtypes import size_in_bytes
 from ..lora.styles import DEFAULT_STYLE, KEY_STYLE_HELP, KEY_STYLES
@@ -22,6 +22,7 @@ class CheckpointType(str, Enum):
 SvdMethod = Enum("SvdMethod", {name: name for name in SVD_METHODS}, type=str)
 KeyStyleName = Enum("KeyStyleName", {name: name for name in KEY_STYLES}, type=str)
 SVD_HELP = "; ".join(f"{m.name}: {m.help}" for m in SVD_METHODS.values())
+SketchPrecision = Enum("SketchPrecision", {name: name for name in SKETCH_CHOICES}, type=str)
 RankModeName = Enum("RankModeName", {name: name for name in RANK_MODES}, type=str)
 RANK_MODE_HELP = "; ".join(
     f"{m.name}: {m.help}" + (f" ({m.flag})" if m.flag else "") for m in RANK_MODES.values()

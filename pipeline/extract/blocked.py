@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from loraforge.kernels import RowBlocks
+from loraforge.kernels import RowBlocks, sketch_dtype
 from loraforge.stages.diff import is_unchanged, max_abs, weight_delta
 from loraforge.stages.lowrank import lowrank_blocked
 from loraforge.stages.quantize import dequantize, scale_rows
@@ -43,14 +43,17 @@ def svd_bytes(m: int, n: int, q: int) -> int:
     return 4 * q * 3 * (m + n) + 4 * 3 * q * q
 
 
-def working_bytes(task: ExtractTask, kernel: KernelOptions) -> int:
-    """Host memory an unblocked task allocates: the fp32 delta and the upcast base (8 bytes an
-    element), plus the SVD's state for a low-rank one."""
-    dense = 8 * math.prod(task.shape)
+def working_bytes(task: ExtractTask, kernel: KernelOptions, device: str = "cpu") -> int:
+    """Memory an unblocked task allocates on ``device``: the fp32 delta and the upcast base (8
+    bytes an element), plus, for a low-rank one, the delta's bf16 copy when the SVD sketches in
+    bf16 there and the SVD's state."""
+    elements = math.prod(task.shape)
     if task.kind != "lowrank":
-        return dense + SLACK
+        return 8 * elements + SLACK
     m, n = task.shape
-    return dense + svd_bytes(m, n, sketch_width(task, kernel)) + SLACK
+    low = sketch_dtype(kernel.sketch, device)
+    lowered = 0 if low == torch.float32 else low.itemsize * elements
+    return 8 * elements + lowered + svd_bytes(m, n, sketch_width(task, kernel)) + SLACK
 
 
 def _fixed_bytes(task: ExtractTask, kernel: KernelOptions) -> int:
@@ -61,11 +64,13 @@ def _fixed_bytes(task: ExtractTask, kernel: KernelOptions) -> int:
     return svd_bytes(m, n, sketch_width(task, kernel)) + SLACK
 
 
-def block_rows_for(task: ExtractTask, kernel: KernelOptions, budget: int) -> int | None:
-    """Rows per block when ``task`` does not fit ``budget`` whole (None when it does): blocks
-    of at most ``BLOCK_TARGET`` bytes of buffers (fp32 delta and upcast base), smaller when
-    the budget is tight, at least one row."""
-    if not task.shape or working_bytes(task, kernel) <= budget:
+def block_rows_for(
+    task: ExtractTask, kernel: KernelOptions, budget: int, device: str = "cpu"
+) -> int | None:
+    """Rows per block when ``task`` does not fit ``budget`` whole on ``device`` (None when it
+    does): blocks of at most ``BLOCK_TARGET`` bytes of buffers (fp32 delta and upcast base),
+    smaller when the budget is tight, at least one row."""
+    if not task.shape or working_bytes(task, kernel, device) <= budget:
         return None
     row = 8 * math.prod(task.shape[1:])
     block = min(BLOCK_TARGET, max((budget - _fixed_bytes(task, kernel)) // 2, 0))
@@ -77,7 +82,7 @@ def device_block_rows(task: ExtractTask, kernel: KernelOptions, device: torch.de
     so a tensor larger than the GPU streams through it (None when it fits)."""
     if task.kind != "lowrank":
         return None
-    return block_rows_for(task, kernel, usable_device_memory(device))
+    return block_rows_for(task, kernel, usable_device_memory(device), str(device))
 
 
 def blocked_bytes(task: ExtractTask, kernel: KernelOptions, block_rows: int) -> int:

@@ -177,9 +177,9 @@ def _call(
     """The task of ``task``: whole when its working set fits the session's memory budget,
     else in row blocks (blocked.py), declaring the bytes it will hold either way."""
     dev = session.device
-    block_rows = block_rows_for(task, kernel, session.budget)
+    block_rows = block_rows_for(task, kernel, session.budget, dev)
     if block_rows is None:
-        memory, staging = working_bytes(task, kernel), stage_bytes(task)
+        memory, staging = working_bytes(task, kernel, dev), stage_bytes(task)
     else:  # rows go to the device block by block: no whole-tensor staging
         memory, staging = blocked_bytes(task, kernel, block_rows), 0
     return TaskCall(

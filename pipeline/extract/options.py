@@ -35,7 +35,8 @@ class _Frozen:
 class KernelOptions(SvdSettings, _Frozen):
     """Everything that decides the numbers of a low-rank factorisation: the method, the rank,
     and the kernel's ``SvdSettings`` (``--oversample``, ``--power-iterations``, ``--svd-tol``,
-    ``--max-power-iterations``), which it is, so it goes to the kernel as it is."""
+    ``--max-power-iterations``, ``--sketch-precision``), which it is, so it goes to the kernel
+    as it is."""
 
     method: str = "randomized"
     rank: int = 32
@@ -45,6 +46,7 @@ class KernelOptions(SvdSettings, _Frozen):
         "n_iter": "--power-iterations",
         "tol": "--svd-tol",
         "max_iter": "--max-power-iterations",
+        "sketch": "--sketch-precision",
     }
 
     def __post_init__(self):

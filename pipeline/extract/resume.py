@@ -15,6 +15,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import torch
+
+from loraforge.kernels import sketch_dtype
+
 from .. import __version__
 from ..io.fingerprint import file_stat, stored_crc32c
 from ..io.reader import TensorInfo
@@ -40,7 +44,9 @@ def extract_fingerprint(task: ExtractTask, kernel: KernelOptions, device: str) -
     output. The GPU index is left out: every GPU of one type is assumed to give the same
     stream and the same bytes (the tests compare ``--gpus all`` with one GPU), so a resume on
     another GPU, or ``cuda`` after ``cuda:0``, reuses them. A diff (and an unchanged tensor) is
-    exact fp32 subtraction, the same bits on any device, so it stays reusable across devices."""
+    exact fp32 subtraction, the same bits on any device, so it stays reusable across devices.
+    The sketch precision counts as ``auto`` resolves it on ``device`` (bf16 or fp32): it
+    decides the numbers, and ``auto`` means either on different machines."""
     fingerprint = {
         "loraforge": __version__,
         "key": task.key,
@@ -56,6 +62,9 @@ def extract_fingerprint(task: ExtractTask, kernel: KernelOptions, device: str) -
         }
         if kernel.n_iter is None:  # adaptive iterations: the stopping rule decides the numbers
             fingerprint["kernel"].update(tol=kernel.tol, max_iter=kernel.max_iter)
+        if kernel.method == "randomized":  # as resolved here: auto is bf16 on some devices only
+            low = sketch_dtype(kernel.sketch, device)
+            fingerprint["kernel"]["sketch"] = "bf16" if low == torch.bfloat16 else "fp32"
         fingerprint["device"] = device_type(device)
     return fingerprint
 

@@ -127,7 +127,14 @@ def _factor(
     if is_unchanged(largest):
         marker["kind"] = "unchanged"
     elif task.kind == "lowrank":
-        factors = lowrank(delta, task.rank, name=task.key, method=kernel.method, settings=kernel)
+        factors = lowrank(
+            delta,
+            task.rank,
+            name=task.key,
+            method=kernel.method,
+            settings=kernel,
+            scratch=lambda shape, dtype: thread_buffer(shape, dtype, dev, "sketch"),
+        )
         arrays, attributes = lowrank_result(factors, kernel, marker)
     else:
         arrays = {"diff": delta}

@@ -205,6 +205,7 @@ def test_a_tensor_larger_than_the_gpus_free_memory_is_cut_into_blocks(pair, monk
     """On a GPU the whole-tensor path is also refused by the device's free memory: 80% of it
     is the budget (no GPU needed to check the decision; the CUDA run is the gpu test above)."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 2**20, 2**36))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     cuda = torch.device("cuda", 0)
     base = index_checkpoint(str(pair / "base.safetensors"))
     tuned = index_checkpoint(str(pair / "tuned.safetensors"))
@@ -212,7 +213,7 @@ def test_a_tensor_larger_than_the_gpus_free_memory_is_cut_into_blocks(pair, monk
     tasks = {t.key: t for t in plan_extraction(base, tuned, options).tasks}
     budget = int(80 * 2**20 * 0.8)
     assert extract_device_rows(tasks["big.weight"], options.kernel, cuda) == extract_block_rows(
-        tasks["big.weight"], options.kernel, budget
+        tasks["big.weight"], options.kernel, budget, "cuda:0"
     )
     assert extract_device_rows(tasks["small.weight"], options.kernel, cuda) is None
     lora = {

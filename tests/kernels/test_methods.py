@@ -127,8 +127,12 @@ def test_the_lowrank_stage_iterates_adaptively_by_default():
 
 def test_kernel_options_default_to_adaptive_iterations_and_check_them():
     kernel = KernelOptions()
-    assert (kernel.n_iter, kernel.tol, kernel.max_iter) == (None, 0.003, 4)
+    assert (kernel.n_iter, kernel.tol, kernel.max_iter, kernel.sketch) == (None, 0.003, 4, "auto")
     assert KernelOptions.from_dict(kernel.to_dict()) == kernel
+    assert KernelOptions.from_dict({**kernel.to_dict(), "sketch": "fp32"}).sketch == "fp32"
+    with pytest.raises(UsageError) as info:
+        KernelOptions(sketch="fp16")
+    assert str(info.value) == "--sketch-precision must be one of auto, bf16, fp32, got 'fp16'"
     with pytest.raises(UsageError) as info:
         KernelOptions(tol=0.0)
     assert str(info.value) == "--svd-tol must be > 0, got 0.0"

@@ -13,7 +13,13 @@ from loraforge.kernels import (
     seed_for,
     squared_norm,
 )
-from loraforge.kernels.svd import DEFAULT_MAX_ITER, DEFAULT_TOL, MIN_AUTO_ITER
+from loraforge.kernels.svd import (
+    DEFAULT_MAX_ITER,
+    DEFAULT_TOL,
+    MIN_AUTO_ITER,
+    LoweredProducts,
+    Passes,
+)
 
 
 def spectrum_matrix(m: int, n: int, singular_values: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -115,11 +121,10 @@ def todays_randomized_svd(a: torch.Tensor, rank: int, oversample: int, n_iter: i
 def test_fixed_iterations_keep_todays_bytes(n_iter):
     a = spectrum_matrix(300, 200, slowly_decaying(200))
     up, down, s = todays_randomized_svd(a, 16, 16, n_iter, torch.Generator().manual_seed(5))
-    dense = randomized_svd(
-        a, 16, SvdSettings(n_iter=n_iter), generator=torch.Generator().manual_seed(5)
-    )
+    settings = SvdSettings(n_iter=n_iter, sketch="fp32")
+    dense = randomized_svd(a, 16, settings, generator=torch.Generator().manual_seed(5))
     op = randomized_svd_op(
-        DenseOperator(a), 16, SvdSettings(n_iter=n_iter), generator=torch.Generator().manual_seed(5)
+        DenseOperator(a), 16, settings, generator=torch.Generator().manual_seed(5)
     )
     for result in (dense, op):
         assert torch.equal(result.up, up) and torch.equal(result.down, down)
@@ -127,19 +132,130 @@ def test_fixed_iterations_keep_todays_bytes(n_iter):
         assert result.iterations == n_iter
 
 
+def bf16_sketched_svd(a: torch.Tensor, rank: int, n_iter: int, generator):
+    """The fixed-iteration kernel with a bf16 sketch, op for op: A·Ω and every half-step but
+    the last on a bf16 copy of A (operands rounded to bf16, products back to fp32), the last
+    half-step and the projection in fp32."""
+    low = a.to(torch.bfloat16)
+
+    def matmul(index: int, x: torch.Tensor) -> torch.Tensor:
+        return (low @ x.to(torch.bfloat16)).float() if index < 2 * n_iter else a @ x
+
+    def rmatmul(index: int, y: torch.Tensor) -> torch.Tensor:
+        return (y.to(torch.bfloat16).T @ low).T.float() if index < 2 * n_iter else a.T @ y
+
+    k, q = rank, rank + 16
+    omega = torch.randn(a.shape[1], q, generator=generator, dtype=torch.float32)
+    basis = torch.linalg.qr(matmul(0, omega)).Q
+    for i in range(n_iter):
+        basis = torch.linalg.qr(rmatmul(2 * i + 1, basis)).Q
+        basis = torch.linalg.qr(matmul(2 * i + 2, basis)).Q
+    small_u, s, vh = torch.linalg.svd(basis.T @ a, full_matrices=False)
+    root = s[:k].sqrt()
+    return (basis @ small_u[:, :k]) * root, root.unsqueeze(1) * vh[:k], s[:k]
+
+
+@pytest.mark.parametrize("n_iter", [0, 1, 2])
+def test_a_bf16_sketch_runs_all_but_the_last_half_step_in_bf16(n_iter):
+    a = spectrum_matrix(300, 200, slowly_decaying(200))
+    up, down, s = bf16_sketched_svd(a, 16, n_iter, torch.Generator().manual_seed(5))
+    got = randomized_svd(
+        a, 16, SvdSettings(n_iter=n_iter, sketch="bf16"), generator=torch.Generator().manual_seed(5)
+    )
+    assert torch.equal(got.up, up) and torch.equal(got.down, down)
+    assert torch.equal(got.singular_values, s)
+    fp32 = randomized_svd(
+        a, 16, SvdSettings(n_iter=n_iter, sketch="fp32"), generator=torch.Generator().manual_seed(5)
+    )
+    assert torch.equal(got.up, fp32.up) == (n_iter == 0)  # A·Ω is the last product at 0
+
+
+class CountingOperator(DenseOperator):
+    def __init__(self, a):
+        super().__init__(a)
+        self.lowered_copies = 0
+
+    def lowered(self, dtype):
+        self.lowered_copies += 1
+        return super().lowered(dtype)
+
+
+def test_passes_lower_a_once_and_only_before_the_exact_ones():
+    op = CountingOperator(torch.randn(6, 4))
+    passes = Passes(op, torch.bfloat16, 3)
+    early = [passes.products(i) for i in range(3)]
+    assert all(p is early[0] for p in early) and isinstance(early[0], LoweredProducts)
+    assert early[0].low.dtype == torch.bfloat16 and torch.equal(early[0].low, op.a.bfloat16())
+    assert passes.products(3) is op and passes.products(7) is op
+    assert op.lowered_copies == 1
+    fp32 = CountingOperator(torch.randn(6, 4))
+    assert Passes(fp32, torch.float32, 3).products(0) is fp32 and fp32.lowered_copies == 0
+
+
+def test_the_lowered_copy_goes_into_the_given_scratch():
+    a = spectrum_matrix(120, 90, slowly_decaying(90))
+    buffer = torch.zeros(120, 90, dtype=torch.bfloat16)
+    asked = []
+
+    def scratch(shape, dtype):
+        asked.append((shape, dtype))
+        return buffer
+
+    randomized_svd(a, 8, SvdSettings(sketch="bf16"), scratch=scratch)
+    assert asked == [((120, 90), torch.bfloat16)]
+    assert torch.equal(buffer, a.bfloat16())
+    randomized_svd(a, 8, SvdSettings(sketch="fp32"), scratch=scratch)
+    assert len(asked) == 1  # an fp32 sketch needs no copy
+
+
+@pytest.mark.parametrize(
+    "values",
+    [torch.tensor([3.0, 2.0, 1.0, 0.5]), power_law(200, 2.0), power_law(200, 1.0)],
+    ids=["exactly rank 4", "i^-2", "i^-1"],
+)
+@pytest.mark.parametrize("n_iter", [None, 1, 2])
+def test_a_bf16_sketch_is_as_accurate_as_fp32_even_when_nearly_low_rank(values, n_iter):
+    """bf16 rounding tilts the basis by ~2⁻⁹, which alone would leave an error of that size on
+    a (nearly) low-rank matrix: the two fp32 products at the end remove it."""
+    a = spectrum_matrix(300, 200, values)
+    errors = {}
+    for sketch in ("fp32", "bf16"):
+        result = randomized_svd(
+            a,
+            8,
+            SvdSettings(n_iter=n_iter, sketch=sketch),
+            generator=torch.Generator().manual_seed(2),
+        )
+        actual = (a - result.up @ result.down).double().norm() / a.double().norm()
+        errors[sketch] = float(actual)
+    assert errors["bf16"] <= errors["fp32"] * (1 + 1e-4) + 1e-6
+
+
 def test_adaptive_defaults():
     assert (DEFAULT_TOL, DEFAULT_MAX_ITER, MIN_AUTO_ITER) == (0.003, 4, 2)
 
 
 @pytest.mark.parametrize(
-    ("name", "p", "iterations"), [("fast", 2.0, 2.0), ("i^-1", 1.0, 2.0), ("i^-0.3", 0.3, 2.5)]
+    ("sketch", "name", "p", "iterations"),
+    [
+        ("fp32", "fast", 2.0, 2.0),
+        ("fp32", "i^-1", 1.0, 2.0),
+        ("fp32", "i^-0.3", 0.3, 2.5),
+        # the first fp32 half-step also removes the bf16 sketch's tilt: a fast spectrum, which
+        # has little else to gain, sees that as progress and takes half a step more
+        ("bf16", "fast", 2.0, 2.5),
+        ("bf16", "i^-1", 1.0, 2.0),
+        ("bf16", "i^-0.3", 0.3, 2.5),
+    ],
 )
-def test_adaptive_iterates_as_long_as_the_spectrum_needs(name, p, iterations):
+def test_adaptive_iterates_as_long_as_the_spectrum_needs(sketch, name, p, iterations):
     a = spectrum_matrix(600, 400, power_law(400, p))
     optimal = full_svd(a, 16).rel_error()
-    fixed = randomized_svd(a, 16, SvdSettings(n_iter=2), generator=torch.Generator().manual_seed(1))
+    fixed = randomized_svd(
+        a, 16, SvdSettings(n_iter=2, sketch=sketch), generator=torch.Generator().manual_seed(1)
+    )
     auto = randomized_svd(
-        a, 16, SvdSettings(n_iter=None), generator=torch.Generator().manual_seed(1)
+        a, 16, SvdSettings(n_iter=None, sketch=sketch), generator=torch.Generator().manual_seed(1)
     )
     assert auto.iterations == iterations
     assert auto.rel_error() <= 1.002 * optimal
@@ -180,12 +296,16 @@ def test_adaptive_reports_its_actual_error_and_respects_the_cap():
     assert capped.rel_error() == pytest.approx(actual, rel=1e-4)
 
 
-def test_adaptive_stops_at_the_minimum_on_an_exactly_low_rank_matrix():
+@pytest.mark.parametrize(("sketch", "iterations"), [("fp32", MIN_AUTO_ITER), ("bf16", 3.0)])
+def test_adaptive_stops_near_the_minimum_on_an_exactly_low_rank_matrix(sketch, iterations):
+    """fp32 stops at the minimum. With a bf16 sketch the first fp32 half-steps gain the ~1e-6
+    of ‖A‖² the bf16 tilt missed, at the edge of fp32's noise (``NOISE``): one more iteration,
+    the same accuracy."""
     a = spectrum_matrix(400, 300, torch.tensor([3.0, 2.0, 1.0, 0.5]))
     approx = randomized_svd(
-        a, 8, SvdSettings(n_iter=None), generator=torch.Generator().manual_seed(0)
+        a, 8, SvdSettings(n_iter=None, sketch=sketch), generator=torch.Generator().manual_seed(0)
     )
-    assert approx.iterations == MIN_AUTO_ITER
+    assert approx.iterations == iterations
     assert torch.allclose(approx.up @ approx.down, a, atol=1e-5)
 
 
@@ -197,6 +317,8 @@ def test_iteration_arguments_are_checked():
         randomized_svd(a, 4, SvdSettings(n_iter=None, max_iter=0))
     with pytest.raises(ValueError, match="oversample and n_iter must be >= 0"):
         randomized_svd(a, 4, SvdSettings(n_iter=-1))
+    with pytest.raises(ValueError, match="^sketch must be one of auto, bf16, fp32, got 'fp16'$"):
+        SvdSettings(sketch="fp16")
     assert full_svd(a, 4).iterations == 0
 
 

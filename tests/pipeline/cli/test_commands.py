@@ -178,7 +178,14 @@ RUNTIME = {
     "--transformer_2_path",
     "--dtype",
 }
-KERNEL = {"--svd", "--oversample", "--power-iterations", "--svd-tol", "--max-power-iterations"}
+KERNEL = {
+    "--svd",
+    "--oversample",
+    "--power-iterations",
+    "--svd-tol",
+    "--max-power-iterations",
+    "--sketch-precision",
+}
 OPTIONS = {
     "extract": {
         "--source-model",

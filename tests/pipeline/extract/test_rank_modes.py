@@ -191,7 +191,12 @@ def test_the_stopping_rule_counts_for_resume_only_when_iterations_are_adaptive()
     assert fingerprint(n_iter=None, tol=0.01) != fingerprint(n_iter=None, tol=0.02)
     assert fingerprint(n_iter=None, max_iter=3) != fingerprint(n_iter=None, max_iter=4)
     assert fingerprint(n_iter=2, tol=0.01) == fingerprint(n_iter=2, tol=0.02)
-    assert fingerprint(n_iter=2) == {"method": "randomized", "oversample": 16, "n_iter": 2}
+    assert fingerprint(n_iter=2, sketch="fp32") == {
+        "method": "randomized",
+        "oversample": 16,
+        "n_iter": 2,
+        "sketch": "fp32",
+    }
 
 
 def test_a_recomputed_intermediate_below_its_stored_rank_reports_its_own_error(pair, tmp_path):

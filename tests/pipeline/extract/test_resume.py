@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from loraforge.kernels import precision
 from loraforge.pipeline.extract import task as task_module
 from loraforge.pipeline.extract.options import ExtractOptions, KernelOptions
 from loraforge.pipeline.extract.plan import ExtractTask, plan_extraction
@@ -133,7 +134,29 @@ def test_marker_without_a_fingerprint_changed_everything():
     )
 
 
-def test_lowrank_fingerprint_records_the_device_type_diffs_do_not():
+def test_the_sketch_precision_counts_as_auto_resolves_it_on_the_device(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+
+    def sketch(device="cpu", **options):
+        return extract_fingerprint(task(), KernelOptions(**options), device)["kernel"].get("sketch")
+
+    assert sketch() == sketch(sketch="bf16") == "bf16"
+    assert sketch(sketch="fp32") == "fp32"
+    assert sketch(method="full") is None  # an exact SVD has no sketch
+    bf16_run = extract_fingerprint(task(), KernelOptions(), "cpu")
+    fp32_now = extract_fingerprint(task(), KernelOptions(sketch="fp32"), "cpu")
+    assert check(task(), marker(bf16_run), fp32_now) == Decision(False, "kernel parameters changed")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert sketch() == "fp32"  # the same auto, another CPU: fp32 results are reusable
+    assert check(task(), marker(fp32_now), extract_fingerprint(task(), KernelOptions(), "cpu")) == (
+        Decision(True)
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    assert sketch("cuda") == "fp32"
+
+
+def test_lowrank_fingerprint_records_the_device_type_diffs_do_not(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     kernel = KernelOptions()
     for device in ("cpu", "cuda", "cuda:0", "cuda:3"):
         fp = extract_fingerprint(task(), kernel, device)
