@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from loraforge.pipeline.extract.blocked import block_rows_for as extract_block_rows
 from loraforge.pipeline.extract.blocked import device_block_rows as extract_device_rows
+from loraforge.pipeline.extract.blocked import working_bytes as extract_working_bytes
 from loraforge.pipeline.extract.command import extract
 from loraforge.pipeline.extract.options import ExtractOptions, KernelOptions
 from loraforge.pipeline.extract.plan import plan_extraction
@@ -138,6 +139,17 @@ def test_block_sizes_from_headers(pair):
     assert extract_block_rows(tasks["big.weight"], kernel, BUDGET) == 951
     assert extract_block_rows(tasks["big.weight"], kernel, 2**30) is None
     assert extract_block_rows(tasks["small.weight"], kernel, BUDGET) is None
+    # whole: fp32 delta and base (8 bytes an element), a bf16 sketch's copy 2 more, the SVD state
+    big = tasks["big.weight"]
+    state = 4 * 32 * 3 * (ROWS + COLS) + 4 * 3 * 32 * 32 + 32 * 2**20
+    fp32, bf16 = KernelOptions(rank=16, sketch="fp32"), KernelOptions(rank=16, sketch="bf16")
+    assert extract_working_bytes(big, fp32) == 8 * ROWS * COLS + state
+    assert extract_working_bytes(big, bf16) == 10 * ROWS * COLS + state
+    need = 10 * ROWS * COLS + state  # fits whole only with its bf16 copy counted
+    assert (
+        extract_block_rows(big, bf16, need) is None and extract_block_rows(big, fp32, need) is None
+    )
+    assert extract_block_rows(big, bf16, need - 1) is not None
     plan = plan_merge(base, [], MergeOptions(output_dtype="fp16"))
     merged = {t.key: t for t in plan.tasks}
     assert merged["big.weight"].kind == "cast"  # no LoRA: 2 bytes an element fit
