@@ -4,7 +4,8 @@ or ``done/`` too) is never deleted, and ``clean`` names it.
 
 Inside ``tensors/`` (a zarr v3 store, ``store.py`` and ``zarr_direct.py``): ``zarr.json`` of the
 root group, of each tensor's group ``<entry>/`` and of each of its arrays ``<entry>/<array>/``,
-and the arrays' chunks ``<entry>/<array>/c`` or ``c/<i>/<j>/...`` (digits). Inside ``done/``:
+and the arrays' chunks ``<entry>/<array>/c``, ``c.<i>.<j>...`` or (older work directories)
+``c/<i>/<j>/...`` (digits). Inside ``done/``:
 markers ``<entry>.json`` whose ``key`` is that entry's. Anywhere: the temporaries
 ``.<name>.partial`` of those files (``io/atomic.py``)."""
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote
 
 from ..io.atomic import temporary_of
@@ -36,8 +38,8 @@ def is_result_file(parts: tuple[str, ...]) -> bool:
     *dirs, name = parts
     if _plain(name) == META:
         return len(dirs) <= 2  # the root group, an entry's group, an array
-    if len(dirs) == 2 and name == "c":  # a 0-d array's one chunk
-        return True
+    if len(dirs) == 2 and name.split(".")[0] == "c":  # c (0-d), c.0.0 (the "." separator)
+        return all(p.isdigit() for p in name.split(".")[1:])
     chunk = dirs[2:] + [name]
     return len(dirs) >= 3 and dirs[2] == "c" and all(p.isdigit() for p in chunk[1:])
 
@@ -57,27 +59,71 @@ def is_marker_file(path: str) -> bool:
     return isinstance(key, str) and entry_name(key) + ".json" == name
 
 
-def remove_own(top: str, ours: Callable[[str, tuple[str, ...]], bool]) -> list[str]:
+# Deleting is a syscall per file or directory (~0.1 ms each on ext4), which releases the GIL
+# and runs side by side in separate directories: 4 threads halve the 0.67 s a Wan-1.3B
+# extraction's 3.5k directories and 3.7k files take.
+REMOVE_THREADS = 4
+
+
+def remove_own(
+    top: str, ours: Callable[[str, tuple[str, ...]], bool], threads: int = REMOVE_THREADS
+) -> list[str]:
     """Delete the files under ``top`` that ``ours(path, parts relative to top)`` claims, then
     the directories left empty (``top`` included); return the files kept, relative to
-    ``top``, sorted."""
-    kept = []
-    for directory, dirs, files in os.walk(top, topdown=False):
-        rel = os.path.relpath(directory, top)
-        base = () if rel == "." else tuple(rel.split(os.sep))
-        links = [d for d in dirs if os.path.islink(os.path.join(directory, d))]
-        kept += [os.path.join(*base, name) for name in links]  # never followed
-        for name in files:
-            path = os.path.join(directory, name)
-            if ours(path, (*base, name)) and not os.path.islink(path):
-                os.unlink(path)
-            else:
-                kept.append(os.path.join(*base, name))
-        try:
-            os.rmdir(directory)
-        except OSError:
-            pass  # not empty: something of the user's is in it
+    ``top``, sorted. ``top``'s subdirectories and its own files are shared out to ``threads``
+    threads."""
+    try:
+        names = os.listdir(top)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    dirs = [n for n in names if os.path.isdir(os.path.join(top, n))]  # symlinked ones too
+    files = [n for n in names if n not in set(dirs)]
+    subtrees = [d for d in dirs if not os.path.islink(os.path.join(top, d))]
+    chunks = [files[i::threads] for i in range(threads)] if files else []
+    if threads <= 1:
+        parts = [_remove_tree(top, d, ours) for d in subtrees] + [
+            _remove_files(top, (), chunk, ours) for chunk in chunks
+        ]
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            parts = list(pool.map(lambda d: _remove_tree(top, d, ours), subtrees))
+            parts += pool.map(lambda chunk: _remove_files(top, (), chunk, ours), chunks)
+    kept = [k for part in parts for k in part] + [d for d in dirs if d not in subtrees]
+    _remove_empty(top)
     return sorted(kept)
+
+
+def _remove_tree(top: str, name: str, ours) -> list[str]:
+    """``remove_own`` below ``top/name``, one thread; kept files relative to ``top``."""
+    kept = []
+    for directory, dirs, files in os.walk(os.path.join(top, name), topdown=False):
+        rel = os.path.relpath(directory, top)
+        base = tuple(rel.split(os.sep))
+        links = [d for d in dirs if os.path.islink(os.path.join(directory, d))]
+        kept += [os.path.join(*base, d) for d in links]  # never followed
+        kept += _remove_files(directory, base, files, ours)
+        _remove_empty(directory)
+    return kept
+
+
+def _remove_files(directory: str, base: tuple[str, ...], names, ours) -> list[str]:
+    """``names`` in ``directory`` (``base``: its parts below the top) that ``ours`` claims
+    deleted, symlinks never; the others returned."""
+    kept = []
+    for name in names:
+        path = os.path.join(directory, name)
+        if ours(path, (*base, name)) and not os.path.islink(path):
+            os.unlink(path)
+        else:
+            kept.append(os.path.join(*base, name))
+    return kept
+
+
+def _remove_empty(directory: str) -> None:
+    try:
+        os.rmdir(directory)
+    except OSError:
+        pass  # not empty: something of the user's is in it
 
 
 def remove_results(tensors: str) -> list[str]:
@@ -94,4 +140,4 @@ def remove_entry(entry: str) -> list[str]:
     """One tensor's group in ``tensors/`` (a result recomputed or discarded): loraforge's
     files removed; the user's, kept, returned."""
     name = os.path.basename(entry)
-    return remove_own(entry, lambda path, parts: is_result_file((name, *parts)))
+    return remove_own(entry, lambda path, parts: is_result_file((name, *parts)), threads=1)

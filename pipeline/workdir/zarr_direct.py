@@ -1,6 +1,9 @@
 """Writes a zarr v3 float32 array straight to a directory: ``zarr.json`` plus one file per
 chunk, encoded with the ``bytes`` (little-endian) and ``crc32c`` codecs — exactly what
-``zarr.create_array(..., compressors=[Crc32cCodec()])`` writes, read back by zarr itself.
+``zarr.create_array(..., compressors=[Crc32cCodec()], chunk_key_encoding={"name": "default",
+"separator": "."})`` writes, read back by zarr itself. The ``.`` separator keeps a chunk
+(``c.0.0``) in its array's directory: ``/`` (``c/0/0``, which older work directories hold and
+``read_array`` still reads) cost two more directories per array to make and delete.
 
 Why not zarr's own writer: every zarr call hops to its event-loop thread and each file to a
 thread pool, about 4 ms of Python per array under the GIL. Tasks storing one tensor's result
@@ -25,12 +28,17 @@ from ..io.atomic import write_text
 _CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
 
 
-def array_metadata(shape: tuple[int, ...], chunks: tuple[int, ...], attributes: dict) -> dict:
+SEPARATOR = "."  # of the chunk keys written; "/" is read too
+
+
+def array_metadata(
+    shape: tuple[int, ...], chunks: tuple[int, ...], attributes: dict, separator: str = SEPARATOR
+) -> dict:
     return {
         "shape": list(shape),
         "data_type": "float32",
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
-        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": separator}},
         "fill_value": 0.0,
         "codecs": _CODECS,
         "attributes": attributes,
@@ -53,8 +61,8 @@ def write_group(directory: str) -> None:
     _write_metadata(directory, group_metadata())
 
 
-def _chunk_key(index: tuple[int, ...]) -> str:
-    return os.path.join("c", *map(str, index)) if index else "c"
+def _chunk_key(index: tuple[int, ...], separator: str = SEPARATOR) -> str:
+    return separator.join(["c", *map(str, index)])
 
 
 def _write_chunk(directory: str, index: tuple[int, ...], block: np.ndarray, chunks) -> None:
@@ -63,9 +71,7 @@ def _write_chunk(directory: str, index: tuple[int, ...], block: np.ndarray, chun
         padded[tuple(slice(0, n) for n in block.shape)] = block
         block = padded
     data = np.ascontiguousarray(block).tobytes()
-    path = os.path.join(directory, _chunk_key(index))
-    os.makedirs(os.path.dirname(path) or directory, exist_ok=True)
-    with open(path, "wb") as f:
+    with open(os.path.join(directory, _chunk_key(index)), "wb") as f:
         f.write(data)
         f.write(google_crc32c.value(data).to_bytes(4, "little"))
 
@@ -128,15 +134,20 @@ def read_array(directory: str) -> tuple[np.ndarray, dict] | None:
         meta = json.load(f)
     shape = tuple(meta.get("shape", ()))
     grid = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
+    separator = meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator")
     layout = dict(meta, shape=list(shape), attributes={})
-    if grid is None or layout != array_metadata(shape, tuple(grid), {}):
+    if (
+        grid is None
+        or separator not in ("/", ".")
+        or layout != array_metadata(shape, tuple(grid), {}, separator)
+    ):
         return None
     chunks = tuple(grid)
     out = np.empty(shape, dtype="<f4")
     chunk_bytes = 4 * math.prod(chunks)
     ranges = [range(math.ceil(n / c)) for n, c in zip(shape, chunks, strict=True)]
     for index in itertools.product(*ranges) if out.size else ():
-        with open(os.path.join(directory, _chunk_key(index)), "rb") as f:
+        with open(os.path.join(directory, _chunk_key(index, separator)), "rb") as f:
             raw = f.read()
         data, crc = raw[:-4], raw[-4:]
         if len(data) != chunk_bytes or google_crc32c.value(data).to_bytes(4, "little") != crc:

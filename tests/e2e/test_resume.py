@@ -126,14 +126,14 @@ def test_lower_rank_slices_stored_factors(many, tmp_path):
 
 
 def corrupt_chunk(work, key):
-    folder = os.path.join(work, "tensors", key, "up", "c")
-    for root, _dirs, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
+    folder = os.path.join(work, "tensors", key, "up")
+    for name in sorted(os.listdir(folder)):
+        if name.startswith("c."):
+            path = os.path.join(folder, name)
             with open(path, "r+b") as f:
                 f.truncate(os.path.getsize(path) // 2)
             return
-    raise AssertionError(f"no chunk under {folder}")
+    raise AssertionError(f"no chunk in {folder}")
 
 
 def statuses(path):

@@ -4,9 +4,12 @@ import os
 
 import numpy as np
 import pytest
+import zarr
+import zarr.storage
+from zarr.codecs import Crc32cCodec
 
 from loraforge.pipeline.errors import UsageError
-from loraforge.pipeline.workdir import WorkDir
+from loraforge.pipeline.workdir import WorkDir, zarr_direct
 from loraforge.pipeline.workdir.clean import clean_work_dir
 
 
@@ -88,6 +91,8 @@ def test_a_users_files_inside_tensors_and_done_are_kept_and_named(tmp_path):
         "tensors/notes.txt": b"mine",
         "tensors/a.weight/extra/data.bin": b"\x00\x01",
         "tensors/zarr.json.bak": b"{}",
+        "tensors/a.weight/diff/c.txt": b"not a chunk",
+        "tensors/b.weight/up/c.1.x": b"nor this",
         "done/todo.json": b'{"key": "not.this.one"}',
         "done/readme": b"r",
     }
@@ -111,3 +116,32 @@ def test_no_resume_clears_results_but_not_a_users_file(tmp_path):
     assert work.clear() == [os.path.join("tensors", "keep.me")]
     assert work.read_marker("a.weight") is None
     assert sorted(os.listdir(tmp_path / "w" / "tensors")) == ["keep.me"]
+
+
+def test_an_older_work_directorys_nested_chunks_are_removed_too(tmp_path):
+    """Work directories from before the ``.`` chunk-key separator hold ``c/<i>/<j>`` chunks
+    (zarr's default), which clean deletes, directories and all, as it deletes ``c.<i>.<j>``."""
+    work = filled(tmp_path / "w")
+    zarr.create_array(
+        store=zarr.storage.LocalStore(work.tensors),
+        name="old.weight/up",
+        data=np.ones((4, 2), np.float32),
+        chunks=(2, 2),
+        compressors=[Crc32cCodec()],
+    )
+    zarr_direct.write_group(os.path.join(work.tensors, "old.weight"))
+    assert os.path.isfile(os.path.join(work.tensors, "old.weight", "up", "c", "1", "0"))
+    assert os.path.isfile(os.path.join(work.tensors, "a.weight", "diff", "c.0.0"))
+    assert clean_work_dir(work.path).kept == []
+    assert not os.path.exists(work.path)
+
+
+def test_a_symlinked_directory_inside_is_kept_and_not_followed(tmp_path):
+    work = filled(tmp_path / "w")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "zarr.json").write_text("{}")
+    os.symlink(outside, os.path.join(work.tensors, "linked"))
+    os.symlink(outside, os.path.join(work.tensors, "a.weight", "linked"))
+    assert clean_work_dir(work.path).kept == ["tensors/a.weight/linked", "tensors/linked"]
+    assert (outside / "zarr.json").read_text() == "{}"
