@@ -377,11 +377,20 @@ def _check(a: torch.Tensor, rank: int) -> None:
         raise ValueError(f"rank must be >= 1, got {rank}")
 
 
-def product_distance_sq(
-    up_a: torch.Tensor, down_a: torch.Tensor, up_b: torch.Tensor, down_b: torch.Tensor
+def rounding_distance_sq(
+    up: torch.Tensor, down: torch.Tensor, up_rounded: torch.Tensor, down_rounded: torch.Tensor
 ) -> float:
-    """‖up_a·down_a − up_b·down_b‖_F² without forming either product, in fp64:
-    with X = [up_a, up_b] and Y = [down_a; −down_b], ‖XY‖² = Σ (XᵀX) ∘ (YYᵀ)."""
-    x = torch.cat([up_a, up_b], dim=1).double()
-    y = torch.cat([down_a, -down_b], dim=0).double()
-    return max(float(((x.T @ x) * (y @ y.T)).sum()), 0.0)
+    """‖up_rounded·down_rounded − up·down‖_F² for factors rounded from ``up``, ``down`` (a
+    cast), without forming either product. The difference is T₁ + T₂ with T₁ = δu·down and
+    T₂ = up_rounded·δd (δ: rounded − exact, exact in fp32), and ‖X·Y‖² = Σ (XᵀX) ∘ (YYᵀ) gives
+    ‖T₁‖², ‖T₂‖² and ⟨T₁, T₂⟩ from r×r grams. Every term is of the difference's own size, so
+    fp32 grams (summed in fp64) are accurate, to ~1e-6 relative, where the grams of the two
+    products' own factors would cancel down to it."""
+    up_rounded, down_rounded = up_rounded.float(), down_rounded.float()
+    du, dd = up_rounded - up, down_rounded - down
+    terms = (
+        (du.T @ du) * (down @ down.T)
+        + (up_rounded.T @ up_rounded) * (dd @ dd.T)
+        + 2 * (du.T @ up_rounded) * (down @ dd.T)
+    )
+    return max(float(terms.double().sum()), 0.0)

@@ -7,13 +7,14 @@ time."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
 
-from loraforge.kernels import product_distance_sq, squared_norm, truncated_residual_sq
+from loraforge.kernels import rounding_distance_sq, squared_norm, truncated_residual_sq
 from loraforge.stages.cast import cast
 
 from ..io.finite import check_written, is_finite, output_fix
@@ -110,7 +111,7 @@ def lowrank_tensors(
     up_out, down_out = cast(up, dtype), cast(down, dtype)
     sq_norm = float(marker["sq_norm"])
     residual = truncated_residual_sq(float(marker["residual_sq"]), values, rank)
-    rounding = product_distance_sq(up_out.float(), down_out.float(), up, down)
+    rounding = rounding_distance_sq(up, down, up_out, down_out)
     kernel_error = math.sqrt(max(residual, 0.0) / sq_norm) if sq_norm else 0.0
     stored_error = (
         (math.sqrt(max(residual, 0.0)) + math.sqrt(rounding)) / math.sqrt(sq_norm)
@@ -210,6 +211,21 @@ def _batches(tasks: Sequence, markers: dict[str, dict]):
         yield batch
 
 
+def _loaded(batches: Iterator[list], markers: dict[str, dict], work: WorkDir) -> Iterator:
+    """Each batch with its entries loaded (``WorkDir.load_many``), the next batch loading in a
+    thread while the caller casts and writes this one (file reads and CRC-32Cs release the
+    GIL: 0.2 s of a Wan-1.3B export's 0.6 s write stage overlap)."""
+    with ThreadPoolExecutor(1) as pool:
+        previous = None
+        for batch in batches:
+            future = pool.submit(work.load_many, [(task.key, markers[task.key]) for task in batch])
+            if previous is not None:
+                yield previous[0], previous[1].result()
+            previous = batch, future
+        if previous is not None:
+            yield previous[0], previous[1].result()
+
+
 def _write(
     tasks: Sequence,
     markers: dict[str, dict],
@@ -234,8 +250,7 @@ def _write(
             _write_streamed_diff(task, markers[task.key], work, outputs, dtype, checked)
     stored = [t for t in stored if not _is_streamed(markers[t.key])]
     written = len(streamed)
-    for batch in _batches(stored, markers):
-        loaded = work.load_many([(task.key, markers[task.key]) for task in batch])
+    for batch, loaded in _loaded(_batches(stored, markers), markers, work):
         for task in batch:
             if isinstance(loaded[task.key], CorruptEntry):
                 notes[task.key] = _recomputed(task, markers, work, recompute, loaded[task.key])

@@ -1,8 +1,8 @@
 """One module's delta norm, read by address: low-rank deltas from their factors without forming
 the product, diffs directly in fp64.
 
-‖up·down‖²_F = Σ (upᵀup) ∘ (down·downᵀ) (the identity ``kernels.svd.product_distance_sq``
-uses): O((m+n)r²) instead of O(mnr). The two Gram matrices are fp32 GEMMs (a quarter of the
+‖up·down‖²_F = Σ (upᵀup) ∘ (down·downᵀ) (as ``kernels.svd.rounding_distance_sq``
+computes it): O((m+n)r²) instead of O(mnr). The two Gram matrices are fp32 GEMMs (a quarter of the
 fp64 time) on factors scaled by a power of two, so they neither overflow nor underflow where
 fp64 would not; only their elementwise product is summed in fp64. Each Gram entry is a dot
 product of k = max(m, n) terms, rounded with an error of about u·√k of its terms' scale

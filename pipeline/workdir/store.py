@@ -185,35 +185,49 @@ class WorkDir:
             raise CorruptEntry(f"{key}/{name}: {type(e).__name__}: {e}") from None
 
     def load_many(self, entries: list[tuple[str, dict]]) -> dict:
-        """``load`` for several entries in one pass through zarr's event loop (each call
-        into zarr's synchronous API costs a thread hop per array; batching halves the
-        write stage). Values are ``(arrays, attributes)`` or a ``CorruptEntry``."""
+        """``load`` for several entries. Arrays in the layout loraforge writes are read directly
+        (``zarr_direct``); any other (made by zarr itself) goes through zarr, all of them in
+        one pass of its event loop (each call into zarr's synchronous API costs a thread hop
+        per array). Values are ``(arrays, attributes)`` or a ``CorruptEntry``."""
+        results, by_zarr = {}, {}
+        for key, marker in entries:
+            names = marker.get("arrays", [])
+            stored = {name: self._read_direct(key, name) for name in names}
+            if any(value is None for value in stored.values()):
+                by_zarr[key] = marker, stored
+            else:
+                results[key] = _checked(key, marker, stored)
+        if by_zarr:
+            results.update(self._load_with_zarr(by_zarr))
+        return {key: results[key] for key, _ in entries}
+
+    def _read_direct(self, key: str, name: str):
+        """``read_array``'s result, a ``CorruptEntry`` for damage, or None (not our layout)."""
+        try:
+            return zarr_direct.read_array(os.path.join(self.tensors, entry_name(key), name))
+        except Exception as e:  # missing file, bad JSON, checksum, short chunk
+            return CorruptEntry(f"{key}/{name}: {type(e).__name__}: {e}")
+
+    def _load_with_zarr(self, entries: dict[str, tuple[dict, dict]]) -> dict:
+        """The entries whose arrays read directly (``stored``) left some None: those by zarr."""
         store = zarr.storage.LocalStore(self.tensors, read_only=True)
 
-        async def one(key: str, marker: dict):
-            arrays, attributes, entry = {}, {}, entry_name(key)
-            for name in marker.get("arrays", []):
+        async def one(key: str, marker: dict, stored: dict):
+            for name in [name for name, value in stored.items() if value is None]:
                 try:
-                    stored = zarr_direct.read_array(os.path.join(self.tensors, entry, name))
-                    if stored is None:  # not our layout: zarr reads it
-                        array = await zarr_async.open_array(
-                            store=store, path=f"{entry}/{name}", mode="r"
-                        )
-                        stored = await array.getitem(...), dict(array.attrs)
-                    arrays[name], attributes[name] = stored
+                    array = await zarr_async.open_array(
+                        store=store, path=f"{entry_name(key)}/{name}", mode="r"
+                    )
+                    stored[name] = await array.getitem(...), dict(array.attrs)
                 except Exception as e:  # zarr raises many types for missing/truncated chunks
-                    return CorruptEntry(f"{key}/{name}: {type(e).__name__}: {e}")
-            for name, shape in marker.get("array_shapes", {}).items():
-                if name not in arrays or list(arrays[name].shape) != list(shape):
-                    return CorruptEntry(f"{key}/{name}: expected shape {shape}")
-            return arrays, attributes
+                    stored[name] = CorruptEntry(f"{key}/{name}: {type(e).__name__}: {e}")
+            return _checked(key, marker, stored)
 
         async def everything():
-            return await asyncio.gather(*(one(key, marker) for key, marker in entries))
+            return await asyncio.gather(*(one(key, *entry) for key, entry in entries.items()))
 
         # A private event loop per batch: zarr's own (``zarr.core.sync``) is not public API.
-        results = asyncio.run(everything())
-        return dict(zip([key for key, _ in entries], results, strict=True))
+        return dict(zip(entries, asyncio.run(everything()), strict=True))
 
     def clear(self) -> list[str]:
         """Forget every result (``--no-resume``, or a merge whose inputs changed): delete what
@@ -265,6 +279,21 @@ class WorkDir:
 
     def write_manifest(self, manifest: dict) -> None:
         write_json(self.manifest_path, manifest)
+
+
+def _checked(key: str, marker: dict, stored: dict):
+    """An entry's ``(arrays, attributes)`` from what was read per array, or the first
+    ``CorruptEntry`` among them, or one for an array missing or of another shape than the
+    marker's."""
+    arrays, attributes = {}, {}
+    for name, value in stored.items():
+        if isinstance(value, CorruptEntry):
+            return value
+        arrays[name], attributes[name] = value
+    for name, shape in marker.get("array_shapes", {}).items():
+        if name not in arrays or list(arrays[name].shape) != list(shape):
+            return CorruptEntry(f"{key}/{name}: expected shape {shape}")
+    return arrays, attributes
 
 
 def _files_under(path: str) -> list[str]:

@@ -96,7 +96,8 @@ def test_two_loras_equal_the_exact_sum_within_the_reported_error(tmp_path, loras
         assert entry["full_rank"] == (9 if module == Q else 3)
         assert entry["rank"] == min(rank, entry["full_rank"])
         actual = float((stored_product(out, module) - want).norm() / want.norm())
-        assert actual <= entry["rel_error"] * (1 + 1e-9)
+        # an upper bound to the accuracy of its fp32 singular values (the dropped energy)
+        assert actual <= entry["rel_error"] * (1 + 1e-7)
         # The truncation error is the optimal one: that of the exact sum's own SVD.
         s = torch.linalg.svdvals(want)
         optimal = math.sqrt(float((s[entry["rank"] :] ** 2).sum()) / float((s**2).sum()))

@@ -98,3 +98,36 @@ def test_save_load_roundtrip_and_truncation_detected(tmp_path, monkeypatch):
     chunk.write_bytes(chunk.read_bytes()[:-3])
     with pytest.raises(CorruptEntry):
         work.load("a/b.weight", work.read_marker("a/b.weight"))
+
+
+def test_load_many_reads_arrays_zarr_made_beside_its_own_and_names_damage(tmp_path):
+    """An entry whose arrays zarr wrote itself (gzip, an older loraforge) is read through
+    zarr, the direct arrays of the same entry kept; a damaged one is that entry's
+    CorruptEntry, the other entries load."""
+    work = WorkDir(str(tmp_path / "w"))
+    work.create()
+    up = np.arange(12, dtype=np.float32).reshape(6, 2) + 1
+    down = np.arange(8, dtype=np.float32).reshape(2, 4) + 1
+    work.save("ours.weight", {"up": up, "down": down}, {"kind": "lowrank"}, {"up": {"s": [1.0]}})
+    work.save("mixed.weight", {"down": down}, {"kind": "lowrank"})
+    zarr.create_array(
+        store=zarr.storage.LocalStore(work.tensors),
+        name="mixed.weight/up",
+        data=up,
+        chunks=(3, 2),
+        attributes={"s": [2.0]},
+    )  # zarr's default gzip: not the direct layout
+    marker = {"arrays": ["down", "up"], "array_shapes": {"up": [6, 2], "down": [2, 4]}}
+    (tmp_path / "w" / "tensors" / "ours.weight" / "down" / "c.0.0").write_bytes(b"short")
+    loaded = work.load_many([("mixed.weight", marker), ("ours.weight", marker)])
+    assert list(loaded) == ["mixed.weight", "ours.weight"]
+    arrays, attributes = loaded["mixed.weight"]
+    np.testing.assert_array_equal(arrays["up"], up)
+    np.testing.assert_array_equal(arrays["down"], down)
+    assert attributes == {"up": {"s": [2.0]}, "down": {}}
+    assert isinstance(loaded["ours.weight"], CorruptEntry)
+    assert str(loaded["ours.weight"]).startswith("ours.weight/down: ChecksumMismatch: chunk (0, 0)")
+    wrong = {**marker, "array_shapes": {"up": [2, 6]}}
+    assert str(work.load_many([("mixed.weight", wrong)])["mixed.weight"]) == (
+        "mixed.weight/up: expected shape [2, 6]"
+    )
