@@ -21,9 +21,6 @@ import os
 from collections.abc import Iterator
 
 import numpy as np
-import zarr
-import zarr.api.asynchronous as zarr_async
-import zarr.storage
 
 from .. import __version__
 from ..errors import WorkDirConflict
@@ -96,7 +93,9 @@ class WorkDir:
         owner = os.path.join(self.path, OWNER_FILE)
         if not os.path.exists(owner):
             write_json(owner, {"created_by": "loraforge", "version": __version__})
-        zarr.open_group(zarr.storage.LocalStore(self.tensors), mode="a")
+        if not os.path.exists(os.path.join(self.tensors, "zarr.json")):  # the root group
+            os.makedirs(self.tensors, exist_ok=True)
+            zarr_direct.write_group(self.tensors)
 
     def marker_path(self, key: str) -> str:
         return os.path.join(self.done, entry_name(key) + ".json")
@@ -173,6 +172,9 @@ class WorkDir:
         """``key``'s array ``name`` a stored chunk of rows at a time (a result larger than
         memory, written by ``row_writer``); anything unreadable or of another shape raises
         ``CorruptEntry``."""
+        import zarr  # only here and for arrays zarr made: importing it costs 0.15 s a command
+        import zarr.storage
+
         store = zarr.storage.LocalStore(self.tensors, read_only=True)
         try:
             array = zarr.open_array(store=store, path=f"{entry_name(key)}/{name}", mode="r")
@@ -210,6 +212,9 @@ class WorkDir:
 
     def _load_with_zarr(self, entries: dict[str, tuple[dict, dict]]) -> dict:
         """The entries whose arrays read directly (``stored``) left some None: those by zarr."""
+        import zarr.api.asynchronous as zarr_async
+        import zarr.storage
+
         store = zarr.storage.LocalStore(self.tensors, read_only=True)
 
         async def one(key: str, marker: dict, stored: dict):

@@ -131,3 +131,13 @@ def test_load_many_reads_arrays_zarr_made_beside_its_own_and_names_damage(tmp_pa
     assert str(work.load_many([("mixed.weight", wrong)])["mixed.weight"]) == (
         "mixed.weight/up: expected shape [2, 6]"
     )
+
+
+def test_a_new_work_directory_is_a_zarr_group_zarr_opens(tmp_path):
+    work = WorkDir(str(tmp_path / "w"))
+    work.create()
+    work.save("a.weight", {"diff": np.ones((2, 3), np.float32)}, {"kind": "diff"})
+    work.create()  # again (a resume): the root group is kept as it is
+    group = zarr.open_group(zarr.storage.LocalStore(work.tensors), mode="r")
+    assert list(group.group_keys()) == ["a.weight"]
+    np.testing.assert_array_equal(group["a.weight"]["diff"][...], np.ones((2, 3), np.float32))
