@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from . import safetensors_format as stf
+from .direct import pwrite_all, write_bytes
 from .layout import OutputEntry, Slot
 
 
@@ -23,12 +24,6 @@ def tensor_bytes(entry: OutputEntry, tensor: torch.Tensor) -> memoryview:
             f"got {code}{list(tensor.shape)}"
         )
     return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    written = 0
-    while written < len(data):
-        written += os.pwrite(fd, data[written:], offset + written)
 
 
 def checksum(data: bytes | memoryview, zip_crc: bool, previous: int | None = None) -> int:
@@ -48,16 +43,13 @@ def write_at(slot: Slot, tensor: torch.Tensor) -> int:
     """Write ``tensor``'s bytes at ``slot`` (the file is opened here, never truncated) and
     return their checksum (``checksum``: zip records need a CRC-32; resume checks it).
 
-    The bytes are not synced here: one fsync per tensor serialised a merge on the disk (2.7×
-    the streaming-copy time). The output is fsynced once at commit, and a resumed run checks
-    each reused tensor against the checksum in its marker (``slot_checksum``), which also covers
-    a machine that went down with the bytes still in its page cache."""
+    A large tensor's whole pages go past the page cache (``direct.py``). The bytes are not
+    synced here: one fsync per tensor serialised a merge on the disk (2.7× the streaming-copy
+    time). The output is fsynced once at commit, and a resumed run checks each reused tensor
+    against the checksum in its marker (``slot_checksum``), which also covers a machine that
+    went down with the bytes still in its page cache."""
     data = tensor_bytes(slot.entry, tensor)
-    fd = os.open(slot.file, os.O_WRONLY)
-    try:
-        pwrite_all(fd, data, slot.offset)
-    finally:
-        os.close(fd)
+    write_bytes(slot.file, data, slot.offset)
     return checksum(data, slot.zip_crc)
 
 

@@ -14,6 +14,7 @@ from loraforge.stages.cast import cast, needs_cast
 from loraforge.stages.merge import merge_weight
 
 from ..io import safetensors_format as stf
+from ..io.direct import aligned_tensor
 from ..io.layout import Slot
 from ..io.maps import prefault
 from ..io.reader import mapped
@@ -28,11 +29,16 @@ from .fp8 import fp8_result, is_fp8_task
 from .plan import MergeTask
 
 
-def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The ``cast`` stage into this thread's buffer instead of fresh memory."""
+def _cast(tensor: torch.Tensor, dtype: torch.dtype, slot: Slot | None = None) -> torch.Tensor:
+    """The ``cast`` stage into this thread's buffer instead of fresh memory; on the CPU with the
+    ``slot`` it goes to, placed for a direct write from where it is (``io/direct.py``)."""
     out = None
     if needs_cast(tensor, dtype):
-        out = thread_buffer(tuple(tensor.shape), dtype, tensor.device, "cast")
+        shape = tuple(tensor.shape)
+        if slot is not None and tensor.device.type == "cpu":
+            out = aligned_tensor(shape, dtype, slot.offset)
+        else:
+            out = thread_buffer(shape, dtype, tensor.device, "cast")
     return cast(tensor, dtype, out=out)
 
 
@@ -81,9 +87,11 @@ def run_merge_task(
         clock.lap("read")
         value = view  # a tensor no LoRA touches: cast (or kept) as stored
         if task.kind == "merged":
-            value = _merged(task, view, torch.device(device), dtype, allow_nonfinite, stage_nbytes)
+            value = _merged(
+                task, view, torch.device(device), dtype, allow_nonfinite, stage_nbytes, slot
+            )
             clock.lap("product")
-        result = _cast(value, dtype)
+        result = _cast(value, dtype, slot)
         clock.lap("cast")
         result = checked(task, result, view, dtype, allow_nonfinite, carried)
         clock.lap("check")
@@ -99,14 +107,20 @@ def _merged(
     dtype: torch.dtype,
     allow_nonfinite: bool,
     stage_nbytes: int | None,
+    slot: Slot,
 ) -> torch.Tensor:
     """The base ``view`` plus the task's LoRA products, in this thread's buffer on the host:
-    fp32 on the CPU; cast to ``dtype`` on a GPU before the copy back (then ``_cast`` is a no-op).
+    fp32 on the CPU (placed for a direct write to ``slot`` when fp32 is the output dtype); cast
+    to ``dtype`` on a GPU before the copy back (then ``_cast`` is a no-op).
     GPU: the base is read into pinned memory, then the device is held for the merge, the cast
     and the copy back (run/gpu.py); LoRA factors are small, read inside."""
     (base,) = stage([view], dev, stage_nbytes)
     with device_lock(dev):
-        out = thread_buffer(task.base.shape, torch.float32, dev, "merged")
+        shape = tuple(task.base.shape)
+        if dev.type == "cpu" and dtype == torch.float32:  # the merged buffer is the result
+            out = aligned_tensor(shape, torch.float32, slot.offset)
+        else:
+            out = thread_buffer(shape, torch.float32, dev, "merged")
         deltas = load_deltas(task.patches, dev, allow_nonfinite)
         merged = merge_weight(base.to(dev), deltas, out=out)
         if dev.type == "cpu":
