@@ -103,8 +103,10 @@ def aligned_tensor(shape: tuple[int, ...], dtype: torch.dtype, file_offset: int)
         return torch.empty(shape, dtype=dtype)
     mapping = getattr(_local, "aligned", None)
     if mapping is None or len(mapping) < start + nbytes:
+        # at least double: tensors of growing sizes remap (and fault in) a few times, not each
+        size = max(start + nbytes, 2 * len(mapping) if mapping is not None else 0)
         _local.aligned = None  # the old mapping goes when its last tensor does
-        mapping = _local.aligned = mmap.mmap(-1, -(-(start + nbytes) // PAGE) * PAGE)
+        mapping = _local.aligned = mmap.mmap(-1, -(-size // PAGE) * PAGE)
     raw = torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=start)
     return raw.view(dtype).view(shape)
 
