@@ -2,8 +2,8 @@
 
 The power iterations only need the dominant subspace, not fp32 digits: rounding the delta to
 bf16 moves a few parts per million of its energy (u²/3 with u = 2⁻⁸), far below what a rank-r
-truncation leaves, and the factors always come from a final product in fp32. bf16 products
-pay where the hardware multiplies bf16 natively: on this project's 2-core Zen 4
+truncation leaves, and the last two products before the factors stay fp32 (svd.py). bf16
+products pay where the hardware multiplies bf16 natively: on this project's 2-core Zen 4
 (AVX512-BF16) an 8960×1536 by 1536×48 product takes 6.7 ms against 21.5 ms in fp32, on one
 thread. Without native bf16 (AVX2, AVX-512 without BF16, GPUs before Ampere) the libraries
 emulate it, slower than fp32, so ``auto`` chooses fp32 there."""

@@ -77,7 +77,7 @@ def remove_own(
     except (FileNotFoundError, NotADirectoryError):
         return []
     dirs = [n for n in names if os.path.isdir(os.path.join(top, n))]  # symlinked ones too
-    files = [n for n in names if n not in set(dirs)]
+    files = sorted(set(names) - set(dirs))
     subtrees = [d for d in dirs if not os.path.islink(os.path.join(top, d))]
     chunks = [files[i::threads] for i in range(threads)] if files else []
     if threads <= 1:
