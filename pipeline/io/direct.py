@@ -13,21 +13,26 @@ share, go through the page cache as before. A tensor made in ``aligned_tensor`` 
 offset's place in a page is written from where it is; any other is copied to the staging
 buffer first. No byte range is ever written both ways, so the
 page cache never holds a stale copy of a direct range, and the commit's fsync makes both
-durable. A filesystem that refuses ``O_DIRECT`` (tmpfs, some network filesystems) is written
-through the page cache."""
+durable. Only local disk filesystems get direct writes (``LOCAL_FILESYSTEMS``, from
+``/proc/self/mountinfo``): on NFS, Lustre or GPFS a direct write is a synchronous round trip
+that the client cache would have batched, and tmpfs refuses it; those are written through the
+page cache as before."""
 
 from __future__ import annotations
 
 import errno
+import functools
 import math
 import mmap
 import os
+import re
 import threading
 
 import numpy as np
 import torch
 
 PAGE = 4096  # offsets, lengths and buffers of direct writes are multiples of this
+LOCAL_FILESYSTEMS = frozenset({"ext4", "xfs", "btrfs", "f2fs"})
 STAGING = 8 << 20  # bytes staged per direct write
 MIN_DIRECT = 1 << 20  # below this many whole pages a tensor goes through the page cache
 
@@ -46,7 +51,11 @@ def write_bytes(path: str, data: memoryview, offset: int) -> None:
     it, the rest through the page cache."""
     first = -(-offset // PAGE) * PAGE
     last = (offset + len(data)) // PAGE * PAGE
-    direct = last - first >= MIN_DIRECT and _write_direct(path, data, offset, first, last)
+    direct = (
+        last - first >= MIN_DIRECT
+        and filesystem_of(path) in LOCAL_FILESYSTEMS
+        and _write_direct(path, data, offset, first, last)
+    )
     fd = os.open(path, os.O_WRONLY)
     try:
         if direct:  # the partial pages at either end
@@ -56,6 +65,36 @@ def write_bytes(path: str, data: memoryview, offset: int) -> None:
             pwrite_all(fd, data, offset)
     finally:
         os.close(fd)
+
+
+def filesystem_of(path: str) -> str | None:
+    """The type of the filesystem ``path`` is on (``ext4``, ``nfs4``, ...), from the longest
+    mount point above it in ``/proc/self/mountinfo``; None where that cannot be read."""
+    directory = os.path.dirname(os.path.realpath(path))
+    best, kind = "", None
+    for point, fstype in _mounts():
+        inside = directory == point or directory.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > len(best):
+            best, kind = point, fstype
+    return kind
+
+
+@functools.cache
+def _mounts() -> tuple[tuple[str, str], ...]:
+    """(mount point, filesystem type) of this process's mounts (read once)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return ()
+    mounts = []
+    for line in lines:
+        fields, _, rest = line.partition(" - ")
+        parts = fields.split()
+        if len(parts) >= 5 and rest:
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[4])
+            mounts.append((point, rest.split()[0]))
+    return tuple(mounts)
 
 
 def _write_direct(path: str, data: memoryview, offset: int, first: int, last: int) -> bool:
