@@ -9,8 +9,27 @@ Python API. The command line is ``loraforge`` (``loraforge.pipeline.cli``).
     handle.set_strengths([0.5]); handle.remove()         # original bytes restored exactly
 """
 
+import importlib
+
 from loraforge.pipeline import __version__
-from loraforge.pipeline.apply.handle import AppliedLoras, apply
-from loraforge.pipeline.apply.loraset import LoraSet
+
+# Imported on first use (PEP 562): ``import loraforge.pipeline.cli`` passes through here, and
+# the command line imports torch itself, after pausing the garbage collector (cli/__init__.py).
+_API = {
+    "AppliedLoras": "loraforge.pipeline.apply.handle",
+    "apply": "loraforge.pipeline.apply.handle",
+    "LoraSet": "loraforge.pipeline.apply.loraset",
+}
 
 __all__ = ["AppliedLoras", "LoraSet", "__version__", "apply"]
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'loraforge' has no attribute {name!r}")
+    value = globals()[name] = getattr(importlib.import_module(_API[name]), name)
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_API})
