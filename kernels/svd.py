@@ -349,12 +349,14 @@ def _adaptive(
         product = products.rmatmul(current) if halves % 2 == 0 else products.matmul(current)
         following, r = torch.linalg.qr(product)
         halves += 1
-        captured = float((torch.linalg.svdvals(r)[:k].double() ** 2).sum())
-        if halves > 2 * max_iter or (
-            halves > 2 * MIN_AUTO_ITER and _settled(previous, captured, sq_norm, tol)
-        ):
+        if halves > 2 * max_iter:
             break
-        previous, current = captured, following
+        if halves >= 2 * MIN_AUTO_ITER:  # the first test compares with this half-step
+            captured = float((torch.linalg.svdvals(r)[:k].double() ** 2).sum())
+            if halves > 2 * MIN_AUTO_ITER and _settled(previous, captured, sq_norm, tol):
+                break
+            previous = captured
+        current = following
     if halves % 2:  # AᵀQ = P·R, Q = current
         left, core, right = current, r.T, following
     else:  # A·P = Q·R, P = current
