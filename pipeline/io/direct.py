@@ -119,9 +119,7 @@ def _write_direct(path: str, data: memoryview, offset: int, first: int, last: in
             else:
                 np.copyto(staging[:n], source[start - offset : start - offset + n])
                 chunk = buffer[:n]
-            done = os.pwrite(fd, chunk, start)
-            if done != n:  # a direct write is all or nothing short of a full disk
-                raise OSError(errno.EIO, f"short direct write ({done} of {n} bytes)", path)
+            write_direct_chunk(fd, chunk, start, path)
     except OSError as e:
         if e.errno == errno.EINVAL and start == first:  # refused on first use: not written
             return False
@@ -131,21 +129,33 @@ def _write_direct(path: str, data: memoryview, offset: int, first: int, last: in
     return True
 
 
-def aligned_tensor(shape: tuple[int, ...], dtype: torch.dtype, file_offset: int) -> torch.Tensor:
-    """An uninitialised CPU tensor in this thread's page-aligned buffer (reused by its next
-    call), placed at ``file_offset``'s position within a page, so that written to that offset
-    its whole pages go direct from where they are, without the staging copy. An offset that is
-    not a multiple of the dtype's size gets an ordinary tensor."""
+def write_direct_chunk(fd: int, chunk, start: int, path: str) -> None:
+    """One direct write of ``chunk`` (page-aligned memory, a whole number of pages) at the
+    page-aligned file offset ``start`` of ``path`` (open as ``fd``)."""
+    done = os.pwrite(fd, chunk, start)
+    if done != len(chunk):  # a direct write is all or nothing short of a full disk
+        raise OSError(errno.EIO, f"short direct write ({done} of {len(chunk)} bytes)", path)
+
+
+def aligned_tensor(
+    shape: tuple[int, ...], dtype: torch.dtype, file_offset: int, role: str = "result"
+) -> torch.Tensor:
+    """An uninitialised CPU tensor in this thread's page-aligned ``role`` buffer (reused by its
+    next call with that role), placed at ``file_offset``'s position within a page, so that
+    written to that offset its whole pages go direct from where they are, without the staging
+    copy. An offset that is not a multiple of the dtype's size gets an ordinary tensor."""
     nbytes = math.prod(shape) * dtype.itemsize
     start = file_offset % PAGE
     if start % dtype.itemsize or nbytes == 0:
         return torch.empty(shape, dtype=dtype)
-    mapping = getattr(_local, "aligned", None)
+    if not hasattr(_local, "aligned"):
+        _local.aligned = {}
+    mapping = _local.aligned.get(role)
     if mapping is None or len(mapping) < start + nbytes:
         # grown to the size asked, no more: the task declared its buffers' bytes (a new largest
         # tensor in a random order comes about ln(n) times, ~7 remaps for 825 tensors)
-        _local.aligned = None  # the old mapping goes when its last tensor does
-        mapping = _local.aligned = mmap.mmap(-1, -(-(start + nbytes) // PAGE) * PAGE)
+        _local.aligned[role] = None  # the old mapping goes when its last tensor does
+        mapping = _local.aligned[role] = mmap.mmap(-1, -(-(start + nbytes) // PAGE) * PAGE)
     raw = torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=start)
     return raw.view(dtype).view(shape)
 

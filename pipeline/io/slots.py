@@ -64,6 +64,11 @@ class RowWriter:
         self.crc: int | None = None
         self._fd = os.open(slot.file, os.O_WRONLY)
 
+    def destination(self, start: int, stop: int) -> None:
+        """None: rows made anywhere are copied out by ``write`` (``StreamedSlot`` instead gives
+        the place to make them)."""
+        return None
+
     def write(self, rows: torch.Tensor) -> None:
         entry = self.slot.entry
         if stf.CODE_BY_DTYPE.get(rows.dtype) != entry.dtype or tuple(rows.shape[1:]) != tuple(
