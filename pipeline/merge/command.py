@@ -6,8 +6,11 @@ marker per tensor written; a rerun of the same merge computes only the tensors w
 
 from __future__ import annotations
 
+import functools
+
 from ..errors import LoraMismatch
 from ..io.reader import index_checkpoint
+from ..io.stream import finish_writes
 from ..io.writer import PRODUCER, open_output
 from ..lora.config import MergeConfig
 from ..lora.inputs import LoraInput, open_lora
@@ -113,7 +116,12 @@ class Merge:
         pending = [t for t in plan.tasks if t.key not in markers]
         session.start_tasks(plan.tasks, pending, self.changes)
         calls = [_call(task, writer, session, self.fingerprint, options) for task in pending]
-        results = session.compute(calls)
+        try:
+            results = session.compute(calls)
+        except BaseException:
+            finish_writes(raise_errors=False)  # nothing lands after the run ends
+            raise
+        finish_writes()  # the tasks' last bytes (write-behind), before the commit's fsync
         for task in pending:
             markers[task.key] = {**results[task.name], "status": "computed"}
             writer.mark_written(task.key, markers[task.key]["crc"])
@@ -154,7 +162,8 @@ def _call(task: MergeTask, writer, session: Session, fingerprint: dict, options)
         memory, staging = blocked_bytes(task, block_rows), 0
     return TaskCall(
         task.name,
-        run_merge_task,
+        # write-behind where finish_writes (Merge.run) runs in the tasks' process
+        functools.partial(run_merge_task, write_behind=session.in_process),
         (
             task,
             writer.slot(task.key),

@@ -23,7 +23,7 @@ from ..lora.patches import load_deltas
 from ..run.clock import PhaseClock
 from ..run.staging import device_lock, stage, staging_size, thread_buffer
 from ..workdir import WorkDir
-from .blocked import device_block_rows, merge_blocked
+from .blocked import cache_block_rows, can_block, device_block_rows, merge_blocked
 from .checks import Carried, checked
 from .fp8 import fp8_result, is_fp8_task
 from .plan import MergeTask
@@ -58,25 +58,35 @@ def run_merge_task(
     allow_nonfinite: bool = False,
     block_rows: int | None = None,
     stage_nbytes: int | None = None,
+    write_behind: bool = False,
 ) -> dict:
     """Merge or cast one tensor into its slot; return the completion marker (also written to
     ``work_dir`` once the bytes are written). ``stamp`` is the plan's fingerprint;
     ``block_rows``: merge a block of that many rows at a time (blocked.py), never the whole;
     ``stage_nbytes`` (GPU only) the pinned staging to reserve, the plan's largest
-    ``stage_bytes`` (default: this task's own)."""
+    ``stage_bytes`` (default: this task's own); ``write_behind`` (a run in this process): a
+    CPU task may return before its last bytes are on the disk, the run calling
+    ``finish_writes`` before it commits (``io/stream.py``)."""
     start = time.perf_counter()
     clock = PhaseClock()
     dtype = stf.DTYPE_BY_CODE[task.out_dtype]
     carried = Carried()
-    if block_rows is None and torch.device(device).type == "cuda":
-        block_rows = device_block_rows(task, torch.device(device))
+    dev = torch.device(device)
+    if block_rows is None and dev.type == "cuda":
+        block_rows = device_block_rows(task, dev)
     if block_rows is not None:
-        dev = torch.device(device)
         with device_lock(dev):
             checksum = merge_blocked(
                 task, slot, dev, dtype, block_rows, allow_nonfinite, carried, clock
             )
         return _finish(task, slot, work_dir, stamp, checksum, start, block_rows, carried, clock)
+    if dev.type == "cpu" and can_block(task) and not is_fp8_task(task):
+        torch.set_num_threads(1)  # one core per task: the tasks run side by side
+        rows = cache_block_rows(task)
+        checksum = merge_blocked(
+            task, slot, dev, dtype, rows, allow_nonfinite, carried, clock, True, write_behind
+        )
+        return _finish(task, slot, work_dir, stamp, checksum, start, carried=carried, clock=clock)
     if is_fp8_task(task):  # scaled fp8 read or written (fp8.py)
         result = fp8_result(task, device, allow_nonfinite, carried, clock)
         checksum = write_at(slot, result)

@@ -212,6 +212,12 @@ class Session:
             changes=changes,
         )
 
+    @property
+    def in_process(self) -> bool:
+        """Whether the tasks run in this process (Dask's threaded scheduler), not in worker
+        processes (``--gpus``, ``--scheduler``)."""
+        return not self.run.scheduler and not self.gpus
+
     def compute(self, calls: list[TaskCall], progress: bool = True) -> dict[str, object]:
         """Run ``calls`` where the options say (threads here, ``--gpus`` workers or a running
         cluster); return each call's result by its key. With ``progress``, a ``tensor`` event

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from loraforge.pipeline.io import stream as io_stream
 from loraforge.pipeline.io import writer as io_writer
 from loraforge.pipeline.merge import task as merge_task
 from loraforge.pipeline.run import memory
@@ -242,7 +243,8 @@ def test_an_unwritable_place_is_named_as_the_command_names_it(tree, monkeypatch,
         raise OSError(errno.EROFS, "Read-only file system", where)
 
     monkeypatch.setattr(io_writer.SafetensorsOutput, "write", read_only)  # convert
-    monkeypatch.setattr(merge_task, "write_at", read_only)  # merge's tasks
+    monkeypatch.setattr(merge_task, "write_at", read_only)  # merge's tasks: copied tensors
+    monkeypatch.setattr(io_stream, "write_bytes", read_only)  # and those it makes (small here)
     result = run_cli(*(a.replace("{r}", tree) for a in argv))
     assert result.exit_code == 1, result.output
     # (merge also says where it kept its temporaries, a note line before)
