@@ -202,10 +202,11 @@ def resume_decisions(plan, work, device: str) -> tuple[dict, dict[str, Decision]
     # Every input file's stat, taken before any of its tensors is re-hashed.
     files = {info.file for task in plan.tasks for info in (task.source, task.target)}
     stats = {file: file_stat(file) for file in sorted(files)}
+    stored = work.markers()
 
     def resume_decision(task) -> tuple[dict, dict | None, Decision]:
         fingerprint = extract_fingerprint(task, kernel, device)
-        marker = work.read_marker(task.key)
+        marker = stored.get(task.key)
         now = {side: stats[getattr(task, side).file] for side in SIDES}
         decision = decide(
             task, marker, fingerprint, now, lambda side: stored_crc32c(getattr(task, side))

@@ -141,8 +141,9 @@ class Merge:
 def _reused_markers(plan: MergePlan, writer, session: Session, fingerprint: str) -> dict:
     """Every tensor whose marker still vouches for its bytes in the reused temporary output."""
     markers: dict[str, dict] = {}
+    stored = session.work.markers()
     for task in plan.tasks:
-        marker = session.work.read_marker(task.key)
+        marker = stored.get(task.key)
         if writer.final_file(task.key) in writer.reused and marker_valid(
             marker, fingerprint, writer.slot(task.key)
         ):

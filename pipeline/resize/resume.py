@@ -54,9 +54,10 @@ def resume_decisions(plan: ResizePlan, work: WorkDir) -> tuple[dict, dict, dict]
     and, for reused tasks, the marker."""
     stats: dict = {}
     fingerprints, reasons, markers = {}, {}, {}
+    stored = work.markers()
     for task in plan.tasks:
         fingerprint = fingerprints[task.key] = resize_fingerprint(task, stats)
-        marker = work.read_marker(task.key)
+        marker = stored.get(task.key)
         if marker is None:
             reasons[task.key] = ""
         elif marker.get("fingerprint") != fingerprint:

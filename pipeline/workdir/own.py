@@ -6,7 +6,8 @@ Inside ``tensors/`` (a zarr v3 store, ``store.py`` and ``zarr_direct.py``): ``za
 root group, of each tensor's group ``<entry>/`` and of each of its arrays ``<entry>/<array>/``,
 and the arrays' chunks ``<entry>/<array>/c``, ``c.<i>.<j>...`` or (older work directories)
 ``c/<i>/<j>/...`` (digits). Inside ``done/``:
-markers ``<entry>.json`` whose ``key`` is that entry's. Anywhere: the temporaries
+marker logs ``markers-*.jsonl`` whose first line names a key, and markers ``<entry>.json``
+whose ``key`` is that entry's (an older loraforge's). Anywhere: the temporaries
 ``.<name>.partial`` of those files (``io/atomic.py``)."""
 
 from __future__ import annotations
@@ -44,8 +45,28 @@ def is_result_file(parts: tuple[str, ...]) -> bool:
     return len(dirs) >= 3 and dirs[2] == "c" and all(p.isdigit() for p in chunk[1:])
 
 
+def is_marker_log(name: str) -> bool:
+    """Whether a file name in ``done/`` is a marker log's (``markers.py``)."""
+    return name.startswith("markers-") and name.endswith(".jsonl")
+
+
 def is_marker_file(path: str) -> bool:
-    """Whether a file in ``done/`` is a marker (or a marker's temporary) loraforge wrote."""
+    """Whether a file in ``done/`` is a marker log, a marker or a marker's temporary that
+    loraforge wrote: a log's first line names a key, as a marker file does its own."""
+    name = os.path.basename(path)
+    if is_marker_log(name):
+        try:
+            with open(path, "rb") as f:
+                key = json.loads(f.readline()).get("key")
+        except (OSError, ValueError, AttributeError):
+            return False
+        return isinstance(key, str)
+    return is_legacy_marker(path)
+
+
+def is_legacy_marker(path: str) -> bool:
+    """Whether a file in ``done/`` is a marker file (or its temporary) of an older loraforge:
+    ``<key>.json`` naming its key."""
     name = os.path.basename(path)
     if name != _plain(name):
         return _plain(name).endswith(".json")

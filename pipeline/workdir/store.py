@@ -4,8 +4,9 @@ Layout::
 
     <work>/tensors/          zarr group; one child group per tensor with fp32 arrays
                              (up, down, s for low-rank results; diff for diffs), crc32c-checked
-    <work>/done/<key>.json   marker: written (atomically) only after the arrays, with the
-                             fingerprint of what produced them; no marker = not finished
+    <work>/done/             markers: a line per tensor in a log per process (``markers.py``),
+                             written only after the arrays, with the fingerprint of what
+                             produced them; no marker = not finished
     <work>/run.json          the last run's options and input fingerprints
     <work>/lock.json         pid and host of the run using the directory (``lock.py``)
     <work>/loraforge-work-dir.json   says loraforge made the directory
@@ -25,7 +26,7 @@ import numpy as np
 from .. import __version__
 from ..errors import WorkDirConflict
 from ..io.atomic import remove_quietly, temporary_name, write_json
-from . import zarr_direct
+from . import markers, zarr_direct
 from .lock import RunLock
 from .own import entry_name, remove_entry, remove_markers, remove_results
 
@@ -97,15 +98,21 @@ class WorkDir:
             os.makedirs(self.tensors, exist_ok=True)
             zarr_direct.write_group(self.tensors)
 
-    def marker_path(self, key: str) -> str:
+    def _legacy_marker_path(self, key: str) -> str:
+        """Where an older loraforge kept ``key``'s marker (``markers.py`` reads it still)."""
         return os.path.join(self.done, entry_name(key) + ".json")
 
+    def markers(self) -> dict[str, dict]:
+        """Every finished tensor's marker, by key (``markers.py``): read once per resume."""
+        return markers.read_all(self.done)
+
     def read_marker(self, key: str) -> dict | None:
-        try:
-            with open(self.marker_path(key)) as f:
-                return json.load(f)
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-            return None
+        return self.markers().get(key)
+
+    def _withdraw_marker(self, key: str) -> None:
+        """``key`` is being recomputed: its marker no longer counts."""
+        remove_quietly(self._legacy_marker_path(key))
+        markers.append(self.done, key, {"removed": True})
 
     def save(
         self,
@@ -128,8 +135,8 @@ class WorkDir:
         self.write_marker(key, marker)
 
     def _new_entry(self, key: str) -> str:
-        """``key``'s group, emptied (and its marker removed) for a new result."""
-        remove_quietly(self.marker_path(key))
+        """``key``'s group, emptied (and its marker withdrawn) for a new result."""
+        self._withdraw_marker(key)
         entry = os.path.join(self.tensors, entry_name(key))
         remove_entry(entry)
         os.makedirs(entry, exist_ok=True)  # a user's file in it is kept
@@ -147,7 +154,7 @@ class WorkDir:
     def write_marker(self, key: str, marker: dict) -> None:
         """The marker alone: for commands whose result lives elsewhere (merge's output). It
         names its key, which is how ``clean`` tells it from a file of the user's (``own.py``)."""
-        write_json(self.marker_path(key), {"key": key, **marker})
+        markers.append(self.done, key, marker)
 
     def attributes(self, key: str, name: str) -> dict:
         """One stored array's zarr attributes, read from its ``zarr.json`` without opening the
@@ -261,7 +268,7 @@ class WorkDir:
             return _files_under(self.path)
 
     def discard(self, key: str) -> None:
-        remove_quietly(self.marker_path(key))
+        self._withdraw_marker(key)
         remove_entry(os.path.join(self.tensors, entry_name(key)))
 
     def size_bytes(self) -> int:

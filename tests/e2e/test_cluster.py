@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from loraforge.pipeline.run.cluster import dashboard_link
+from tests.helpers import markers
 from tests.helpers.checkpoints import MIN_PARAMS, pair_tensors
 from tests.helpers.cli import run_cli
 from tests.helpers.worker_faults import KillWorkerOnce
@@ -170,7 +171,7 @@ def test_remote_cluster_gives_the_local_bytes(cluster, many, tmp_path):
     summary = events[-1]
     assert summary["event"] == "summary" and summary["computed"] == summary["status"]["computed"]
     # the workers wrote the intermediates into the (shared) work directory
-    assert len(os.listdir(remote + ".work/done")) == summary["computed"]
+    assert markers.count(remote + ".work") == summary["computed"]
 
     # merge through the address, with the human output: the dashboard link is printed
     merged_local = str(tmp_path / "local" / "merged.safetensors")
@@ -244,7 +245,7 @@ def test_bad_tensor_on_a_cluster_fails_with_its_one_line(cluster, tmp_path):
     error = json.loads(result.stdout.splitlines()[-1])
     assert (error["event"], error["message"], error["exit_code"]) == ("error", line, 1)
     assert not os.path.exists(output)
-    saved = len(os.listdir(output + ".work/done"))  # what finished before the failure
+    saved = markers.count(output + ".work")  # what finished before the failure
 
     # fixed in place (same header and size): the rerun reuses what was saved
     tuned["blocks.0.ffn.0.weight"] = good

@@ -18,6 +18,7 @@ from loraforge.pipeline.merge.command import merge
 from loraforge.pipeline.merge.options import MergeOptions
 from loraforge.pipeline.merge.task import run_merge_task
 from loraforge.pipeline.run.options import RunOptions
+from tests.helpers import markers
 from tests.helpers.checkpoints import Q, lora_pair, make_base, rand, save_lora
 from tests.helpers.cli import run_process
 
@@ -85,11 +86,11 @@ def test_failed_task_resumes_byte_identically(tmp_path, monkeypatch, options, na
         with pytest.raises(Boom):
             run(base, [lora], out, options=options, workers=1)
     assert not any(p.name == name or p.name.endswith(".json") for p in out.parent.iterdir())
-    done = os.listdir(str(out) + ".work/done")
-    assert 0 < len(done) < 8
+    done = markers.count(str(out) + ".work")
+    assert 0 < done < 8
     report = run(base, [lora], out, options=options, workers=1)
     summary = report["summary"]
-    assert summary["reused"] == len(done) and summary["computed"] == 8 - len(done)
+    assert summary["reused"] == done and summary["computed"] == 8 - done
     assert not os.path.exists(str(out) + ".work")
     files = [os.path.basename(f) for f in summary["files"]]
     expected = reference(tmp_path, base, lora, name, options, workers=1)
@@ -196,11 +197,11 @@ def test_sigkill_mid_run_then_resume(tmp_path):
     base, lora_path, out, args = many_patched_tensors(tmp_path, 300, 64, 4, lora_seed=1000)
     args += ["--device", "cpu", "--strength", "0.7"]
     crash_at(args, f"compute:{point}")
-    done = out.parent / "merged.safetensors.work" / "done"
-    finished = len(os.listdir(done))
+    work = out.parent / "merged.safetensors.work"
+    finished = markers.count(work)
     # Workers may finish more than the client counted before the kill, even all of them.
     assert point <= finished <= 300 and not out.exists()
-    lock = json.loads((done.parent / "lock.json").read_text())
+    lock = json.loads((work / "lock.json").read_text())
     assert isinstance(lock["pid"], int)  # left behind by the dead run, taken over below
 
     resumed = run_process(*args, timeout=120)
@@ -219,16 +220,10 @@ def test_resume_rewrites_a_finished_tensor_whose_bytes_are_gone(tmp_path):
     down before the page cache reached the disk loses bytes, not markers)."""
     base, lora_path, out, args = many_patched_tensors(tmp_path, 40, 32, 2, lora_seed=500)
     crash_at(args, "compute:20")
-    done = out.parent / "merged.safetensors.work" / "done"
-    # Dask picks the order, so take a tensor that certainly finished: one with a marker
-    # (skipping the hidden temporary of a marker the kill cut short).
-    markers = [
-        json.loads((done / name).read_text())
-        for name in sorted(os.listdir(done))
-        if name.endswith(".json") and not name.startswith(".")
-    ]
-    assert len(markers) >= 20
-    marker = markers[0]
+    # Dask picks the order, so take a tensor that certainly finished: one with a marker.
+    finished = markers.stored(out.parent / "merged.safetensors.work")
+    assert len(finished) >= 20
+    marker = finished[sorted(finished)[0]]
     key = marker["key"]
     with open(out.parent / marker["file"], "r+b") as f:  # the temporary output
         f.seek(marker["offset"])
@@ -238,7 +233,7 @@ def test_resume_rewrites_a_finished_tensor_whose_bytes_are_gone(tmp_path):
     report = json.loads((out.parent / "merged.report.json").read_text())
     reused = {k for k, e in report["tensors"].items() if e["status"] == "reused"}
     # Every other finished tensor is reused; the zeroed one alone is computed again.
-    assert reused == {m["key"] for m in markers} - {key}
+    assert reused == set(finished) - {key}
     assert report["tensors"][key]["status"] == "computed"
     assert report["summary"]["computed"] == 40 - len(reused)
     expected = reference(tmp_path, base, lora_path, out.name, MergeOptions(), workers=1)

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loraforge.pipeline.io.reader import index_checkpoint
+from tests.helpers import markers
 from tests.helpers.checkpoints import MIN_PARAMS, pair_tensors
 from tests.helpers.cli import CLI, run_cli, run_process
 from tests.helpers.reference import read_report
@@ -151,7 +152,7 @@ def test_damaged_entry_is_detected_and_only_it_recomputed(many, tmp_path, damage
     if damage == "truncated chunk":
         corrupt_chunk(work, key)
     elif damage == "missing marker":
-        os.unlink(os.path.join(work, "done", f"{key}.json"))
+        markers.lose(work, key)
     else:  # rewrite the base file (a new inode) with one tensor changed; same header
         tensors = load_file(many[0])
         tensors[key] = tensors[key] + 0.5
@@ -209,16 +210,16 @@ def test_lowrank_factors_from_another_device_are_recomputed_diffs_reused(many, t
     assert run_cli(*extract_args(many, first, "--work-dir", work)).exit_code == 0
     assert json.loads((work / "run.json").read_text())["device"] == "cpu"
     lowrank = set()
-    for path in (work / "done").iterdir():
-        marker = json.loads(path.read_text())
+    finished = markers.stored(work)
+    for key, marker in finished.items():
         if "device" in marker["fingerprint"]:
             assert marker["fingerprint"]["device"] == "cpu"
             marker["fingerprint"]["device"] = "cuda"
-            path.write_text(json.dumps(marker))
-            lowrank.add(marker["key"])
+            markers.replace(work, key, marker)
+            lowrank.add(key)
         else:
             assert marker["fingerprint"]["kind"] == "diff"
-    assert lowrank and len(lowrank) < len(list((work / "done").iterdir()))
+    assert lowrank and len(lowrank) < len(finished)
     second = tmp_path / "b.safetensors"
     result = run_cli(*extract_args(many, second, "--work-dir", work))
     assert result.exit_code == 0, result.output
@@ -367,16 +368,16 @@ def test_signal_stops_cleanly_and_the_rerun_resumes(slow, tmp_path, sig):
         text=True,
         start_new_session=True,
     )
-    done = tmp_path / "lora.safetensors.work" / "done"
+    work = tmp_path / "lora.safetensors.work"
     deadline = time.time() + 60
-    while time.time() < deadline and not (done.is_dir() and len(os.listdir(done)) >= 2):
+    while time.time() < deadline and not ((work / "done").is_dir() and markers.count(work) >= 2):
         time.sleep(0.02)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130, stderr
     assert "rerun the same command to resume" in stderr and "Traceback" not in stderr
     assert not out.exists()
-    finished = len(os.listdir(done))
+    finished = markers.count(work)
     assert finished >= 2
     resumed = run_process(*extract_args(slow, out, "--svd", "full"))
     assert resumed.returncode == 0

@@ -95,6 +95,7 @@ def test_a_users_files_inside_tensors_and_done_are_kept_and_named(tmp_path):
         "tensors/b.weight/up/c.1.x": b"nor this",
         "done/todo.json": b'{"key": "not.this.one"}',
         "done/readme": b"r",
+        "done/markers-notes.jsonl": b"not a marker line\n",
     }
     for rel, data in mine.items():
         os.makedirs(os.path.dirname(tmp_path / "w" / rel), exist_ok=True)
