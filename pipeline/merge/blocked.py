@@ -120,47 +120,75 @@ def merge_blocked(
     ``read`` holds only the LoRA factors. ``streamed`` (CPU): the blocks are made in place in
     the whole result's buffer, which goes to the disk behind them (``io/stream.py``), and the
     base's pages are faulted in first; with ``write_behind`` this returns before the disk has
-    them all (``StreamedSlot``: the run then calls ``finish_writes``)."""
+    them all (``StreamedSlot``: the run then calls ``finish_writes``), and ``wait`` is the time
+    spent waiting for a buffer the disk had not finished with."""
     clock = clock or PhaseClock()
-    deltas = list(load_deltas(task.patches, device, allow_nonfinite))
-    scale = load_tensor(task.base.scale) if task.base.scale is not None else None
     sink = StreamedSlot(slot, dtype, write_behind) if streamed else RowWriter(slot)
-    with mapped(task.base) as view, sink as writer:
-        if streamed:
-            prefault(view)
-        for start in range(0, view.shape[0], block_rows):
-            stop = min(start + block_rows, view.shape[0])
-            rows = view[start:stop]
-            shape = tuple(rows.shape)
-            dest = writer.destination(start, stop)
-            value = rows.to(device)
-            clock.lap("read")
-            if task.kind == "merged" or scale is not None:
-                if dest is not None and dtype == torch.float32:
-                    out = dest  # the merged rows are the result
-                else:
-                    out = thread_buffer(shape, torch.float32, device, "merged")
-                if scale is not None:  # W_fp8 · scale, as fp8.py reads a scaled weight
-                    value = dequantize(value, scale_rows(scale, start, stop), out=out)
-                if task.kind == "merged":
-                    value = merge_weight(value, [_rows(d, start, stop) for d in deltas], out=out)
-                clock.lap("product")
-            buffer = dest
-            if buffer is None and needs_cast(value, dtype):
-                buffer = thread_buffer(shape, dtype, device, "cast")
-            result = cast(value, dtype, out=buffer)
-            if dest is not None and result.data_ptr() != dest.data_ptr():
-                result = dest.copy_(result)  # made elsewhere (cast needed none)
-            clock.lap("cast")
-            result = checked(task, result, rows, dtype, allow_nonfinite, carried)
-            clock.lap("check")
-            writer.write(result)
-            if not streamed:  # (a streamed tensor's pages go at the end, all at once)
-                release(rows)
-                for d in deltas:
-                    if d.diff is not None:
-                        release(d.diff[start:stop])
-            clock.lap("write")
+    if streamed:
+        clock.lap("wait")  # for a buffer the disk has finished with: the disk is behind
+    with sink as writer:
+        deltas = list(load_deltas(task.patches, device, allow_nonfinite))
+        scale = load_tensor(task.base.scale) if task.base.scale is not None else None
+        with mapped(task.base) as view:
+            _merge_rows(
+                task, view, deltas, scale, writer, device, dtype, block_rows,
+                allow_nonfinite, carried, clock, streamed,
+            )  # fmt: skip
         checksum = writer.close()
         clock.lap("write")
         return checksum
+
+
+def _merge_rows(
+    task: MergeTask,
+    view: torch.Tensor,
+    deltas: list[Delta],
+    scale: torch.Tensor | None,
+    writer: RowWriter | StreamedSlot,
+    device: torch.device,
+    dtype: torch.dtype,
+    block_rows: int,
+    allow_nonfinite: bool,
+    carried: Carried | None,
+    clock: PhaseClock,
+    streamed: bool,
+) -> None:
+    """``merge_blocked``'s loop: each block of ``view``'s rows merged (or dequantized), cast,
+    checked and handed to ``writer``."""
+    if streamed:
+        prefault(view)
+    computes = task.kind == "merged" or scale is not None
+    in_place = streamed and dtype == torch.float32  # the merged rows are the result
+    scratch = None
+    if computes and not in_place:  # one block's fp32 rows, reused block after block
+        block_shape = (min(block_rows, view.shape[0]), *view.shape[1:])
+        scratch = thread_buffer(block_shape, torch.float32, device, "merged")
+    for start in range(0, view.shape[0], block_rows):
+        stop = min(start + block_rows, view.shape[0])
+        rows = view[start:stop]
+        dest = writer.destination(start, stop)
+        value = rows.to(device)
+        clock.lap("read")
+        if computes:
+            out = dest if in_place else scratch[: stop - start]
+            if scale is not None:  # W_fp8 · scale, as fp8.py reads a scaled weight
+                value = dequantize(value, scale_rows(scale, start, stop), out=out)
+            if task.kind == "merged":
+                value = merge_weight(value, [_rows(d, start, stop) for d in deltas], out=out)
+            clock.lap("product")
+        buffer = dest
+        if buffer is None and needs_cast(value, dtype):
+            buffer = thread_buffer(tuple(rows.shape), dtype, device, "cast")
+        result = cast(value, dtype, out=buffer)
+        if dest is not None and result.data_ptr() != dest.data_ptr():
+            result = dest.copy_(result)  # made elsewhere (cast needed none)
+        clock.lap("cast")
+        result = checked(task, result, rows, dtype, allow_nonfinite, carried)
+        clock.lap("check")
+        writer.write(result)
+        if not streamed:  # (a streamed tensor's pages go at the end, all at once)
+            release(rows)
+            for d in deltas:
+                if d.diff is not None:
+                    release(d.diff[start:stop])
+        clock.lap("write")

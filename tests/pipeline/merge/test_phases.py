@@ -33,7 +33,7 @@ def base_weight(tmp_path, scaled: bool):
 @pytest.mark.parametrize(
     ("scaled", "block_rows", "phases"),
     [
-        (False, None, ["cast", "check", "read", "write"]),
+        (False, None, ["cast", "check", "read", "wait", "write"]),  # streamed
         (False, 2, ["cast", "check", "read", "write"]),
         (True, 2, ["cast", "check", "product", "read", "write"]),
         (True, None, ["cast", "check", "product", "read", "write"]),

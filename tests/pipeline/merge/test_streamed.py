@@ -72,4 +72,4 @@ def test_blocks_made_in_place_equal_the_whole_tensors_merge(
     assert content[offset : offset + size] == expected
     assert content[:offset] == bytes(offset) and content[offset + size :] == bytes(9)
     assert marker["crc"] == checksum(expected, zip_crc=False)
-    assert sorted(marker["phases"]) == ["cast", "check", "product", "read", "write"]
+    assert sorted(marker["phases"]) == ["cast", "check", "product", "read", "wait", "write"]
