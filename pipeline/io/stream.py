@@ -25,6 +25,7 @@ import errno
 import os
 import threading
 from collections import deque
+from collections.abc import Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -60,12 +61,15 @@ def _writer_thread() -> ThreadPoolExecutor:
         return _writer
 
 
-def finish_writes(raise_errors: bool = True) -> None:
-    """Wait until every tensor handed over with ``behind`` is written; raise the first write
-    that failed (an ``OSError`` naming the file), unless ``raise_errors`` is false (the run is
+def finish_writes(files: Collection[str], raise_errors: bool = True) -> None:
+    """Wait until every tensor handed over with ``behind`` into ``files`` (a run's temporary
+    outputs; another run in this process has its own) is written; raise the first write that
+    failed (an ``OSError`` naming the file), unless ``raise_errors`` is false (the run is
     failing already: only make sure nothing is written after it ends)."""
+    files = set(files)
     with _guard:
-        streams, _handed_over[:] = list(_handed_over), []
+        streams = [s for s in _handed_over if s.slot.file in files]
+        _handed_over[:] = [s for s in _handed_over if s.slot.file not in files]
     failure = None
     for stream in streams:
         try:

@@ -119,9 +119,9 @@ class Merge:
         try:
             results = session.compute(calls)
         except BaseException:
-            finish_writes(raise_errors=False)  # nothing lands after the run ends
+            finish_writes(writer.temporaries, raise_errors=False)  # nothing lands after the end
             raise
-        finish_writes()  # the tasks' last bytes (write-behind), before the commit's fsync
+        finish_writes(writer.temporaries)  # the tasks' last bytes, before the commit's fsync
         for task in pending:
             markers[task.key] = {**results[task.name], "status": "computed"}
             writer.mark_written(task.key, markers[task.key]["crc"])

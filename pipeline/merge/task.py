@@ -1,7 +1,9 @@
 """What one Dask task of a merge does to one base tensor: read it and the LoRA tensors that patch
 it by memory map, merge in fp32 (stage ``merge``), cast to the output dtype, write the bytes at
-the tensor's planned offset in the temporary output (synced), then write its completion marker.
-Tensors never leave the task; a small dict travels back."""
+the tensor's planned offset in the temporary output, then write its completion marker. On the
+CPU this runs in cache-sized row blocks made in place in the buffer the bytes are written from,
+the disk writing behind them (``blocked.py``, ``io/stream.py``). Tensors never leave the task;
+a small dict travels back."""
 
 from __future__ import annotations
 
@@ -61,12 +63,13 @@ def run_merge_task(
     write_behind: bool = False,
 ) -> dict:
     """Merge or cast one tensor into its slot; return the completion marker (also written to
-    ``work_dir`` once the bytes are written). ``stamp`` is the plan's fingerprint;
-    ``block_rows``: merge a block of that many rows at a time (blocked.py), never the whole;
-    ``stage_nbytes`` (GPU only) the pinned staging to reserve, the plan's largest
-    ``stage_bytes`` (default: this task's own); ``write_behind`` (a run in this process): a
-    CPU task may return before its last bytes are on the disk, the run calling
-    ``finish_writes`` before it commits (``io/stream.py``)."""
+    ``work_dir`` once the bytes are written, or with ``write_behind`` handed to the writer: a
+    resume trusts a marker only while the bytes at its slot have its CRC). ``stamp`` is the
+    plan's fingerprint; ``block_rows``: merge a block of that many rows at a time
+    (blocked.py) through the page cache, never the whole; ``stage_nbytes`` (GPU only) the
+    pinned staging to reserve, the plan's largest ``stage_bytes`` (default: this task's own);
+    ``write_behind`` (a run in this process): a CPU task may return before its last bytes are
+    on the disk, the run calling ``finish_writes`` before it commits (``io/stream.py``)."""
     start = time.perf_counter()
     clock = PhaseClock()
     dtype = stf.DTYPE_BY_CODE[task.out_dtype]

@@ -73,7 +73,7 @@ def test_rows_made_in_place_land_byte_for_byte(tmp_path, local_disk, direct_open
     blank(path, offset + values.numel() * 2 + 500)
     slot = Slot(str(path), offset, OutputEntry("w", "BF16", tuple(values.shape)))
     crc = stream_rows(slot, values, block=100, behind=behind)
-    finish_writes()
+    finish_writes([str(path)])
     expected = bytes_of(values)
     content = path.read_bytes()
     assert content[offset : offset + len(expected)] == expected
@@ -104,7 +104,7 @@ def test_neighbours_streamed_from_two_threads_leave_every_byte(tmp_path, local_d
         t.start()
     for t in threads:
         t.join()
-    finish_writes()
+    finish_writes([str(path)])
     assert path.read_bytes() == bytes(41) + b"".join(bytes_of(t) for t in tensors)
 
 
@@ -124,7 +124,7 @@ def test_a_refused_direct_write_goes_through_the_page_cache(tmp_path, local_disk
     monkeypatch.setattr(stream.os, "pwrite", refuse_direct)
     slot = Slot(str(path), 6, OutputEntry("w", "BF16", tuple(values.shape)))
     stream_rows(slot, values, block=300, behind=True)
-    finish_writes()
+    finish_writes([str(path)])
     assert refused == [PAGE]  # the first whole page, then never again
     assert path.read_bytes()[6:] == bytes_of(values)
 
@@ -151,7 +151,7 @@ def test_a_threads_next_tensors_never_overwrite_one_still_being_written(
     for i, values in enumerate(tensors):
         slot = Slot(str(path), i * size, OutputEntry(f"w{i}", "BF16", tuple(values.shape)))
         stream_rows(slot, values, block=64, behind=True)
-    finish_writes()
+    finish_writes([str(path)])
     assert path.read_bytes() == b"".join(bytes_of(t) for t in tensors)
 
 
@@ -166,10 +166,11 @@ def test_a_failed_write_behind_is_raised_by_finish_writes(tmp_path, local_disk, 
     monkeypatch.setattr(stream, "write_direct_chunk", full)
     slot = Slot(str(path), 0, OutputEntry("w", "BF16", tuple(values.shape)))
     stream_rows(slot, values, block=300, behind=True)  # handed over: no error yet
+    finish_writes([str(tmp_path / "another-run.bin")])  # not this run's file: not raised there
     with pytest.raises(OSError) as failed:
-        finish_writes()
+        finish_writes([str(path)])
     assert (failed.value.errno, failed.value.filename) == (errno.ENOSPC, str(path))
-    finish_writes()  # reported once: nothing is left in flight
+    finish_writes([str(path)])  # reported once: nothing is left in flight
 
 
 def test_a_failing_run_waits_for_its_writes_without_raising_them(tmp_path, local_disk, monkeypatch):
@@ -186,7 +187,7 @@ def test_a_failing_run_waits_for_its_writes_without_raising_them(tmp_path, local
     slot = Slot(str(path), 0, OutputEntry("w", "BF16", tuple(values.shape)))
     stream_rows(slot, values, block=300, behind=True)
     threading.Timer(0.05, gate.set).start()
-    finish_writes(raise_errors=False)  # returns once the write has ended, failed or not
+    finish_writes([str(path)], raise_errors=False)  # once the write has ended, failed or not
     assert gate.is_set()
 
 

@@ -64,7 +64,7 @@ def test_blocks_made_in_place_equal_the_whole_tensors_merge(
     work.create()
     slot = Slot(str(out), offset, OutputEntry("w", out_dtype, (ROWS, COLS)))
     marker = run_merge_task(task, slot, work.path, "cpu", {}, write_behind=True)
-    finish_writes()
+    finish_writes([str(out)])
     deltas = [Delta(0.7, up=lora["up"], down=lora["down"]), Delta(0.25, diff=lora["diff"])]
     expected = cast(merge_weight(base["w"], deltas), dtype).reshape(-1).view(torch.uint8)
     expected = expected.numpy().tobytes()
