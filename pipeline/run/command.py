@@ -54,12 +54,15 @@ def execute(
         return _run_and_publish(command, session)
     work = session.work
     with session.locked() as previous:
-        if not run.resume:
-            work.clear()
-        manifest = command.begin(session, previous)
-        work.create()
-        session.write_manifest(manifest)
-        report = _run_and_publish(command, session)
+        try:
+            if not run.resume:
+                work.clear()
+            manifest = command.begin(session, previous)
+            work.create()
+            session.write_manifest(manifest)
+            report = _run_and_publish(command, session)
+        finally:
+            work.close_logs()  # this process's marker log: a long-lived process keeps no fd
     if command.work == "markers" or not run.keep_work:
         work.remove()
     return report

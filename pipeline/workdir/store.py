@@ -109,6 +109,10 @@ class WorkDir:
     def read_marker(self, key: str) -> dict | None:
         return self.markers().get(key)
 
+    def close_logs(self) -> None:
+        """Close this process's marker log here (reopened by its next line)."""
+        markers.close_logs(self.done)
+
     def _withdraw_marker(self, key: str) -> None:
         """``key`` is being recomputed: its marker no longer counts."""
         remove_quietly(self._legacy_marker_path(key))
@@ -245,6 +249,7 @@ class WorkDir:
         """Forget every result (``--no-resume``, or a merge whose inputs changed): delete what
         loraforge wrote in ``tensors/`` and ``done/`` (``own.py``); return the files of the
         user's kept there, relative to the work directory."""
+        self.close_logs()
         kept = [os.path.join("tensors", k) for k in remove_results(self.tensors)]
         return kept + [os.path.join("done", k) for k in remove_markers(self.done)]
 

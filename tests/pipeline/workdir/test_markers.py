@@ -8,7 +8,7 @@ import os
 import pytest
 
 from loraforge.pipeline.workdir import WorkDir, markers
-from loraforge.pipeline.workdir.markers import forget_open_logs, log_name, read_all
+from loraforge.pipeline.workdir.markers import close_logs, log_name, read_all
 
 
 @pytest.fixture
@@ -16,7 +16,7 @@ def work(tmp_path):
     work = WorkDir(str(tmp_path / "w"))
     work.create()
     yield work
-    forget_open_logs()
+    close_logs()
 
 
 def test_a_marker_is_read_back_and_a_withdrawal_drops_it(work):
@@ -43,7 +43,7 @@ def test_lines_apply_in_the_order_written_across_the_logs_of_several_processes(w
 
 def test_a_torn_last_line_costs_only_its_tensor_and_the_next_line_starts_clean(work):
     work.write_marker("a.weight", {"crc": 1})
-    forget_open_logs()  # as a killed process leaves it, mid-line
+    close_logs()  # as a killed process leaves it, mid-line
     with open(os.path.join(work.done, log_name()), "a") as f:
         f.write('{"key": "b.weight", "cr')
     work.write_marker("c.weight", {"crc": 3})  # the same pid again: its log, reopened
@@ -68,6 +68,31 @@ def test_a_work_directory_cleared_and_made_again_gets_a_new_log(work):
     work.create()
     work.write_marker("b.weight", {"crc": 2})  # not into the deleted file still open
     assert read_all(work.done) == {"b.weight": {"key": "b.weight", "crc": 2}}
+
+
+def open_logs() -> list[str]:
+    """The marker logs this process has open (``/proc/self/fd``)."""
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:  # the descriptor listdir itself used
+            pass
+    return sorted(link for link in links if os.path.basename(link).startswith("markers-"))
+
+
+def test_a_finished_run_keeps_no_log_open(tmp_path):
+    """A long-lived process (a notebook, a server) running merge after merge holds no file
+    descriptor per work directory it used."""
+    for i in range(3):
+        work = WorkDir(str(tmp_path / f"w{i}"))
+        work.create()
+        work.write_marker("a.weight", {"crc": i})
+        work.close_logs()
+    assert open_logs() == []
+    work.write_marker("b.weight", {"crc": 9})  # reopened for its next line
+    assert open_logs() == [os.path.join(work.done, log_name())]
+    assert sorted(work.markers()) == ["a.weight", "b.weight"]
 
 
 def test_the_logs_count_as_loraforges_and_go_with_the_directory(work):
