@@ -190,6 +190,7 @@ class StreamedSlot:
         finally:
             os.close(fd)
             self._close_direct()
+            self._drop_buffer()
 
     def close(self) -> int:
         """Every byte handed over (``behind``) or written; the checksum of them all."""
@@ -197,6 +198,7 @@ class StreamedSlot:
             raise RuntimeError(f"{self.slot.entry.name}: {self.filled} of {self.nbytes} bytes made")
         if self._fd is None:
             write_bytes(self.slot.file, memoryview(self._bytes), self.slot.offset)
+            self._drop_buffer()
         else:
             if self._sent < self._last:
                 self._send(self._last)
@@ -223,6 +225,11 @@ class StreamedSlot:
         self._close_direct()
         if failure is not None and raise_errors:
             raise failure
+
+    def _drop_buffer(self) -> None:
+        """Written: the buffer is the thread's again, and a mapping it outgrew (``aligned_tensor``
+        grows by remapping) is freed now, not when the run's last write is waited for."""
+        self.buffer = self._bytes = None
 
     def _close_direct(self) -> None:
         fd, self._fd = self._fd, None

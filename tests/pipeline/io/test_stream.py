@@ -202,3 +202,19 @@ def test_rows_must_come_in_order_from_the_buffer(tmp_path):
             out.write(out.destination(5, 10))
         with pytest.raises(RuntimeError, match="w: 0 of 20600 bytes made"):
             out.close()
+
+
+def test_a_written_tensor_lets_go_of_its_buffer(tmp_path, local_disk):
+    """Once its bytes are on the disk a stream holds no view of the thread's buffer, so a
+    mapping the buffer outgrew is freed then, not at the end of the run."""
+    values = rows_of(9, 2 * MIN_DIRECT // (2 * COLS))
+    path = tmp_path / "out.bin"
+    blank(path, values.numel() * 2)
+    slot = Slot(str(path), 0, OutputEntry("w", "BF16", tuple(values.shape)))
+    with StreamedSlot(slot, values.dtype, behind=True) as out:
+        out.destination(0, values.shape[0]).copy_(values)
+        out.write(out.buffer)
+        out.close()
+        finish_writes([str(path)])
+    assert out.buffer is None
+    assert path.read_bytes() == bytes_of(values)
