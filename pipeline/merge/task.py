@@ -100,9 +100,7 @@ def run_merge_task(
         clock.lap("read")
         value = view  # a tensor no LoRA touches: cast (or kept) as stored
         if task.kind == "merged":
-            value = _merged(
-                task, view, torch.device(device), dtype, allow_nonfinite, stage_nbytes, slot
-            )
+            value = _merged(task, view, torch.device(device), dtype, allow_nonfinite, stage_nbytes)
             clock.lap("product")
         result = _cast(value, dtype, slot)
         clock.lap("cast")
@@ -120,20 +118,15 @@ def _merged(
     dtype: torch.dtype,
     allow_nonfinite: bool,
     stage_nbytes: int | None,
-    slot: Slot,
 ) -> torch.Tensor:
     """The base ``view`` plus the task's LoRA products, in this thread's buffer on the host:
-    fp32 on the CPU (placed for a direct write to ``slot`` when fp32 is the output dtype); cast
-    to ``dtype`` on a GPU before the copy back (then ``_cast`` is a no-op).
+    fp32 on the CPU (only a 0-d tensor comes here: the others run in blocks, ``blocked.py``);
+    cast to ``dtype`` on a GPU before the copy back (then ``_cast`` is a no-op).
     GPU: the base is read into pinned memory, then the device is held for the merge, the cast
     and the copy back (run/gpu.py); LoRA factors are small, read inside."""
     (base,) = stage([view], dev, stage_nbytes)
     with device_lock(dev):
-        shape = tuple(task.base.shape)
-        if dev.type == "cpu" and dtype == torch.float32:  # the merged buffer is the result
-            out = aligned_tensor(shape, torch.float32, slot.offset)
-        else:
-            out = thread_buffer(shape, torch.float32, dev, "merged")
+        out = thread_buffer(tuple(task.base.shape), torch.float32, dev, "merged")
         deltas = load_deltas(task.patches, dev, allow_nonfinite)
         merged = merge_weight(base.to(dev), deltas, out=out)
         if dev.type == "cpu":
