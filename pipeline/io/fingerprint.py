@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import os
 
-import google_crc32c
 import torch
 
+from .crc32c import crc32c
 from .maps import prefault
 from .reader import TensorInfo, mapped
 
@@ -26,15 +26,13 @@ def tensor_crc32c(tensor: torch.Tensor, crc: int | None = None) -> int:
     place, without a copy. An empty tensor has the CRC of ``b""``. With ``crc`` (that of the
     bytes before these), the CRC of both together: a tensor can be hashed block by block.
 
-    google_crc32c holds the GIL over anything but ``bytes``, so a mapped view's pages are
-    faulted in first, outside it (``prefault``): the GIL is then held only while hashing at
-    memory speed, not while reading from the page cache or the disk."""
+    A mapped view's pages are faulted in first (``prefault``), so the hash runs at memory
+    speed; neither holds the GIL (``crc32c.py``)."""
     if tensor.numel() == 0:
-        return google_crc32c.value(b"") if crc is None else crc
+        return crc32c(b"", crc or 0)
     tensor = tensor.contiguous()
     prefault(tensor)
-    data = tensor.reshape(-1).view(torch.uint8).numpy()
-    return google_crc32c.value(data) if crc is None else google_crc32c.extend(crc, data)
+    return crc32c(tensor.reshape(-1).view(torch.uint8).numpy(), crc or 0)
 
 
 def stored_crc32c(info: TensorInfo) -> int:

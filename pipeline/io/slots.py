@@ -6,11 +6,10 @@ from __future__ import annotations
 import os
 import zlib
 
-import google_crc32c
-import numpy as np
 import torch
 
 from . import safetensors_format as stf
+from .crc32c import crc32c
 from .direct import pwrite_all, write_bytes
 from .layout import OutputEntry, Slot
 
@@ -32,11 +31,7 @@ def checksum(data: bytes | memoryview, zip_crc: bool, previous: int | None = Non
     CRC-32 4 GB/s). ``data``: bytes, or a contiguous view (``tensor_bytes``, a slice of one)."""
     if zip_crc:
         return zlib.crc32(data, previous or 0)
-    if not isinstance(data, bytes):  # google_crc32c hashes bytes without the GIL, no memoryview
-        data = np.frombuffer(data, np.uint8)  # the view's own bytes, not copied
-    if previous is None:
-        return google_crc32c.value(data)
-    return google_crc32c.extend(previous, data)
+    return crc32c(data, previous or 0)
 
 
 def write_at(slot: Slot, tensor: torch.Tensor) -> int:
