@@ -39,7 +39,22 @@ def merge_weight(
                 raise ValueError(
                     f"a low-rank delta needs a base of 2+ dims, got {tuple(base.shape)}"
                 )
-            up = delta.up.reshape(delta.up.shape[0], -1).to(torch.float32)
-            down = delta.down.reshape(delta.down.shape[0], -1).to(torch.float32)
+            up, down = fp32_factors(delta)
             matrix.addmm_(up, down, alpha=delta.factor)
     return out
+
+
+def fp32_factors(delta: Delta) -> tuple[torch.Tensor, torch.Tensor]:
+    """A low-rank delta's ``up`` and ``down`` as fp32 matrices (``r×…`` flattened)."""
+    up = delta.up.reshape(delta.up.shape[0], -1).to(torch.float32)
+    down = delta.down.reshape(delta.down.shape[0], -1).to(torch.float32)
+    return up, down
+
+
+def as_fp32(delta: Delta) -> Delta:
+    """``delta`` with its factors already fp32 matrices, for a caller that merges it block
+    after block: the conversion is then made once, not per block (the same values)."""
+    if delta.diff is not None:
+        return delta
+    up, down = fp32_factors(delta)
+    return Delta(delta.factor, up=up, down=down)
