@@ -9,6 +9,8 @@ NaN propagates into it and ±Inf is its own extreme."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import NonFiniteOutput
@@ -27,8 +29,8 @@ def is_finite(tensor: torch.Tensor) -> bool:
         return True
     if tensor.dtype not in NAMES:  # fp8: no aminmax kernel; exact upcast
         tensor = tensor.float()
-    low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+    low, high = torch.aminmax(tensor)  # NaN anywhere comes out as an extreme
+    return math.isfinite(low.item()) and math.isfinite(high.item())
 
 
 def casts_finite(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
