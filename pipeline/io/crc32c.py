@@ -2,10 +2,10 @@
 
 google_crc32c releases the GIL only for ``bytes`` of 1 MB or more; a view of a tensor's memory
 (a block just made, a mapped view) is hashed with the GIL held, so every other thread of a run
-waits on it (0.13 s of a 1.3B-shaped merge's 2.5 s, two tasks and the writer thread taking
-turns). Its C library's ``crc32c_extend`` called through ctypes hashes any contiguous buffer
-with the GIL released, at the same speed. Where that symbol cannot be found (a build of
-google_crc32c without its C extension), google_crc32c itself is called."""
+waits on it (py-spy --gil: 0.13 s of a 1.3B-shaped merge's 2.5 s, two tasks and the writer
+thread taking turns). Its C library's ``crc32c_extend`` called through ctypes hashes any
+contiguous buffer with the GIL released, at the same speed. Where that symbol cannot be found
+(a build of google_crc32c without its C extension), google_crc32c itself is called."""
 
 from __future__ import annotations
 
