@@ -191,4 +191,5 @@ def _call(
         memory_bytes=memory,
         tensor=task.key,
         read_bytes=task.read_bytes,
+        reads=(task.source, task.target),
     )

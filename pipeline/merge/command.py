@@ -179,6 +179,7 @@ def _call(task: MergeTask, writer, session: Session, fingerprint: dict, options)
         memory_bytes=memory,
         tensor=task.key,
         read_bytes=task.read_bytes,
+        reads=(task.base,),
     )
 
 

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from ..errors import ClusterError, UsageError
+from ..io.readahead import ReadAhead, default_window
 from .gpu import GPU, GPU_THREADS, gpu_cluster, task_resources
 from .memory import gated
 from .staging import free_dead_threads
@@ -170,8 +171,9 @@ class TaskCall:
     """One Dask task: a readable, stable key, the function and its arguments (addresses and
     small option values, never tensors), whether it uses the device, for a GPU task the
     pinned staging it needs (bytes; ``fn`` then takes the keyword ``stage_nbytes``), the
-    host memory it allocates (bytes, from the plan), which the memory gate admits, and for
-    progress the tensor it computes and the bytes it reads."""
+    host memory it allocates (bytes, from the plan), which the memory gate admits, for
+    progress the tensor it computes and the bytes it reads, and the stored tensors it reads
+    (``reads``: what the in-process scheduler reads ahead, ``io/readahead.py``)."""
 
     key: str
     fn: Callable
@@ -181,6 +183,7 @@ class TaskCall:
     memory_bytes: int = 0
     tensor: str = ""
     read_bytes: int = 0
+    reads: tuple = ()
 
 
 def run_tasks(
@@ -227,7 +230,7 @@ def run_tasks(
         return
     if on_cluster:
         on_cluster(None)
-    _run_threaded(calls, on_done, workers or local_threads(device))
+    _run_threaded(calls, on_done, workers or local_threads(device), max_memory)
 
 
 def with_staging(calls: list[TaskCall]) -> list[TaskCall]:
@@ -258,13 +261,11 @@ def local_threads(device: str) -> int:
     return default_workers()
 
 
-def _run_threaded(calls: list[TaskCall], on_done, threads: int) -> None:
+def _run_threaded(
+    calls: list[TaskCall], on_done, threads: int, max_memory: int | None = None
+) -> None:
     from dask.callbacks import Callback
     from dask.threaded import get
-
-    class Finished(Callback):
-        def _posttask(self, key, result, dsk, state, worker_id):  # runs in the calling thread
-            on_done(key, result)
 
     # functools.partial keeps Dask from walking the arguments for keys.
     graph = {c.key: (functools.partial(c.fn, *c.args),) for c in calls}
@@ -272,11 +273,38 @@ def _run_threaded(calls: list[TaskCall], on_done, threads: int) -> None:
     # have finished: none may still write to the work directory after its lock is released.
     pool = ThreadPoolExecutor(threads)
     try:
-        with Finished():
-            get(graph, list(graph), pool=pool)
+        with _reading_ahead(calls, graph, max_memory) as ahead:
+
+            class Finished(Callback):
+                def _posttask(self, key, result, dsk, state, worker_id):  # the calling thread
+                    if ahead is not None:
+                        ahead.finished(key)
+                    on_done(key, result)
+
+            with Finished():
+                get(graph, list(graph), pool=pool)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         free_dead_threads()  # the pool's reusable buffers go with it
+
+
+@contextmanager
+def _reading_ahead(calls: list[TaskCall], graph: dict, max_memory: int | None):
+    """A ``ReadAhead`` of the calls' reads in the order Dask's local scheduler starts them
+    (``dask.order``: it pops the ready task of lowest priority first), a quarter of the memory
+    budget ahead at most, or None where no call declares reads or the platform has no
+    ``posix_fadvise``. Pages read ahead are page cache, which a cgroup's limit counts: the
+    budget bounds them too."""
+    if not hasattr(os, "posix_fadvise") or not any(c.reads for c in calls):
+        yield None
+        return
+    from dask.order import order
+
+    priority = order(graph)
+    plan = [(c.key, c.reads) for c in sorted(calls, key=lambda c: priority[c.key])]
+    window = default_window() if max_memory is None else min(default_window(), max_memory // 4)
+    with ReadAhead(plan, max(1, window)) as ahead:
+        yield ahead
 
 
 def _run_distributed(client, calls: list[TaskCall], on_done) -> None:

@@ -12,6 +12,8 @@ import dask
 import pytest
 
 from loraforge.pipeline.errors import ClusterError
+from loraforge.pipeline.io.readahead import ReadAhead
+from loraforge.pipeline.io.reader import TensorInfo
 from loraforge.pipeline.run.cluster import (
     TaskCall,
     dashboard_link,
@@ -149,3 +151,29 @@ def test_a_failing_task_returns_only_after_the_running_tasks_finish():
     with pytest.raises(RuntimeError, match="bad tensor"):
         run_tasks(calls, lambda key, result: None, workers=2, device="cpu")
     assert flags == ["finished"]  # nothing still writes once run_tasks has returned
+
+
+def _started(order, key):
+    order.append(key)
+
+
+def test_the_tasks_reads_are_asked_for_in_the_order_the_tasks_start(monkeypatch):
+    """The read-ahead follows Dask's own order (dask.order), not the list's: with one worker,
+    the files asked for come in the order the tasks started."""
+    asked, started = [], []
+    monkeypatch.setattr(ReadAhead, "_advise", lambda self, f, o, n: asked.append(f))
+    keys = [f"task-{i}" for i in (3, 11, 0, 7, 5, 2, 9)]
+    calls = [
+        TaskCall(k, _started, (started, k), reads=(TensorInfo(k, f"/m/{k}", "F32", (1,), 0),))
+        for k in keys
+    ]
+    run_tasks(calls, lambda key, result: None, workers=1, device="cpu")
+    assert sorted(started) == sorted(keys)
+    assert asked == [f"/m/{k}" for k in started]
+
+
+def test_no_read_ahead_without_reads(monkeypatch):
+    made = []
+    monkeypatch.setattr(ReadAhead, "__init__", lambda self, *a: made.append(a))
+    run_tasks([TaskCall("a", _scale, (1, 2))], lambda key, result: None, workers=1, device="cpu")
+    assert made == []
