@@ -51,10 +51,11 @@ def fp32_factors(delta: Delta) -> tuple[torch.Tensor, torch.Tensor]:
     return up, down
 
 
-def as_fp32(delta: Delta) -> Delta:
-    """``delta`` with its factors already fp32 matrices, for a caller that merges it block
-    after block: the conversion is then made once, not per block (the same values)."""
+def with_fp32_down(delta: Delta) -> Delta:
+    """``delta`` with ``down`` already an fp32 matrix, for a caller that merges it block after
+    block: every block multiplies all of ``down``, so it is converted once, not per block (the
+    same values); ``up`` stays as stored, each block converting only its own rows."""
     if delta.diff is not None:
         return delta
-    up, down = fp32_factors(delta)
-    return Delta(delta.factor, up=up, down=down)
+    down = delta.down.reshape(delta.down.shape[0], -1).to(torch.float32)
+    return Delta(delta.factor, up=delta.up, down=down)

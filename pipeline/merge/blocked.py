@@ -10,7 +10,7 @@ import math
 import torch
 
 from loraforge.stages.cast import cast, needs_cast
-from loraforge.stages.merge import Delta, as_fp32, merge_weight
+from loraforge.stages.merge import Delta, merge_weight, with_fp32_down
 from loraforge.stages.quantize import FP8_DTYPES, dequantize, scale_rows
 
 from ..io import safetensors_format as stf
@@ -157,7 +157,7 @@ def _merge_rows(
     checked and handed to ``writer``."""
     if streamed:
         prefault(view)
-    deltas = [as_fp32(d) for d in deltas]
+    deltas = [with_fp32_down(d) for d in deltas]
     computes = task.kind == "merged" or scale is not None
     in_place = streamed and dtype == torch.float32  # the merged rows are the result
     scratch = None
