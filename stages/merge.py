@@ -39,16 +39,13 @@ def merge_weight(
                 raise ValueError(
                     f"a low-rank delta needs a base of 2+ dims, got {tuple(base.shape)}"
                 )
-            up, down = fp32_factors(delta)
-            matrix.addmm_(up, down, alpha=delta.factor)
+            matrix.addmm_(fp32_matrix(delta.up), fp32_matrix(delta.down), alpha=delta.factor)
     return out
 
 
-def fp32_factors(delta: Delta) -> tuple[torch.Tensor, torch.Tensor]:
-    """A low-rank delta's ``up`` and ``down`` as fp32 matrices (``r×…`` flattened)."""
-    up = delta.up.reshape(delta.up.shape[0], -1).to(torch.float32)
-    down = delta.down.reshape(delta.down.shape[0], -1).to(torch.float32)
-    return up, down
+def fp32_matrix(factor: torch.Tensor) -> torch.Tensor:
+    """A LoRA factor as an fp32 matrix (``up`` ``out×r``, ``down`` ``r×…`` flattened)."""
+    return factor.reshape(factor.shape[0], -1).to(torch.float32)
 
 
 def with_fp32_down(delta: Delta) -> Delta:
@@ -57,5 +54,4 @@ def with_fp32_down(delta: Delta) -> Delta:
     same values); ``up`` stays as stored, each block converting only its own rows."""
     if delta.diff is not None:
         return delta
-    down = delta.down.reshape(delta.down.shape[0], -1).to(torch.float32)
-    return Delta(delta.factor, up=delta.up, down=down)
+    return Delta(delta.factor, up=delta.up, down=fp32_matrix(delta.down))
