@@ -8,7 +8,9 @@ one run, on a Wan2.1-T2V-1.3B-shaped bf16 pair (generated unless present):
 - ``benchmarks/baseline_extract.py`` (LightX2V's method, full SVD per tensor) for the optimal
   rank-r errors, unless ``--skip-errors``: loraforge's error over the optimal, per low-rank
   tensor (mean and max);
-- and the machine's fp32 GEMM rate (``floors.py gemm``), printed with the figures.
+- and the machine's fp32 GEMM rate (``floors.py gemm``), printed with the figures, with a line
+  where the machine is a VM that reports freed memory to its host (``measure.py
+  free_page_reporting``), which slows the cold run.
 
     python benchmarks/extract.py WORKDIR [--lightx2v DIR] [--rank 32] [--skip-errors]
 """
@@ -24,7 +26,14 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from measure import format_table, gemm_rate, loraforge_program, run_measured, warm  # noqa: E402
+from measure import (  # noqa: E402
+    format_table,
+    free_page_reporting,
+    gemm_rate,
+    loraforge_program,
+    run_measured,
+    warm,
+)
 from wan_shapes import generate_pair  # noqa: E402
 
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -110,8 +119,15 @@ def main(argv: list[str] | None = None) -> int:
         rows[0]["lowrank_tensors"] = len(ratios)
     print(
         f"\nrank-{args.rank} extraction from {base} and {tuned}; fp32 GEMM {rate:.1f} GFLOP/s "
-        "here; x_lightx2v_warm: LightX2V's warm wall time over the row's, cold rows included\n"
+        "here; x_lightx2v_warm: LightX2V's warm wall time over the row's, cold rows included"
     )
+    if free_page_reporting():
+        print(
+            "this VM reports freed memory to its host: the cold run's page cache (the memory"
+            " drop_caches freed) costs a host fault per page, so it is slower than on a"
+            " machine that keeps its memory (docs/benchmarks.md)"
+        )
+    print()
     columns = ["tool", "wall_s", "peak_rss_gib", "x_lightx2v_warm", "err_ratio_mean"]
     print(format_table(rows, [*columns, "err_ratio_max", "lowrank_tensors"]))
     print("loraforge phases (s, warm run's report is overwritten by the cold one):",
