@@ -297,16 +297,19 @@ def test_adaptive_reports_its_actual_error_and_respects_the_cap():
     assert capped.rel_error() == pytest.approx(actual, rel=1e-4)
 
 
-@pytest.mark.parametrize(("sketch", "iterations"), [("fp32", MIN_AUTO_ITER), ("bf16", 3.0)])
-def test_adaptive_stops_near_the_minimum_on_an_exactly_low_rank_matrix(sketch, iterations):
+@pytest.mark.parametrize(
+    ("sketch", "fewest", "most"), [("fp32", MIN_AUTO_ITER, MIN_AUTO_ITER), ("bf16", 2.5, 3.0)]
+)
+def test_adaptive_stops_near_the_minimum_on_an_exactly_low_rank_matrix(sketch, fewest, most):
     """fp32 stops at the minimum. With a bf16 sketch the first fp32 half-steps gain the ~1e-6
-    of ‖A‖² the bf16 tilt missed, at the edge of fp32's noise (``NOISE``): one more iteration,
-    the same accuracy."""
+    of ‖A‖² the bf16 tilt missed, at the edge of fp32's noise (``NOISE``): half an iteration or
+    one more, the same accuracy. Which of the two depends on the CPU's bf16 products: 3.0 with
+    AVX512-BF16, 2.5 on an AVX2-only AMD EPYC."""
     a = spectrum_matrix(400, 300, torch.tensor([3.0, 2.0, 1.0, 0.5]))
     approx = randomized_svd(
         a, 8, SvdSettings(n_iter=None, sketch=sketch), generator=torch.Generator().manual_seed(0)
     )
-    assert approx.iterations == iterations
+    assert approx.iterations in {fewest, most}
     assert torch.allclose(approx.up @ approx.down, a, atol=1e-5)
 
 
