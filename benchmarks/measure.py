@@ -40,7 +40,7 @@ def warm(*folders: str) -> None:
 # A virtio balloon with VIRTIO_BALLOON_F_REPORTING (feature bit 5) hands memory the guest kernel
 # freed back to the host; touching such a page again costs a host fault. Here that made
 # `cp -r base out && sync` of 2.84 GB take 9-10 s instead of 2 s when the memory it took had
-# been free for a few seconds, and reading a cold checkpoint cost ~2 s per GB more.
+# been free for a few seconds, and reading a cold checkpoint ~2 CPU-seconds more per GB.
 BALLOONS = "/sys/bus/virtio/drivers/virtio_balloon/virtio*/features"
 REPORTING_ORDER = "/sys/module/page_reporting/parameters/page_reporting_order"
 MAX_PAGE_ORDER = 10  # x86-64: a reporting order above it reports nothing

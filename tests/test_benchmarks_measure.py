@@ -1,14 +1,16 @@
 """benchmarks/measure.py's machine checks: free page reporting read from sysfs, and the priming
 copy that leaves nothing behind."""
 
+import importlib.util
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
-
-import measure  # noqa: E402
+# loaded from its path: benchmarks/ on sys.path would put merge.py, apply.py ... at top level
+_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "measure.py")
+_spec = importlib.util.spec_from_file_location("loraforge_benchmarks_measure", _PATH)
+measure = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(measure)
 
 
 @pytest.fixture
